@@ -1,0 +1,59 @@
+"""Choosing the backend of the step op: by device, overridable per call or by ``SAFECODE_BACKEND``."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton")
+
+
+def backend_status() -> dict[str, str | None]:
+    """Each backend mapped to ``None`` when usable here, else the reason it is not."""
+    from .ops import step_cpu, step_triton
+
+    return {"torch": None, "cpu": step_cpu.unavailable_reason(), "triton": step_triton.unavailable_reason()}
+
+
+def resolve_backend(backend: str, device: torch.device) -> Callable:
+    """The step implementation for ``backend`` on ``device``; ``"auto"`` picks the fastest."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        backend = os.environ.get("SAFECODE_BACKEND", "auto").strip().lower() or "auto"
+    if backend == "auto":
+        backend = _auto(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
+
+    if backend == "torch":
+        from .ops.step_torch import step_torch
+
+        return step_torch
+    if backend == "cpu":
+        from .ops import step_cpu
+
+        if device.type != "cpu":
+            raise ValueError(f"the 'cpu' backend needs CPU tensors, got tensors on {device}")
+        reason = step_cpu.unavailable_reason()
+        if reason:
+            raise RuntimeError(f"the 'cpu' backend is unavailable: {reason}")
+        return step_cpu.step_cpu
+    from .ops import step_triton
+
+    reason = step_triton.unavailable_reason(device)
+    if reason:
+        raise RuntimeError(f"the 'triton' backend is unavailable: {reason}")
+    return step_triton.step_triton
+
+
+def _auto(device: torch.device) -> str:
+    from .ops import step_cpu, step_triton
+
+    if device.type == "cpu":
+        return "cpu" if step_cpu.unavailable_reason() is None else "torch"
+    if device.type == "cuda" and step_triton.unavailable_reason(device) is None:
+        return "triton"
+    return "torch"

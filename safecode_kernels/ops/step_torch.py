@@ -1,0 +1,112 @@
+"""The ``torch`` backend of the step op: the readable reference of SPEC §2, op by op.
+
+It is also the naive baseline that the benchmarks compare against, so it is written the
+way a careful PyTorch user would write it: vectorised over the batch, no Python loops
+over rows or tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .step_inputs import StepError, StepInputs
+
+NEG_INF = float("-inf")
+
+
+def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
+    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
+    p = inp.params
+    zr = inp.logits_real.float()
+    zn = inp.logits_noised.float()
+    _check_rows(zr, "logits_real")
+    _check_rows(zn, "logits_noised")
+
+    # 1. Contrast. A -inf in either branch bans the token (it would give inf - inf otherwise).
+    safe = (inp.verdict == -1).unsqueeze(1)
+    alpha = torch.where(safe, p.alpha_safe, p.alpha).to(zr.dtype)
+    banned = (zr == NEG_INF) | (zn == NEG_INF)
+    if p.plausibility > 0.0:
+        cutoff = math.log(p.plausibility) + zr.amax(dim=1, keepdim=True)
+        banned |= zr < cutoff
+    z = (p.real_weight * zr - alpha * zn).masked_fill(banned, NEG_INF)
+    _check_modulated(z, "the contrast")
+
+    # 2-3. Sensitive set and verdict-conditioned refusal bias.
+    target = inp.refusal_mask.unsqueeze(0)
+    if p.scope == "sensitive":
+        target = target & top_k_mask(z, p.sensitive_top_k)
+    bias = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
+    bias = bias.masked_fill((inp.verdict == 1).unsqueeze(1), p.bias_unsafe)
+    bias = bias.masked_fill(safe, p.bias_safe)
+    modulated = torch.where(target, z + bias, z)
+    _check_modulated(modulated, "the refusal bias")
+
+    stats = None
+    if return_stats:
+        stats = (_refusal_mass(z, inp.refusal_mask), _refusal_mass(modulated, inp.refusal_mask))
+
+    # 4. Token choice.
+    if p.is_greedy:
+        tokens = modulated.argmax(dim=1)
+    else:
+        tokens = _sample(modulated, p.temperature, p.top_k, p.top_p, inp.seed)
+    return tokens, (modulated if return_logits else None), stats
+
+
+def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries per row; ties go to the lower index."""
+    vocab = x.shape[1]
+    if k >= vocab:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    kth = torch.topk(x, k, dim=1).values[:, -1:]
+    greater = x > kth
+    equal = x == kth
+    room = k - greater.sum(dim=1, keepdim=True)
+    return greater | (equal & (equal.cumsum(dim=1) <= room))
+
+
+def _sample(logits, temperature, top_k, top_p, seed) -> torch.Tensor:
+    # Hugging Face's order: temperature, then top-k, then top-p.
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[1]:
+        logits = logits.masked_fill(~top_k_mask(logits, top_k), NEG_INF)
+    if top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=1, descending=True, stable=True)
+        probs = ordered.softmax(dim=1)
+        mass_before = probs.cumsum(dim=1) - probs
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, NEG_INF)
+    generator = torch.Generator(device=logits.device).manual_seed(seed)
+    return torch.multinomial(logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+
+
+def _refusal_mass(z: torch.Tensor, refusal_mask: torch.Tensor) -> torch.Tensor:
+    return (z.softmax(dim=1) * refusal_mask).sum(dim=1)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    # One reduction per input finds both NaN (max propagates it) and +inf.
+    row_max = x.amax(dim=1)
+    bad = torch.isnan(row_max) | (row_max == float("inf"))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise StepError(f"{name} row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)")
+
+
+def _check_modulated(z: torch.Tensor, stage: str) -> None:
+    row_max = z.amax(dim=1)
+    banned = row_max == NEG_INF
+    if bool(banned.any()):
+        row = int(banned.nonzero()[0, 0])
+        raise StepError(f"row {row}: every token is banned after {stage}")
+    bad = torch.isnan(row_max) | (row_max == float("inf"))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise StepError(f"row {row}: {stage} overflows float32 (logits too large)")
