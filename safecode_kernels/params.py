@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Literal
 
 Scope = Literal["sensitive", "all"]
@@ -21,6 +22,9 @@ def probability_weights_to_logit_biases(boost_weight: float, suppress_weight: fl
     >>> probability_weights_to_logit_biases(1.0, 0.5)
     (0.6931471805599453, 0.6931471805599453)
     """
+    for name, value in (("boost_weight", boost_weight), ("suppress_weight", suppress_weight)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (boost_weight >= 0.0 and math.isfinite(boost_weight)):
         raise ValueError(f"boost_weight (beta) must be a finite number >= 0, got {boost_weight}")
     if not suppress_weight >= 0.0:
@@ -53,11 +57,14 @@ class SteeringParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    # Whether alpha_safe was derived from alpha (so that replace(alpha=...) derives it again).
+    _alpha_safe_derived: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_number("alpha", self.alpha, low=0.0)
         if self.alpha_safe is None:
             object.__setattr__(self, "alpha_safe", self.alpha * 0.5)
-        _check_number("alpha", self.alpha, low=0.0)
+            object.__setattr__(self, "_alpha_safe_derived", True)
         _check_number("alpha_safe", self.alpha_safe, low=0.0)
         _check_number("real_weight", self.real_weight, low=0.0, low_open=True)
         _check_number("plausibility", self.plausibility, low=0.0, high=1.0)
@@ -67,7 +74,9 @@ class SteeringParams:
             raise ValueError(f"scope must be 'sensitive' or 'all', got {self.scope!r}")
         # boost may be any finite number; suppress may be +inf (the refusal tokens are banned).
         _check_number("boost", self.boost)
-        if not isinstance(self.suppress, (int, float)) or math.isnan(self.suppress) or self.suppress == -math.inf:
+        if isinstance(self.suppress, bool) or not isinstance(self.suppress, numbers.Real):
+            raise TypeError(f"suppress must be a number, got {type(self.suppress).__name__}")
+        if math.isnan(self.suppress) or self.suppress == -math.inf:
             raise ValueError(f"suppress must be a number or +inf, got {self.suppress!r}")
         _check_number("temperature", self.temperature, low=0.0)
         _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
@@ -98,7 +107,10 @@ class SteeringParams:
         return cls(**{"boost": boost, "suppress": suppress, **overrides})
 
     def replace(self, **changes) -> "SteeringParams":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A default ``alpha_safe``
+        follows a changed ``alpha``."""
+        if self._alpha_safe_derived and "alpha" in changes and "alpha_safe" not in changes:
+            changes["alpha_safe"] = None
         return dataclasses.replace(self, **changes)
 
     # ----- what the kernels consume -------------------------------------------------
@@ -116,7 +128,7 @@ class SteeringParams:
 
 
 def _check_number(name, value, low=None, high=None, low_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -128,7 +140,7 @@ def _check_number(name, value, low=None, high=None, low_open=False) -> None:
 
 
 def _check_int(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")

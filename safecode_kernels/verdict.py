@@ -43,6 +43,7 @@ def as_verdict_tensor(
     device: torch.device,
 ) -> torch.Tensor:
     """Return the verdicts of a batch as an int8 tensor of shape ``[batch]`` on ``device``."""
+    device = torch.device(device)
     if isinstance(verdict, torch.Tensor):
         if verdict.dtype.is_floating_point or verdict.dtype.is_complex or verdict.dtype == torch.bool:
             raise TypeError(f"verdict must be an integer tensor (int8), got dtype {verdict.dtype}")
@@ -50,15 +51,18 @@ def as_verdict_tensor(
             raise ValueError(
                 f"verdict must have shape [{batch}] (one per row of the logits), got {list(verdict.shape)}"
             )
-        if verdict.device != device:
+        if verdict.device.type != device.type or (
+            device.index is not None and verdict.device.index is not None and verdict.device.index != device.index
+        ):
             raise ValueError(
                 f"verdict is on {verdict.device} but the logits are on {device}: put them on one device"
             )
-        bad = (verdict != 1) & (verdict != 0) & (verdict != -1)
+        wide = verdict.to(torch.int64)  # uint8 would wrap -1 to 255
+        bad = (wide < -1) | (wide > 1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"unknown verdict value {int(verdict[row])} in row {row}: "
+                f"unknown verdict value {int(wide[row])} in row {row}: "
                 "expected +1 (unsafe), -1 (safe) or 0 (none)"
             )
         return verdict.to(torch.int8)

@@ -40,6 +40,27 @@ class StepError(ValueError):
     """A row of the step's input that has no valid answer (NaN, +inf, every token banned)."""
 
 
+# Row problems, in the order every backend checks them; the codes are those of csrc/step_cpu.h.
+ROW_PROBLEMS = {
+    1: "logits_real row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
+    2: "logits_noised row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
+    3: "row {row}: every token is banned after the contrast",
+    4: "row {row}: the contrast overflows float32 (logits too large)",
+    5: "row {row}: every token is banned after the refusal bias",
+    6: "row {row}: the refusal bias overflows float32 (logits too large)",
+}
+
+
+def raise_for_row_status(status: torch.Tensor) -> None:
+    """Raise the :class:`StepError` a backend's per-row status codes describe, if any:
+    the first problem in check order, in the lowest row that has it."""
+    if not bool(status.any()):
+        return
+    code = int(status[status != 0].min())
+    row = int((status == code).nonzero()[0, 0])
+    raise StepError(ROW_PROBLEMS[code].format(row=row))
+
+
 def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator) -> StepInputs:
     _check_logits(logits_real, logits_noised)
     if not isinstance(params, SteeringParams):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .step_inputs import StepError, StepInputs
+from .step_inputs import ROW_PROBLEMS, StepError, StepInputs
 
 NEG_INF = float("-inf")
 
@@ -21,8 +21,8 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
     p = inp.params
     zr = inp.logits_real.float()
     zn = inp.logits_noised.float()
-    _check_rows(zr, "logits_real")
-    _check_rows(zn, "logits_noised")
+    _check_rows(zr, 1)
+    _check_rows(zn, 2)
 
     # 1. Contrast. A -inf in either branch bans the token (it would give inf - inf otherwise).
     safe = (inp.verdict == -1).unsqueeze(1)
@@ -32,7 +32,7 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
         cutoff = math.log(p.plausibility) + zr.amax(dim=1, keepdim=True)
         banned |= zr < cutoff
     z = (p.real_weight * zr - alpha * zn).masked_fill(banned, NEG_INF)
-    _check_modulated(z, "the contrast")
+    _check_modulated(z, banned_code=3)
 
     # 2-3. Sensitive set and verdict-conditioned refusal bias.
     target = inp.refusal_mask.unsqueeze(0)
@@ -42,7 +42,7 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
     bias = bias.masked_fill((inp.verdict == 1).unsqueeze(1), p.bias_unsafe)
     bias = bias.masked_fill(safe, p.bias_safe)
     modulated = torch.where(target, z + bias, z)
-    _check_modulated(modulated, "the refusal bias")
+    _check_modulated(modulated, banned_code=5)
 
     stats = None
     if return_stats:
@@ -91,22 +91,18 @@ def _refusal_mass(z: torch.Tensor, refusal_mask: torch.Tensor) -> torch.Tensor:
     return (z.softmax(dim=1) * refusal_mask).sum(dim=1)
 
 
-def _check_rows(x: torch.Tensor, name: str) -> None:
+def _check_rows(x: torch.Tensor, code: int) -> None:
     # One reduction per input finds both NaN (max propagates it) and +inf.
     row_max = x.amax(dim=1)
-    bad = torch.isnan(row_max) | (row_max == float("inf"))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise StepError(f"{name} row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)")
+    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), code)
 
 
-def _check_modulated(z: torch.Tensor, stage: str) -> None:
+def _check_modulated(z: torch.Tensor, banned_code: int) -> None:
     row_max = z.amax(dim=1)
-    banned = row_max == NEG_INF
-    if bool(banned.any()):
-        row = int(banned.nonzero()[0, 0])
-        raise StepError(f"row {row}: every token is banned after {stage}")
-    bad = torch.isnan(row_max) | (row_max == float("inf"))
+    _raise_first(row_max == NEG_INF, banned_code)
+    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), banned_code + 1)
+
+
+def _raise_first(bad: torch.Tensor, code: int) -> None:
     if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise StepError(f"row {row}: {stage} overflows float32 (logits too large)")
+        raise StepError(ROW_PROBLEMS[code].format(row=int(bad.nonzero()[0, 0])))

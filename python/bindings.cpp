@@ -1,0 +1,141 @@
+// pybind11 binding of csrc/ as the module safecode_kernels._C.
+//
+// The extension does not link against libtorch: Python passes buffer-protocol views of CPU
+// tensors (numpy arrays; fp16/bf16 as 2-byte views), so it builds in seconds and survives
+// torch upgrades. Everything the kernel relies on (shapes, strides, dtypes, writability) is
+// checked here, so no call from Python can make it read or write out of bounds.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "step_cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw py::value_error(what);
+}
+
+py::buffer_info view(const py::buffer& b, const char* name, bool writable) {
+  py::buffer_info info = b.request(writable);
+  require(!writable || !info.readonly, std::string(name) + " must be writable");
+  return info;
+}
+
+// A 1-D contiguous buffer of `n` items of `itemsize` bytes.
+void* vector_ptr(const py::buffer& b, const char* name, int64_t n, py::ssize_t itemsize, bool writable) {
+  py::buffer_info info = view(b, name, writable);
+  require(info.ndim == 1, std::string(name) + " must be 1-D");
+  require(info.itemsize == itemsize, std::string(name) + " has the wrong item size");
+  require(info.shape[0] == n, std::string(name) + " has length " + std::to_string(info.shape[0]) +
+                                  ", expected " + std::to_string(n));
+  require(n <= 1 || info.strides[0] == itemsize, std::string(name) + " must be contiguous");
+  return info.ptr;
+}
+
+struct Matrix {
+  void* ptr;
+  int64_t rows, cols, row_stride;
+};
+
+// A 2-D buffer with unit stride along the vocabulary.
+Matrix matrix(const py::buffer& b, const char* name, py::ssize_t itemsize, bool writable) {
+  py::buffer_info info = view(b, name, writable);
+  require(info.ndim == 2, std::string(name) + " must be 2-D [batch, vocab]");
+  require(info.itemsize == itemsize, std::string(name) + " has item size " + std::to_string(info.itemsize) +
+                                         ", expected " + std::to_string(itemsize));
+  require(info.shape[1] <= 1 || info.strides[1] == itemsize, std::string(name) + " must have unit vocabulary stride");
+  require(info.strides[0] % itemsize == 0 && info.strides[0] >= 0, std::string(name) + " has an unsupported row stride");
+  return Matrix{info.ptr, info.shape[0], info.shape[1], info.strides[0] / itemsize};
+}
+
+safecode::DType parse_dtype(const std::string& name) {
+  if (name == "float32") return safecode::DType::kFloat32;
+  if (name == "float16") return safecode::DType::kFloat16;
+  if (name == "bfloat16") return safecode::DType::kBFloat16;
+  throw py::type_error("unsupported dtype " + name + ": expected float32, float16 or bfloat16");
+}
+
+void step(const py::buffer& real, const py::buffer& noised, const std::string& dtype, const py::buffer& verdict,
+          const py::buffer& refusal_ids, const py::buffer& tokens,
+          const py::buffer& status, const safecode::StepParams& params, std::optional<py::buffer> logits,
+          std::optional<py::buffer> mass_before, std::optional<py::buffer> mass_after, int num_threads) {
+  safecode::StepBuffers b;
+  b.dtype = parse_dtype(dtype);
+  const py::ssize_t itemsize = b.dtype == safecode::DType::kFloat32 ? 4 : 2;
+  const Matrix r = matrix(real, "logits_real", itemsize, false);
+  const Matrix n = matrix(noised, "logits_noised", itemsize, false);
+  require(r.rows == n.rows && r.cols == n.cols, "logits_real and logits_noised differ in shape");
+  b.real = r.ptr;
+  b.noised = n.ptr;
+  b.batch = r.rows;
+  b.vocab = r.cols;
+  b.real_row_stride = r.row_stride;
+  b.noised_row_stride = n.row_stride;
+  b.verdict = static_cast<const int8_t*>(vector_ptr(verdict, "verdict", b.batch, 1, false));
+  py::buffer_info ids = view(refusal_ids, "refusal_ids", false);
+  require(ids.ndim == 1 && ids.itemsize == 8 && (ids.shape[0] <= 1 || ids.strides[0] == 8),
+          "refusal_ids must be a contiguous 1-D int64 buffer");
+  b.refusal_ids = static_cast<const int64_t*>(ids.ptr);
+  b.num_refusal = ids.shape[0];
+  b.tokens = static_cast<int64_t*>(vector_ptr(tokens, "tokens", b.batch, 8, true));
+  b.status = static_cast<int32_t*>(vector_ptr(status, "status", b.batch, 4, true));
+  if (logits) {
+    const Matrix out = matrix(*logits, "logits", 4, true);
+    require(out.rows == b.batch && out.cols == b.vocab && (b.batch == 1 || out.row_stride == b.vocab),
+            "logits must be a contiguous float32 [batch, vocab] buffer");
+    b.logits = static_cast<float*>(out.ptr);
+  }
+  require(mass_before.has_value() == mass_after.has_value(), "give both mass_before and mass_after, or neither");
+  if (mass_before) {
+    b.mass_before = static_cast<float*>(vector_ptr(*mass_before, "mass_before", b.batch, 4, true));
+    b.mass_after = static_cast<float*>(vector_ptr(*mass_after, "mass_after", b.batch, 4, true));
+  }
+  b.num_threads = num_threads;
+  py::gil_scoped_release release;  // the kernel touches no Python object
+  safecode::safecode_step_cpu(params, b);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "C++ CPU kernels of safecode_kernels (see csrc/)";
+
+  py::class_<safecode::StepParams>(m, "StepParams")
+      .def(py::init<>())
+      .def_readwrite("real_weight", &safecode::StepParams::real_weight)
+      .def_readwrite("alpha_unsafe", &safecode::StepParams::alpha_unsafe)
+      .def_readwrite("alpha_safe", &safecode::StepParams::alpha_safe)
+      .def_readwrite("plausibility", &safecode::StepParams::plausibility)
+      .def_readwrite("sensitive_top_k", &safecode::StepParams::sensitive_top_k)
+      .def_readwrite("scope_all", &safecode::StepParams::scope_all)
+      .def_readwrite("bias_unsafe", &safecode::StepParams::bias_unsafe)
+      .def_readwrite("bias_safe", &safecode::StepParams::bias_safe)
+      .def_readwrite("temperature", &safecode::StepParams::temperature)
+      .def_readwrite("top_k", &safecode::StepParams::top_k)
+      .def_readwrite("top_p", &safecode::StepParams::top_p)
+      .def_readwrite("seed", &safecode::StepParams::seed);
+
+  m.def("step", &step, py::arg("real"), py::arg("noised"), py::arg("dtype"), py::arg("verdict"),
+        py::arg("refusal_ids"), py::arg("tokens"), py::arg("status"),
+        py::arg("params"), py::arg("logits") = py::none(), py::arg("mass_before") = py::none(),
+        py::arg("mass_after") = py::none(), py::arg("num_threads") = 0,
+        "One fused SafeCoDe step over a batch; writes tokens, status and the optional outputs.");
+
+  m.def("openmp_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
+  }, "OpenMP's default thread count, or 0 when built without OpenMP.");
+}

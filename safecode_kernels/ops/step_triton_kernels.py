@@ -1,0 +1,425 @@
+"""Triton kernels of the fused step op (SPEC §2). The launcher is :mod:`.step_triton`.
+
+Three kernels, one step:
+
+1. ``row_max_kernel`` (only when the plausibility cutoff is on): partial maxima of the real
+   logits per (row, vocabulary block). The cutoff ``log(beta) + max(zr)`` must be known
+   before a token can be called banned, and the whole pipeline below (top-k candidates,
+   sum-exp, Gumbel-max, the written logits) depends on it, so this cheap pass reads the
+   real row once more (half the input bytes; for decoding-sized batches it comes from L2).
+2. ``step_block_kernel``, grid ``(vocabulary blocks, rows)``: reads each input logit once,
+   computes the contrast and everything a row needs from its block, over the block's
+   *non-refusal* tokens only: error flags, the greedy best, online max/sum-exp, the
+   Gumbel-max best, and the block's top-``C`` candidates (a radix select on the float's
+   ordered bits plus a scan for index ties: exact, never a sort). It writes the contrasted
+   logits when asked.
+3. ``step_merge_kernel``, grid ``(rows,)``: merges the block partials and handles the few
+   refusal tokens exactly from their ids (it re-reads those tens of logits): the sensitive
+   set (the k-th largest of candidates + refusal tokens), the bias, the refusal mass before
+   and after, the token (argmax, Gumbel-max, or top-k/top-p over the candidates), and one
+   flag word per row that the launcher checks.
+
+Why the refusal tokens are kept out of the block reductions: their value changes with the
+bias, which is only known after the merge. Reductions over the other tokens never change,
+so greedy argmax, sum-exp and Gumbel-max stay exact with a single read.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Per-block flag bits (written by step_block_kernel).
+BLOCK_ZR_BAD = tl.constexpr(1)  # NaN or +inf in logits_real
+BLOCK_ZN_BAD = tl.constexpr(2)  # NaN or +inf in logits_noised
+BLOCK_Z_BAD = tl.constexpr(4)  # the contrast gave NaN or +inf
+BLOCK_LIVE = tl.constexpr(8)  # some token (refusal or not) has z > -inf
+BLOCK_LIVE_OTHER = tl.constexpr(16)  # some non-refusal token has z > -inf
+
+# Per-row flag bits (written by step_merge_kernel, read by the launcher). Keep these in
+# sync with step_triton.ROW_FLAG_*.
+ROW_ZR_BAD = tl.constexpr(1)
+ROW_ZN_BAD = tl.constexpr(2)
+ROW_BANNED_CONTRAST = tl.constexpr(4)
+ROW_OVERFLOW_CONTRAST = tl.constexpr(8)
+ROW_BANNED_BIAS = tl.constexpr(16)
+ROW_OVERFLOW_BIAS = tl.constexpr(32)
+ROW_FALLBACK = tl.constexpr(64)  # the candidates could not decide this row exactly
+
+NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> uint32 whose unsigned order is the float order (> 0 for every non-NaN).
+
+    ``-0.0`` maps to the key of ``+0.0``: torch treats them as a tie (broken by index)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+
+
+@triton.jit
+def _key_to_float(key):
+    """Inverse of :func:`_ordered_key`."""
+    bits = tl.where((key >> 31) != 0, key ^ 0x80000000, ~key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rank_key(z, idx, IDX_BITS: tl.constexpr):
+    """int64 key ordering tokens as torch does: larger value first, then lower index.
+
+    ``(ordered value bits << IDX_BITS) | (2**IDX_BITS - 1 - idx)``; -1 for -inf (no token)."""
+    low = ((1 << IDX_BITS) - 1) - idx.to(tl.int64)
+    key = (_ordered_key(z).to(tl.int64) << IDX_BITS) | low
+    return tl.where(z > NEG_INF, key, -1)
+
+
+@triton.jit
+def _kth_largest_key(key, k, NBITS: tl.constexpr):
+    """The k-th largest of distinct non-negative int64 keys (-1 = absent), by radix select:
+    one count per bit, no sort. Returns 0 when fewer than k keys are present, so that
+    ``key >= result`` selects the top k (or all present keys) either way."""
+    prefix = tl.zeros((), dtype=tl.int64)
+    one = tl.full((), 1, dtype=tl.int64)
+    for i in range(NBITS):
+        trial = prefix | (one << (NBITS - 1 - i))
+        count = tl.sum((key >= trial).to(tl.int32), axis=0)
+        prefix = tl.where(count >= k, trial, prefix)
+    return prefix
+
+
+@triton.jit
+def _uniform_to_gumbel(bits):
+    """uint32 random bits -> Gumbel(0, 1) noise, from a uniform strictly inside (0, 1)
+    (24-bit grid; the noise is clipped to about [-2.9, 17.3], a tail mass of ~6e-8)."""
+    u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 2**-24
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _gumbel_at(seed, row, idx):
+    """Gumbel noise of token ``idx`` (int32 tensor) in ``row``: Philox counter
+    ``(idx // 4, row)``, lane ``idx % 4``. Same values as :func:`_gumbel_block`."""
+    counter = (row.to(tl.int64) << 32) | (idx >> 2).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lane = idx & 3
+    bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return _uniform_to_gumbel(bits)
+
+
+@triton.jit
+def _gumbel_block(seed, row, start, BLOCK: tl.constexpr):
+    """Gumbel noise of tokens ``start .. start + BLOCK`` (``start % 4 == 0``): one Philox
+    call yields four lanes, so a block costs BLOCK / 4 Philox evaluations."""
+    quad = (start >> 2) + tl.arange(0, BLOCK // 4)
+    counter = (row.to(tl.int64) << 32) | quad.to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lane = tl.arange(0, 4)[None, :]
+    bits = tl.where(lane == 0, r0[:, None],
+                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+    return _uniform_to_gumbel(tl.reshape(bits, (BLOCK,)))
+
+
+@triton.jit
+def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha, alpha_safe, log_beta,
+              NB_PAD: tl.constexpr, PLAUS: tl.constexpr):
+    """``z = w * zr - alpha_verdict * zn``, -inf where banned (SPEC §2 step 1), in fp32."""
+    verdict = tl.load(verdict_ptr + row)
+    a = tl.where(verdict == -1, alpha_safe, alpha)
+    banned = (zr == NEG_INF) | (zn == NEG_INF)
+    if PLAUS:
+        blocks = tl.arange(0, NB_PAD)
+        parts = tl.load(rowmax_ptr + row.to(tl.int64) * NB + blocks, mask=blocks < NB, other=NEG_INF)
+        cutoff = log_beta + tl.max(parts, axis=0)
+        banned = banned | (zr < cutoff)
+    z = real_weight * zr - a * zn
+    return tl.where(banned, NEG_INF, z)
+
+
+@triton.jit
+def _best(values, idx, sentinel):
+    """(max value, lowest index holding it)."""
+    best = tl.max(values, axis=0)
+    return best, tl.min(tl.where(values == best, idx, sentinel), axis=0)
+
+
+@triton.jit
+def _any_bit(flags, bit):
+    return tl.max(((flags & bit) != 0).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _refusal_mass(max_other, sum_other, values, is_ref):
+    """Mass of the refusal tokens under softmax, from the non-refusal tokens' (max, sum-exp)
+    and the refusal tokens' values."""
+    v = tl.where(is_ref, values, NEG_INF)
+    m = tl.maximum(max_other, tl.max(v, axis=0))
+    num = tl.sum(tl.where(v > NEG_INF, tl.exp(v - m), 0.0), axis=0)
+    den = num + tl.where(max_other > NEG_INF, sum_other * tl.exp(max_other - m), 0.0)
+    return tl.where(den > 0.0, num / den, 0.0)
+
+
+@triton.jit
+def _merge_sum_exp(max_ptr, sum_ptr, offs, mask, base):
+    """Sum of per-block ``sum * exp(max - base)``."""
+    m = tl.load(max_ptr + offs, mask=mask, other=NEG_INF)
+    s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+    return tl.sum(tl.where(m > NEG_INF, s * tl.exp(m - base), 0.0), axis=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def row_max_kernel(zr_ptr, stride_r, part_ptr, V, NB, BLOCK: tl.constexpr):
+    """Partial max of the real logits per (row, block), for the plausibility cutoff."""
+    blk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(zr_ptr + row * stride_r + offs, mask=offs < V, other=NEG_INF).to(tl.float32)
+    tl.store(part_ptr + row * NB + blk, tl.max(x, axis=0))
+
+
+@triton.jit
+def step_block_kernel(
+    zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, refmask_ptr, rowmax_ptr,
+    out_ptr, stride_o,
+    flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
+    gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
+    cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
+    V, NB, real_weight, alpha, alpha_safe, log_beta, temperature, seed, k_cand,
+    BLOCK: tl.constexpr, NB_PAD: tl.constexpr, C_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
+    PLAUS: tl.constexpr, WRITE_LOGITS: tl.constexpr, ARGMAX: tl.constexpr, SUMEXP: tl.constexpr,
+    GUMBEL: tl.constexpr, USUM: tl.constexpr, CANDS: tl.constexpr,
+):
+    """One (block, row) of the step: all partial results of the block's tokens.
+
+    Partials are indexed ``row * NB + block``; candidates ``(row * NB + block) * C_PAD + j``.
+    """
+    blk = tl.program_id(0)
+    row = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    part = row64 * NB + blk
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < V
+
+    # The only read of the two input rows (out-of-range lanes are -inf, i.e. banned).
+    zr = tl.load(zr_ptr + row64 * stride_r + offs, mask=inside, other=NEG_INF).to(tl.float32)
+    zn = tl.load(zn_ptr + row64 * stride_n + offs, mask=inside, other=NEG_INF).to(tl.float32)
+    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha, alpha_safe, log_beta,
+                  NB_PAD, PLAUS)
+    if WRITE_LOGITS:
+        # Refusal tokens get their biased value from the merge kernel afterwards.
+        tl.store(out_ptr + row64 * stride_o + offs, z, mask=inside)
+
+    z_bad = (z != z) | (z == POS_INF)
+    is_ref = tl.load(refmask_ptr + offs, mask=inside, other=0) != 0
+    # Non-refusal values; refusal and broken tokens are -inf here (a broken row is an error).
+    x = tl.where(is_ref | z_bad, NEG_INF, z)
+    live = x > NEG_INF
+
+    flags = tl.max(((zr != zr) | (zr == POS_INF)).to(tl.int32), axis=0) * BLOCK_ZR_BAD
+    flags |= tl.max(((zn != zn) | (zn == POS_INF)).to(tl.int32), axis=0) * BLOCK_ZN_BAD
+    flags |= tl.max(z_bad.to(tl.int32), axis=0) * BLOCK_Z_BAD
+    flags |= tl.max((z > NEG_INF).to(tl.int32), axis=0) * BLOCK_LIVE
+    flags |= tl.max(live.to(tl.int32), axis=0) * BLOCK_LIVE_OTHER
+    tl.store(flags_ptr + part, flags)
+
+    if ARGMAX:
+        best, best_idx = _best(x, offs, V)
+        tl.store(best_val_ptr + part, best)
+        tl.store(best_idx_ptr + part, best_idx)
+    if SUMEXP:
+        m = tl.max(x, axis=0)
+        tl.store(zmax_ptr + part, m)
+        tl.store(zsum_ptr + part, tl.sum(tl.where(live, tl.exp(x - m), 0.0), axis=0))
+    if GUMBEL or USUM:
+        u = tl.div_rn(x, temperature)
+        if USUM:
+            m = tl.max(u, axis=0)
+            tl.store(umax_ptr + part, m)
+            tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u - m), 0.0), axis=0))
+        if GUMBEL:
+            # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
+            score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
+            best, best_idx = _best(score, offs, V)
+            tl.store(gumbel_val_ptr + part, best)
+            tl.store(gumbel_idx_ptr + part, best_idx)
+    if CANDS:
+        # Top-k_cand of the block by (value desc, index asc): radix select of the k-th
+        # largest value key (32 counts), then the lowest-index ties by a scan.
+        key = tl.where(live, _ordered_key(x), 0)
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        prefix = tl.zeros((), dtype=tl.uint32)
+        one = tl.full((), 1, dtype=tl.uint32)
+        for i in range(32):
+            trial = prefix | (one << (31 - i).to(tl.uint32))
+            count = tl.sum((key >= trial).to(tl.int32), axis=0)
+            prefix = tl.where(count >= k_cand, trial, prefix)
+        above = key > prefix
+        ties = (key == prefix) & live
+        room = k_cand - tl.sum(above.to(tl.int32), axis=0)
+        chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+        slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+        dst = part * C_PAD + slot
+        tl.store(cand_val_ptr + dst, x, mask=chosen)
+        tl.store(cand_idx_ptr + dst, offs, mask=chosen)
+        tl.store(cand_count_ptr + part, tl.minimum(n_live, k_cand))
+        # A block that kept only some of its live tokens reports its last kept one: every
+        # token left out ranks below it, which tells the merge how far the union is exact.
+        last_idx = tl.max(tl.where(chosen & ties, offs, -1), axis=0)
+        tail = (prefix.to(tl.int64) << IDX_BITS) | (((1 << IDX_BITS) - 1) - last_idx.to(tl.int64))
+        tl.store(tail_ptr + part, tl.where(n_live > k_cand, tail, -1))
+
+
+@triton.jit
+def step_merge_kernel(
+    zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, ref_ids_ptr, R, rowmax_ptr,
+    out_ptr, stride_o,
+    flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
+    gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
+    cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
+    tokens_ptr, before_ptr, after_ptr, row_flags_ptr,
+    V, NB, real_weight, alpha, alpha_safe, log_beta, bias_unsafe, bias_safe,
+    temperature, top_p, seed, k_sens, top_k,
+    NB_PAD: tl.constexpr, X_PAD: tl.constexpr, C_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
+    PLAUS: tl.constexpr, WRITE_LOGITS: tl.constexpr, STATS: tl.constexpr, GREEDY: tl.constexpr,
+    GUMBEL: tl.constexpr, CANDS: tl.constexpr, SENS: tl.constexpr, TOPK: tl.constexpr,
+    TOPP: tl.constexpr,
+):
+    """One row: merge the block partials, handle the refusal tokens, choose the token.
+
+    ``SENS``: 0 no sensitive set, 1 every token is sensitive, 2 the top-``k_sens`` set.
+    Sampling: ``GUMBEL`` (temperature only) or ``TOPK`` / ``TOPP`` over the candidates.
+    """
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    blocks = tl.arange(0, NB_PAD)
+    block_ok = blocks < NB
+    parts = row64 * NB + blocks
+    bflags = tl.load(flags_ptr + parts, mask=block_ok, other=0)
+
+    # X: the block candidates (if any) followed by the refusal tokens, one lane each.
+    lane = tl.arange(0, X_PAD)
+    n_cand_slots = NB * C_PAD if CANDS else 0
+    blk = lane // C_PAD
+    is_cand = lane < n_cand_slots
+    count = tl.load(cand_count_ptr + row64 * NB + blk, mask=is_cand, other=0)
+    is_cand = is_cand & ((lane % C_PAD) < count)
+    cand_off = (row64 * NB + blk) * C_PAD + lane % C_PAD
+    cand_z = tl.load(cand_val_ptr + cand_off, mask=is_cand, other=NEG_INF)
+    cand_idx = tl.load(cand_idx_ptr + cand_off, mask=is_cand, other=0)
+    ref_lane = lane - n_cand_slots
+    is_ref = (ref_lane >= 0) & (ref_lane < R)
+    ref_idx = tl.load(ref_ids_ptr + ref_lane, mask=is_ref, other=0).to(tl.int32)
+    ref_zr = tl.load(zr_ptr + row64 * stride_r + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
+    ref_zn = tl.load(zn_ptr + row64 * stride_n + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
+    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha,
+                      alpha_safe, log_beta, NB_PAD, PLAUS)
+    xz = tl.where(is_cand, cand_z, ref_z)
+    xidx = tl.where(is_cand, cand_idx, ref_idx)
+
+    # Every token ranking at or above t_star is among the candidates (see step_block_kernel).
+    if CANDS:
+        t_star = tl.max(tl.load(tail_ptr + parts, mask=block_ok, other=-1), axis=0)
+    else:
+        t_star = tl.full((), -1, dtype=tl.int64)
+    fallback = tl.zeros((), dtype=tl.int32)
+
+    # 2-3. Sensitive set and refusal bias.
+    verdict = tl.load(verdict_ptr + row)
+    bias = tl.where(verdict == 1, bias_unsafe, tl.where(verdict == -1, bias_safe, 0.0))
+    if SENS == 2:
+        key = _rank_key(xz, xidx, IDX_BITS)
+        kth = _kth_largest_key(key, k_sens, 32 + IDX_BITS)
+        target = is_ref & (key >= kth) & (key >= 0)
+        fallback |= (kth < t_star).to(tl.int32)
+    elif SENS == 1:
+        target = is_ref
+    else:
+        target = is_ref & (lane < 0)
+    xzb = tl.where(target, xz + bias, xz)
+    if WRITE_LOGITS:
+        tl.store(out_ptr + row64 * stride_o + ref_idx, xzb, mask=is_ref)
+
+    # Error flags, in the reference's terms.
+    over_contrast = _any_bit(bflags, BLOCK_Z_BAD)
+    flags = _any_bit(bflags, BLOCK_ZR_BAD) * ROW_ZR_BAD
+    flags |= _any_bit(bflags, BLOCK_ZN_BAD) * ROW_ZN_BAD
+    flags |= ((_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0)).to(tl.int32) * ROW_BANNED_CONTRAST
+    flags |= over_contrast * ROW_OVERFLOW_CONTRAST
+    ref_live = tl.max((is_ref & (xzb > NEG_INF)).to(tl.int32), axis=0)
+    flags |= ((_any_bit(bflags, BLOCK_LIVE_OTHER) == 0) & (ref_live == 0)).to(tl.int32) * ROW_BANNED_BIAS
+    flags |= tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0) * ROW_OVERFLOW_BIAS
+
+    if STATS:
+        zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
+        zsum = _merge_sum_exp(zmax_ptr, zsum_ptr, parts, block_ok, zmax)
+        tl.store(before_ptr + row, _refusal_mass(zmax, zsum, xz, is_ref))
+        tl.store(after_ptr + row, _refusal_mass(zmax, zsum, xzb, is_ref))
+
+    # 4. Token choice.
+    if GREEDY:
+        block_best = tl.load(best_val_ptr + parts, mask=block_ok, other=NEG_INF)
+        block_idx = tl.load(best_idx_ptr + parts, mask=block_ok, other=V)
+        ref_best, ref_best_idx = _best(tl.where(is_ref, xzb, NEG_INF), xidx, V)
+        best, best_idx = _best(block_best, block_idx, V)
+        token = tl.where(ref_best > best, ref_best_idx,
+                         tl.where(ref_best == best, tl.minimum(ref_best_idx, best_idx), best_idx))
+    elif GUMBEL:
+        block_best = tl.load(gumbel_val_ptr + parts, mask=block_ok, other=NEG_INF)
+        block_idx = tl.load(gumbel_idx_ptr + parts, mask=block_ok, other=V)
+        score = tl.div_rn(xzb, temperature) + _gumbel_at(seed, row, xidx)
+        ref_best, ref_best_idx = _best(tl.where(is_ref, score, NEG_INF), xidx, V)
+        best, best_idx = _best(block_best, block_idx, V)
+        token = tl.where(ref_best > best, ref_best_idx, best_idx)
+    else:
+        # Top-k / top-p: every token that can be kept is in X (or the row falls back).
+        allowed = (is_cand | is_ref) & (xzb > NEG_INF)
+        key = tl.where(allowed, _rank_key(xzb, xidx, IDX_BITS), -1)
+        if TOPK:
+            kth = _kth_largest_key(key, top_k, 32 + IDX_BITS)
+            fallback |= (kth < t_star).to(tl.int32)
+            allowed = allowed & (key >= kth)
+            key = tl.where(allowed, key, -1)
+        u = tl.div_rn(xzb, temperature)
+        if TOPP:
+            u_max = tl.max(tl.where(allowed, u, NEG_INF), axis=0)
+            if TOPK:
+                total = tl.sum(tl.where(allowed, tl.exp(u - u_max), 0.0), axis=0)
+            else:
+                # All tokens count: non-refusal blocks' sum-exp plus the refusal tokens.
+                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok,
+                                                         other=NEG_INF), axis=0))
+                total = _merge_sum_exp(umax_ptr, usum_ptr, parts, block_ok, u_max)
+                total += tl.sum(tl.where(is_ref & (xzb > NEG_INF), tl.exp(u - u_max), 0.0), axis=0)
+            # Descending (value, -index) order, as torch.sort(descending, stable) gives.
+            ordered = tl.sort(key, descending=True)
+            present = ordered >= 0
+            o_idx = (((1 << IDX_BITS) - 1) - (ordered & ((1 << IDX_BITS) - 1))).to(tl.int32)
+            o_z = _key_to_float((ordered >> IDX_BITS).to(tl.uint32))
+            o_u = tl.div_rn(o_z, temperature)
+            prob = tl.where(present, tl.exp(o_u - u_max), 0.0) / total
+            inclusive = tl.cumsum(prob, axis=0)
+            keep = present & ((inclusive - prob < top_p) | (lane == 0))
+            if not TOPK:
+                # Exact iff the nucleus ends at a token ranked at or above t_star.
+                end = tl.max(tl.where(present & (inclusive >= top_p), ordered, -1), axis=0)
+                exact = (t_star < 0) | (end >= t_star)
+                fallback |= (exact == 0).to(tl.int32)
+            score = tl.where(keep, o_u + _gumbel_at(seed, row, o_idx), NEG_INF)
+            winner = tl.argmax(score, axis=0)
+            token = tl.sum(tl.where(lane == winner, o_idx, 0), axis=0)
+        else:
+            score = tl.where(allowed, u + _gumbel_at(seed, row, xidx), NEG_INF)
+            winner = tl.argmax(score, axis=0)
+            token = tl.sum(tl.where(lane == winner, xidx, 0), axis=0)
+
+    tl.store(tokens_ptr + row, token.to(tl.int64))
+    tl.store(row_flags_ptr + row, flags | fallback * ROW_FALLBACK)
