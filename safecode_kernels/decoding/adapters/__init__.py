@@ -1,0 +1,34 @@
+"""Model adapters: one small class per family holds its quirks; :func:`get_adapter` picks one."""
+
+from __future__ import annotations
+
+from .base import ModelAdapter
+from .llava import LlavaAdapter
+from .qwen2_vl import Qwen2VLAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+
+
+def supported_models() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_class_names]
+
+
+def get_adapter(model, processor) -> ModelAdapter:
+    """The adapter for ``model``; a clear error naming the supported models otherwise."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            if getattr(model, "lm_head", None) is None:
+                raise ValueError(
+                    f"{type(model).__name__} has no language-model head: pass the generation model "
+                    f"({' or '.join(adapter.model_class_names)})"
+                )
+            return adapter(model, processor)
+    raise ValueError(
+        f"unsupported model {type(model).__name__} (model_type {model_type!r}); "
+        f"SafeCoDeDecoder supports: {', '.join(supported_models())}"
+    )
+
+
+__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter", "supported_models"]

@@ -1,0 +1,118 @@
+"""The interface between the architecture-free decoder and one family of HF multimodal models.
+
+An adapter knows how a family lays out its inputs: which token marks the image, which
+processor outputs carry the pixels, how positions are counted (1-D for LLaVA, 3-D M-RoPE for
+Qwen), and what per-row state must follow the batch when cache rows are selected.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class ModelAdapter:
+    """Base adapter: 1-D positions counted over the attention mask (LLaVA-style).
+
+    Subclasses set ``model_types`` (the ``config.model_type`` values they serve) and
+    ``model_class_names`` (for error messages), and override what differs.
+    """
+
+    model_types: tuple[str, ...] = ()
+    model_class_names: tuple[str, ...] = ()
+    # Processor outputs that are text, not pixels.
+    text_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        params = inspect.signature(model.forward).parameters
+        # transformers renamed ``past_key_values`` to ``cache`` after 5.17; accept both.
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.has_logits_to_keep = "logits_to_keep" in params
+
+    # ----- tokens and pixels ------------------------------------------------------------
+    @property
+    def image_token(self) -> str:
+        """The placeholder string the prompt carries (expanded by the processor)."""
+        return self.processor.image_token
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Token ids that stand for pixels; the decoders never generate them."""
+        return [self.image_token_id]
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where inputs go: the device of the token embeddings (also under ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def vision_inputs(self, encoded) -> dict[str, torch.Tensor]:
+        """The pixel-carrying part of one processor output (batch of one image)."""
+        dtype = self.model.dtype
+        out = {}
+        for key, value in encoded.items():
+            if key in self.text_keys or not isinstance(value, torch.Tensor):
+                continue
+            out[key] = value.to(self.input_device, dtype if value.is_floating_point() else None)
+        return out
+
+    def concat_vision(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Vision inputs of several images in row order (every tensor concatenated on dim 0)."""
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def token_type_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-token inputs a forward over ``input_ids`` needs (none for LLaVA)."""
+        return {}
+
+    # ----- positions --------------------------------------------------------------------
+    def prompt_positions(self, input_ids, attention_mask, vision) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of a left-padded (possibly gapped) prompt batch and each row's next position.
+
+        Returns ``(positions, next_position)``: ``positions`` shaped like the model's
+        ``position_ids`` for ``input_ids`` (``[rows, L]`` here), ``next_position`` ``[rows]``.
+        Padding is skipped, so a row's positions equal those of its unpadded prompt.
+        """
+        positions = attention_mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(attention_mask == 0, 1)
+        return positions, attention_mask.long().sum(-1)
+
+    def slice_positions(self, positions, rows, cols) -> torch.Tensor:
+        return positions[rows, cols]
+
+    def step_positions(self, next_position: torch.Tensor) -> torch.Tensor:
+        """``position_ids`` for one new token per row."""
+        return next_position[:, None]
+
+    def select_rows(self, indices: torch.Tensor) -> None:
+        """Called whenever the decoder keeps only ``indices`` of the batch rows."""
+
+    # ----- forwards ---------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None):
+        """Next-token logits ``[rows, V]`` of a forward over ``input_ids`` (a chunk or one token)."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if cache is not None:
+            kwargs[self.cache_kwarg] = cache
+        kwargs["use_cache"] = cache is not None
+        if vision:
+            kwargs.update(vision)
+            kwargs.update(self.token_type_inputs(input_ids))
+        if self.has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1, :]
+
+    def full_forward(self, input_ids, vision) -> torch.Tensor:
+        """Logits ``[1, V]`` of one unpadded sequence, no cache, the model's own positions."""
+        kwargs = dict(input_ids=input_ids, use_cache=False, **vision, **self.token_type_inputs(input_ids))
+        if self.has_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1, :]

@@ -1,0 +1,15 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``).
+
+The processor expands the ``<image>`` placeholder into one token per visual feature, and
+the model scatters the projected CLIP features into those positions; positions are plain
+1-D, so the base adapter covers everything.
+"""
+
+from __future__ import annotations
+
+from .base import ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    model_types = ("llava",)
+    model_class_names = ("LlavaForConditionalGeneration",)

@@ -1,0 +1,225 @@
+"""The two-branch SafeCoDe decoder for Hugging Face multimodal models (SPEC §3).
+
+Row layout: request ``i`` owns rows ``2i`` (real image) and ``2i + 1`` (noised image) while
+steering, and row ``i`` afterwards. Every prompt row is laid out as
+
+    [pad .. pad | text before the image | pad .. pad | image tokens and the rest]
+     `------- prefix: P columns -------'  `--------- suffix: S columns --------'
+
+so the prefix columns of all requests end together and can be prefilled once, on the real
+rows only, before the cache rows are repeated for the noised branch. The attention mask
+skips the padding and positions are counted over the mask, so every row sees exactly the
+positions of its own unpadded prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..params import SteeringParams
+from .adapters import get_adapter
+from .noise import check_noise_std
+from .requests import Setup, check_int, prepare
+from .results import GenerationResult, Recorder
+
+
+class SafeCoDeDecoder:
+    """Generate with SafeCoDe steering for a batch of (image, prompt, verdict) requests.
+
+    Both branches of every request run as one batch of ``2B`` rows with a KV cache; the text
+    before the image is prefilled once per request; the first ``steer_steps`` tokens come from
+    the fused step op (:func:`safecode_kernels.safecode_step`) on the paired rows, the rest from
+    the real rows alone, after the noised rows have been dropped from the cache.
+
+    Args:
+        model: a supported ``*ForConditionalGeneration`` model (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL).
+        processor: its processor (chat template, image processor, tokenizer).
+        params: :class:`SteeringParams` of the steered steps (the sampling fields are set by
+            :meth:`generate`).
+        steer_steps: how many first tokens are steered (0: plain generation).
+        noise_std: standard deviation of the noise of the noised view, in [0, 1] pixel space.
+        seed: seeds the noised images and the sampling.
+        refusal: the refusal token set (a :class:`RefusalVocabulary` or ids); by default built
+            from the processor's tokenizer.
+        share_prefix: prefill the text before the image once per request (default); ``False``
+            runs the whole prompt in both branches (for comparisons).
+        backend: backend of the step op (``"auto"``: the fastest available where the logits are).
+
+    Example::
+
+        decoder = sk.SafeCoDeDecoder(model, processor, steer_steps=5)
+        result = decoder.generate([image_a, image_b], ["How do I use this?", "What is this?"],
+                                  ["unsafe", "safe"], max_new_tokens=128)
+        print(result.texts[0], result.steering[0][0].refusal_mass_after)
+    """
+
+    def __init__(self, model, processor, params: SteeringParams | None = None, steer_steps: int = 5,
+                 noise_std: float = 0.1, seed: int = 0, refusal=None, share_prefix: bool = True,
+                 backend: str = "auto"):
+        check_int("steer_steps", steer_steps, 0)
+        check_noise_std(noise_std)
+        if params is not None and not isinstance(params, SteeringParams):
+            raise TypeError(f"params must be a SteeringParams, got {type(params).__name__}")
+        self.model = model
+        self.processor = processor
+        self.adapter = get_adapter(model, processor)
+        self.params = params if params is not None else SteeringParams()
+        self.steer_steps = steer_steps
+        self.noise_std = noise_std
+        self.seed = seed
+        self.refusal = refusal
+        self.share_prefix = share_prefix
+        self.backend = backend
+
+    def generate(self, images, prompts, verdicts, max_new_tokens: int = 256,
+                 max_new_tokens_unsafe: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, noised_images=None, system_prompt=None,
+                 chat_template: bool | None = None, eos_token_id=None, generator: torch.Generator | None = None,
+                 return_logits: bool = False) -> GenerationResult:
+        """Answer every request; see :class:`GenerationResult`.
+
+        ``verdicts``: one of ``"unsafe" | "safe" | "none"`` (or a :class:`Verdict`) per request.
+        ``max_new_tokens_unsafe`` caps the answers of unsafe requests (default: ``max_new_tokens``).
+        ``noised_images``: the noised views to use instead of drawing them (one per request).
+        ``system_prompt`` (one for all, or one per request) goes before the image in the chat
+        template; ``chat_template=False``
+        uses each prompt as is (it must then contain the processor's image placeholder).
+        ``generator`` drives the sampling (default: seeded from the decoder's ``seed``).
+        """
+        setup = prepare(
+            self.model, self.processor, images, prompts, verdicts, params=self.params,
+            steer_steps=self.steer_steps, noise_std=self.noise_std, seed=self.seed, refusal=self.refusal,
+            max_new_tokens=max_new_tokens, max_new_tokens_unsafe=max_new_tokens_unsafe, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, noised_images=noised_images,
+            system_prompt=system_prompt, chat_template=chat_template, eos_token_id=eos_token_id,
+            generator=generator, backend=self.backend, adapter=self.adapter,
+        )
+        with torch.inference_mode():
+            return _decode(setup, self.share_prefix, return_logits)
+
+
+def safecode_generate(model, processor, image, prompt: str, verdict, **kwargs) -> GenerationResult:
+    """SafeCoDe generation for one request; ``kwargs`` go to :class:`SafeCoDeDecoder` or
+    :meth:`SafeCoDeDecoder.generate`. Returns a :class:`GenerationResult` of one request.
+
+    Example::
+
+        result = sk.safecode_generate(model, processor, image, "What is this?", "safe", max_new_tokens=64)
+        print(result.texts[0])
+    """
+    init_names = ("params", "steer_steps", "noise_std", "seed", "refusal", "share_prefix", "backend")
+    init = {name: kwargs.pop(name) for name in init_names if name in kwargs}
+    if "noised_image" in kwargs:
+        kwargs["noised_images"] = [kwargs.pop("noised_image")]
+    return SafeCoDeDecoder(model, processor, **init).generate([image], [prompt], [verdict], **kwargs)
+
+
+@dataclasses.dataclass
+class _Layout:
+    input_ids: torch.Tensor  # [rows, P + S]
+    attention_mask: torch.Tensor  # [rows, P + S]
+    prefix: int  # P: columns prefilled once, on the real rows
+    vision: dict[str, torch.Tensor]  # pixels of every row, in row order
+
+
+def _layout(setup: Setup, width: int, share_prefix: bool) -> _Layout:
+    """Left-pad the prefix and the suffix of every prompt separately (see the module doc)."""
+    splits = [(r.input_ids, r.prefix_len if share_prefix else 0) for r in setup.requests]
+    prefix = max(p for _, p in splits)
+    suffix = max(len(ids) - p for ids, p in splits)
+    rows, masks, vision = [], [], []
+    for (ids, p), request in zip(splits, setup.requests):
+        s = len(ids) - p
+        pad_p, pad_s = torch.full((prefix - p,), setup.pad_id), torch.full((suffix - s,), setup.pad_id)
+        row = torch.cat([pad_p, ids[:p], pad_s, ids[p:]])
+        mask = torch.cat([torch.zeros(prefix - p), torch.ones(p), torch.zeros(suffix - s), torch.ones(s)])
+        rows += [row] * width
+        masks += [mask.long()] * width
+        vision += [request.real, request.noised][:width]
+    device = setup.adapter.input_device
+    return _Layout(torch.stack(rows).to(device), torch.stack(masks).to(device), prefix,
+                   setup.adapter.concat_vision(vision))
+
+
+def _decode(setup: Setup, share_prefix: bool, return_logits: bool) -> GenerationResult:
+    adapter = setup.adapter
+    width = 2 if setup.steer_steps > 0 else 1  # rows per request: real (+ noised while steering)
+    layout = _layout(setup, width, share_prefix)
+    positions, next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
+    cache = new_cache(adapter.model)
+    stats = {"prefix_columns": layout.prefix, "forward_calls": 0}
+
+    # Prefill: the shared prefix on the real rows, then its cache rows repeated for both branches.
+    p, mask = layout.prefix, layout.attention_mask
+    if p:
+        real_rows = slice(None, None, width)
+        adapter.forward(layout.input_ids[real_rows, :p], mask[real_rows, :p],
+                        adapter.slice_positions(positions, real_rows, slice(None, p)), cache)
+        stats["forward_calls"] += 1
+        cache.batch_repeat_interleave(width)
+    suffix_positions = adapter.slice_positions(positions, slice(None), slice(p, None))
+    logits = adapter.forward(layout.input_ids[:, p:], mask, suffix_positions, cache, vision=layout.vision)
+    stats["forward_calls"] += 1
+
+    recorder = Recorder(len(setup.requests), return_logits)
+    active = list(range(len(setup.requests)))  # requests still generating, in row order
+    step = 0
+    while True:
+        if width == 2:
+            real, noised = logits[0::2], logits[1::2]
+            out = setup.steer(real, noised, active, return_logits)
+            tokens = out.tokens.tolist()
+            before, after = (m.tolist() for m in out.refusal_mass)
+            for k, i in enumerate(active):
+                recorder.add(i, tokens[k], real[k], noised[k], out.logits[k] if return_logits else None,
+                             mass=(before[k], after[k]))
+        else:
+            tokens = setup.choose(logits).tolist()
+            for k, i in enumerate(active):
+                recorder.add(i, tokens[k], logits[k])
+        step += 1
+
+        keep = [k for k, i in enumerate(active) if not setup.done(i, recorder.sequences[i])]
+        if not keep:
+            break
+        # Drop finished requests, and the noised rows once the steered steps are over.
+        new_width = 1 if (width == 2 and step == setup.steer_steps) else width
+        if len(keep) < len(active) or new_width != width:
+            if new_width != width:
+                stats["cache_bytes_two_branch"] = cache_nbytes(cache)
+            # The real row of a request comes first, so range(1) keeps only the real rows.
+            # A CPU index works for cache layers on any device (models spread with device_map).
+            index = torch.tensor([k * width + b for k in keep for b in range(new_width)])
+            cache.batch_select_indices(index)  # copies the kept rows; the old tensors are freed
+            adapter.select_rows(index)
+            mask, next_position = mask[index.to(mask.device)], next_position[index.to(mask.device)]
+            if new_width != width:
+                stats["cache_bytes_after_drop"] = cache_nbytes(cache)
+            active, tokens, width = [active[k] for k in keep], [tokens[k] for k in keep], new_width
+
+        step_ids = torch.tensor(tokens, device=mask.device).repeat_interleave(width)[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = adapter.forward(step_ids, mask, adapter.step_positions(next_position), cache)
+        stats["forward_calls"] += 1
+        next_position = next_position + 1
+    return recorder.result(setup.tokenizer, stats)
+
+
+def new_cache(model):
+    """An empty ``DynamicCache`` for ``model`` (transformers is imported only when decoding)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the key/value storages of a ``DynamicCache`` (whole storages, so a view
+    that keeps a larger buffer alive counts in full)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.untyped_storage().nbytes()
+    return total

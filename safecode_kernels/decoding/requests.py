@@ -1,0 +1,279 @@
+"""Checking a batch of (image, prompt, verdict) requests and encoding both branches of each.
+
+Every decoder (the fused one, the naive loop, the two-cache loop) goes through
+:func:`prepare`, so all three see identical token ids, pixels and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ..ops.step import safecode_step
+from ..params import SteeringParams
+from ..refusal import RefusalVocabulary
+from ..verdict import Verdict
+from .adapters import ModelAdapter, get_adapter
+from .noise import noised_views
+
+
+@dataclasses.dataclass
+class EncodedRequest:
+    """One request, encoded: ``input_ids`` ``[L]`` (the same for both branches), the vision
+    inputs of the real and the noised image, and ``prefix_len``, the number of tokens before
+    the first image token (identical in both branches, so computable once)."""
+
+    input_ids: torch.Tensor
+    real: dict[str, torch.Tensor]
+    noised: dict[str, torch.Tensor]
+    prefix_len: int
+    verdict: Verdict
+    max_new_tokens: int
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a decoding loop needs, checked once."""
+
+    adapter: ModelAdapter
+    tokenizer: object
+    requests: list[EncodedRequest]
+    refusal: RefusalVocabulary
+    steer_params: SteeringParams  # the contrast, bias and sampling of steered steps
+    plain_params: SteeringParams  # sampling only, for the unsteered steps
+    steer_steps: int
+    eos_ids: frozenset[int]
+    pad_id: int
+    generator: torch.Generator
+    backend: str
+    banned_ids: torch.Tensor  # the image/video placeholders: never generated
+
+    def _ban(self, real: torch.Tensor, noised: torch.Tensor):
+        # A generated placeholder would be taken for an image slot by any later full forward.
+        # -inf in the real row and 0 in the noised row keep the contrast -inf (not NaN).
+        ids = self.banned_ids.to(real.device)
+        return real.index_fill(1, ids, float("-inf")), noised.index_fill(1, ids, 0.0)
+
+    def done(self, request: int, tokens: list[int]) -> bool:
+        """Whether request ``request`` has finished after generating ``tokens``."""
+        return len(tokens) >= self.requests[request].max_new_tokens or (bool(tokens) and tokens[-1] in self.eos_ids)
+
+    def steer(self, real: torch.Tensor, noised: torch.Tensor, requests: list[int], return_logits: bool):
+        """One steered step for the rows of ``requests``: the fused op on the paired logits."""
+        verdicts = torch.tensor([int(self.requests[i].verdict) for i in requests], dtype=torch.int8,
+                                device=real.device)
+        real, noised = self._ban(real, noised)
+        return safecode_step(real, noised, verdicts, self.refusal, self.steer_params, self.generator,
+                             self.backend, return_logits=return_logits, return_stats=True)
+
+    def choose(self, real: torch.Tensor) -> torch.Tensor:
+        """An unsteered step: greedy or sampled tokens from the real logits alone (the step op
+        with a zero contrast and no bias, so both phases sample the same way)."""
+        verdicts = torch.zeros(real.shape[0], dtype=torch.int8, device=real.device)
+        real, zeros = self._ban(real, torch.zeros_like(real))
+        return safecode_step(real, zeros, verdicts, self.refusal, self.plain_params,
+                             self.generator, self.backend).tokens
+
+
+def prepare(
+    model, processor, images, prompts, verdicts, *,
+    params: SteeringParams | None = None, steer_steps: int = 5, noise_std: float = 0.1, seed: int = 0,
+    refusal=None, max_new_tokens: int = 256, max_new_tokens_unsafe: int | None = None,
+    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    noised_images=None, system_prompt: str | Sequence[str | None] | None = None, chat_template: bool | None = None,
+    eos_token_id=None, generator: torch.Generator | None = None, backend: str = "auto",
+    adapter: ModelAdapter | None = None,
+) -> Setup:
+    """Check the inputs, build the prompts and noised images, and encode both branches."""
+    adapter = adapter or get_adapter(model, processor)
+    images, prompts, verdicts = _check_batch(images, prompts, verdicts)
+    check_int("steer_steps", steer_steps, 0)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if max_new_tokens_unsafe is not None:
+        check_int("max_new_tokens_unsafe", max_new_tokens_unsafe, 1)
+    if isinstance(system_prompt, (list, tuple)) and len(system_prompt) != len(images):
+        raise ValueError(f"got {len(system_prompt)} system prompts for {len(images)} requests")
+    if noised_images is None:
+        noised_images = noised_views(images, noise_std, seed)
+    else:
+        noised_images = _check_noised(noised_images, images)
+
+    requests = []
+    for i, (image, noised, prompt, verdict) in enumerate(zip(images, noised_images, prompts, verdicts)):
+        limit = max_new_tokens_unsafe if (verdict == Verdict.UNSAFE and max_new_tokens_unsafe) else max_new_tokens
+        system = system_prompt[i] if isinstance(system_prompt, (list, tuple)) else system_prompt
+        text = build_prompt(adapter, processor, prompt, system, chat_template, i)
+        requests.append(_encode(adapter, processor, i, text, image, noised, verdict, limit))
+
+    params = params if params is not None else SteeringParams()
+    if not isinstance(params, SteeringParams):
+        raise TypeError(f"params must be a SteeringParams, got {type(params).__name__}")
+    sampling = _sampling(do_sample, temperature, top_k, top_p)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return Setup(
+        adapter=adapter,
+        tokenizer=tokenizer,
+        requests=requests,
+        refusal=_refusal(refusal, processor),
+        steer_params=params.replace(**sampling),
+        plain_params=SteeringParams(alpha=0.0, alpha_safe=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0, **sampling),
+        steer_steps=steer_steps,
+        eos_ids=_eos_ids(eos_token_id, model, tokenizer),
+        pad_id=_pad_id(tokenizer),
+        generator=generator if generator is not None else torch.Generator().manual_seed(seed),
+        backend=backend,
+        banned_ids=torch.tensor(adapter.placeholder_ids, dtype=torch.int64),
+    )
+
+
+def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_template=None, index: int = 0) -> str:
+    """The full prompt text of one request, with the image placeholder exactly once.
+
+    With a chat template (the processor's, used by default when it has one) ``prompt`` is the
+    user's text and the template places the image; without one (``chat_template=False`` or a
+    processor without a template) ``prompt`` is used as is and must contain the placeholder.
+    """
+    template = getattr(processor, "chat_template", None) or getattr(
+        getattr(processor, "tokenizer", None), "chat_template", None)
+    use_template = bool(template) if chat_template is None else chat_template
+    if use_template and not template:
+        raise ValueError("chat_template=True but the processor has no chat template")
+    if use_template:
+        messages = []
+        if system_prompt is not None:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = prompt if system_prompt is None else f"{system_prompt}\n{prompt}"
+    count = text.count(adapter.image_token)
+    if count != 1:
+        how = ("the chat template places it; remove it from the prompt" if use_template
+               else "without a chat template the prompt must contain it where the image goes")
+        raise ValueError(
+            f"prompt {index} must hold the image placeholder {adapter.image_token!r} exactly once, "
+            f"found {count} ({how})"
+        )
+    return text
+
+
+def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tokens) -> EncodedRequest:
+    real_enc = processor(images=[image], text=[text], return_tensors="pt")
+    noised_enc = processor(images=[noised], text=[text], return_tensors="pt")
+    ids = real_enc["input_ids"][0]
+    # Only the pixels may differ between branches; the decoder relies on it.
+    if not torch.equal(ids, noised_enc["input_ids"][0]):
+        raise RuntimeError(
+            f"request {index}: the processor gave different token ids for the real and the noised image"
+        )
+    image_positions = (ids == adapter.image_token_id).nonzero()
+    if image_positions.numel() == 0:
+        raise ValueError(f"request {index}: the encoded prompt has no image tokens (id {adapter.image_token_id})")
+    limit = adapter.max_positions
+    if limit is not None and ids.numel() + max_new_tokens > limit:
+        raise ValueError(
+            f"request {index}: the prompt takes {ids.numel()} tokens with the image "
+            f"({image_positions.numel()} image tokens), leaving no room for max_new_tokens={max_new_tokens} "
+            f"within the model's {limit} positions; shorten the prompt or lower max_new_tokens"
+        )
+    return EncodedRequest(
+        input_ids=ids,
+        real=adapter.vision_inputs(real_enc),
+        noised=adapter.vision_inputs(noised_enc),
+        prefix_len=int(image_positions[0, 0]),
+        verdict=verdict,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _check_batch(images, prompts, verdicts):
+    from PIL import Image
+
+    for name, value in (("images", images), ("prompts", prompts), ("verdicts", verdicts)):
+        if isinstance(value, (str, bytes, Image.Image)) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list with one entry per request, got {type(value).__name__}")
+    if not (len(images) == len(prompts) == len(verdicts)):
+        raise ValueError(
+            f"got {len(images)} images, {len(prompts)} prompts and {len(verdicts)} verdicts: "
+            "give one of each per request"
+        )
+    if not images:
+        raise ValueError("the batch is empty: give at least one request")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+    parsed = []
+    for i, verdict in enumerate(verdicts):
+        try:
+            parsed.append(Verdict.parse(verdict))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"verdicts[{i}]: {err}") from None
+    return list(images), list(prompts), parsed
+
+
+def _check_noised(noised_images, images):
+    from PIL import Image
+
+    if isinstance(noised_images, Image.Image) or not isinstance(noised_images, Sequence):
+        raise TypeError("noised_images must be a list with one image per request")
+    if len(noised_images) != len(images):
+        raise ValueError(f"got {len(noised_images)} noised images for {len(images)} requests")
+    for i, (noised, image) in enumerate(zip(noised_images, images)):
+        if not isinstance(noised, Image.Image):
+            raise TypeError(f"noised_images[{i}] must be a PIL.Image.Image, got {type(noised).__name__}")
+        if noised.size != image.size:
+            raise ValueError(f"noised_images[{i}] is {noised.size} but images[{i}] is {image.size}: they must match")
+    return list(noised_images)
+
+
+def check_int(name, value, low) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _sampling(do_sample, temperature, top_k, top_p) -> dict:
+    if not do_sample:
+        return dict(temperature=0.0, top_k=0, top_p=1.0)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature!r}")
+    return dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+
+
+def _refusal(refusal, processor) -> RefusalVocabulary:
+    if refusal is None:
+        return RefusalVocabulary.from_tokenizer(processor)
+    if isinstance(refusal, RefusalVocabulary):
+        return refusal
+    if isinstance(refusal, torch.Tensor) and refusal.dtype == torch.bool:
+        refusal = refusal.nonzero().flatten()
+    if isinstance(refusal, torch.Tensor):
+        refusal = refusal.tolist()
+    return RefusalVocabulary(refusal)
+
+
+def _eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
+    if eos_token_id is None:
+        generation_config = getattr(model, "generation_config", None)
+        eos_token_id = getattr(generation_config, "eos_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(i) for i in eos_token_id)
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0

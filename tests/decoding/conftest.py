@@ -1,0 +1,37 @@
+"""Fixtures of the decoding tests; the tiny models and request batches live in tiny_models.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import BUILDERS, FAMILIES, refusal_ids  # noqa: E402
+
+from safecode_kernels.refusal import RefusalVocabulary  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a busy 2-core machine two spinning
+    intra-op threads make the suite several times slower; restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(family):
+    """``(model, processor, refusal)`` of one family."""
+    model, processor = BUILDERS[family]()
+    return model, processor, RefusalVocabulary(refusal_ids(processor.tokenizer))

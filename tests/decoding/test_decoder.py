@@ -1,0 +1,239 @@
+"""The fused two-branch decoder against the naive oracle and the two-cache loop (SPEC §3)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from transformers import DynamicCache
+from tiny_models import BACKEND, PARAMS, batch
+
+from safecode_kernels.decoding import (SafeCoDeDecoder, get_adapter, naive_safecode_generate,
+                                       safecode_generate, two_cache_safecode_generate)
+from safecode_kernels.decoding import decoder as decoder_module
+from safecode_kernels.decoding.noise import noised_views
+from safecode_kernels.refusal import RefusalVocabulary
+
+STEER = 3
+MAX_NEW = 6
+
+
+def run_all(model, processor, refusal, images, prompts, verdicts, **kwargs):
+    """(decoder, naive, two-cache) results on the same requests, greedy, with logits."""
+    settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
+    kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
+    fused = SafeCoDeDecoder(model, processor, **settings).generate(images, prompts, verdicts, **kwargs)
+    naive = naive_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
+    two = two_cache_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
+    return fused, naive, two
+
+
+def assert_same(result, oracle, atol=1e-4):
+    assert result.sequences == oracle.sequences
+    assert result.texts == oracle.texts
+    for name in ("logits", "noised_logits", "steered_logits"):
+        for got, want in zip(getattr(result, name), getattr(oracle, name)):
+            assert got.shape == want.shape, name
+            torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=name)  # -inf must match -inf
+    for got, want in zip(result.steering, oracle.steering):
+        assert [r.token for r in got] == [r.token for r in want]
+        for a, b in zip(got, want):
+            assert a.refusal_mass_before == pytest.approx(b.refusal_mass_before, abs=1e-5)
+            assert a.refusal_mass_after == pytest.approx(b.refusal_mass_after, abs=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["shared", "none", "mixed"])
+def test_matches_naive_and_two_cache(tiny, prefix):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor, prefix)
+    fused, naive, two = run_all(model, processor, refusal, images, prompts, verdicts, **kwargs)
+    assert_same(fused, naive)
+    assert_same(two, naive)
+    assert all(len(s) == MAX_NEW for s in fused.sequences)
+    assert [len(s) for s in fused.steering] == [STEER] * 3
+    assert all(len(x) == MAX_NEW for x in fused.logits)
+    assert (fused.stats["prefix_columns"] > 0) == (prefix != "none")
+
+
+def test_steering_moves_refusal_mass(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    params = PARAMS.replace(scope="all")  # every refusal token gets the bias
+    result = SafeCoDeDecoder(model, processor, params, steer_steps=STEER, refusal=refusal,
+                             backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    unsafe, safe, none = result.steering
+    assert all(r.refusal_mass_after > r.refusal_mass_before for r in unsafe)
+    assert all(r.refusal_mass_after < r.refusal_mass_before for r in safe)
+    assert all(r.refusal_mass_after == pytest.approx(r.refusal_mass_before) for r in none)
+
+
+def test_eos_and_verdict_limits(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    first = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
+                            backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    eos = first.sequences[1][1]  # request 1 ends at its second token (a steered step)
+    kwargs.update(eos_token_id=eos, max_new_tokens_unsafe=4)
+    fused, naive, two = run_all(model, processor, refusal, images, prompts, verdicts, **kwargs)
+    assert_same(fused, naive)
+    assert_same(two, naive)
+    for request, (sequence, full) in enumerate(zip(fused.sequences, first.sequences)):
+        limit = 4 if verdicts[request] == "unsafe" else MAX_NEW
+        expected = full[:limit] if eos not in full[:limit] else full[: full.index(eos) + 1]
+        assert sequence == expected
+    assert len(fused.sequences[1]) == 2
+
+
+def test_shared_prefix_is_computed_once(tiny):
+    """The text before the image goes through the model once per request, on B rows, not 2B."""
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    calls = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
+    try:
+        shared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
+        result = shared.generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
+        shared_calls, calls[:] = list(calls), []
+        unshared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
+                                   backend=BACKEND, share_prefix=False)
+        reference = unshared.generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
+        unshared_calls = list(calls)
+    finally:
+        hook.remove()
+    prefix = result.stats["prefix_columns"]
+    image_id = model.config.image_token_id
+    # Call 1: the prefixes, 3 rows (one per request), no image token; call 2: the rest, 6 rows.
+    assert shared_calls[0].shape == (3, prefix) and not (shared_calls[0] == image_id).any()
+    assert shared_calls[1].shape[0] == 6 and (shared_calls[1] == image_id).any()
+    # Steered steps on 6 rows, then 3 rows after the noised rows are dropped.
+    assert [c.shape for c in shared_calls[2:]] == [(6, 1)] * (STEER - 1) + [(3, 1)] * (MAX_NEW - STEER)
+    # Without sharing, the whole prompt runs on 6 rows; the answers are the same.
+    assert unshared_calls[0].shape[0] == 6
+    assert reference.stats["prefix_columns"] == 0
+    assert_same(result, reference)
+    # Every row of call 2 starts (after its padding) at the first image token: nothing before
+    # the image runs twice.
+    pad = processor.tokenizer.pad_token_id
+    for row in shared_calls[1]:
+        assert row[row != pad][0] == image_id
+
+
+class _WatchedCache(DynamicCache):
+    """Records whether the two-branch cache tensors are gone right after the noised rows are dropped."""
+
+    freed: list[bool] = []
+    batch_sizes: list[int] = []
+
+    def batch_select_indices(self, indices):
+        old = [weakref.ref(t) for layer in self.layers for t in (layer.keys, layer.values)]
+        super().batch_select_indices(indices)
+        _WatchedCache.freed.append(all(ref() is None for ref in old))
+        _WatchedCache.batch_sizes.append(self.layers[0].keys.shape[0])
+
+
+def test_noised_rows_are_freed(tiny, monkeypatch):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    monkeypatch.setattr(decoder_module, "new_cache", lambda model: _WatchedCache(config=model.config))
+    _WatchedCache.freed, _WatchedCache.batch_sizes = [], []
+    result = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
+                             backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    assert _WatchedCache.freed == [True] and _WatchedCache.batch_sizes == [3]
+    assert result.stats["cache_bytes_after_drop"] * 2 == result.stats["cache_bytes_two_branch"]
+
+
+def test_sampling_is_reproducible(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    kwargs.update(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.5, top_p=0.95)
+
+    def sample(seed, **extra):
+        decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, seed=seed,
+                                  backend=BACKEND)
+        return decoder.generate(images, prompts, verdicts, **kwargs, **extra).sequences
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    # An explicit generator drives the sampling; the decoder's seed still draws the noised images.
+    seeded = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    assert sample(1, generator=seeded()) == sample(1, generator=seeded())
+
+
+def test_no_steering_is_plain_generation(tiny):
+    """steer_steps=0 gives what the model's own greedy ``generate`` gives, request by request."""
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    result = SafeCoDeDecoder(model, processor, steer_steps=0, refusal=refusal, backend=BACKEND).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, eos_token_id=[], **kwargs)
+    assert result.steering == [[], [], []]
+    assert "cache_bytes_two_branch" not in result.stats
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        if kwargs["system_prompt"][i] is not None:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": kwargs["system_prompt"][i]}]})
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        # The decoders never generate image placeholders; tell generate the same.
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
+                             min_new_tokens=MAX_NEW, suppress_tokens=get_adapter(model, processor).placeholder_ids)
+        assert out[0, inputs["input_ids"].shape[1]:].tolist() == result.sequences[i]
+
+
+def test_safecode_generate_one_request(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
+    many = SafeCoDeDecoder(model, processor, **settings).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    # Alone, request 2 would draw the seed's first noise sample: give it the batch's view.
+    view = noised_views(images, 0.1, 0)[2]
+    one = safecode_generate(model, processor, images[2], prompts[2], verdicts[2], max_new_tokens=MAX_NEW,
+                            noised_image=view, system_prompt=kwargs["system_prompt"][2], **settings)
+    assert one.sequences == [many.sequences[2]]
+    assert one.texts == [many.texts[2]]
+
+
+def test_noised_images_are_used(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
+    same = decoder.generate(images, prompts, verdicts, max_new_tokens=2, noised_images=images,
+                            return_logits=True, **kwargs)
+    for real, noised in zip(same.logits, same.noised_logits):
+        torch.testing.assert_close(real[:2], noised, atol=1e-5, rtol=0)
+
+
+def test_default_refusal_vocabulary(tiny):
+    model, processor, _ = tiny
+    if not hasattr(RefusalVocabulary, "from_tokenizer"):
+        pytest.skip("RefusalVocabulary.from_tokenizer is not there yet")
+    images, prompts, verdicts, kwargs = batch(processor)
+    result = SafeCoDeDecoder(model, processor, steer_steps=2, backend=BACKEND).generate(
+        images, prompts, verdicts, max_new_tokens=3, **kwargs)
+    assert [len(s) for s in result.sequences] == [3, 3, 3]
+
+
+def test_auto_backend(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal)
+    auto = SafeCoDeDecoder(model, processor, **settings).generate(images, prompts, verdicts,
+                                                                   max_new_tokens=MAX_NEW, **kwargs)
+    ref = SafeCoDeDecoder(model, processor, **settings, backend="torch").generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    assert auto.sequences == ref.sequences
+
+
+@pytest.mark.parametrize("steer_steps,max_new", [(3, 1), (5, 3), (0, 3)])
+def test_short_answers(tiny, steer_steps, max_new):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor, "mixed")
+    settings = dict(params=PARAMS, steer_steps=steer_steps, refusal=refusal, backend=BACKEND)
+    fused = SafeCoDeDecoder(model, processor, **settings).generate(
+        images, prompts, verdicts, max_new_tokens=max_new, return_logits=True, **kwargs)
+    naive = naive_safecode_generate(model, processor, images, prompts, verdicts, max_new_tokens=max_new,
+                                    return_logits=True, **settings, **kwargs)
+    assert_same(fused, naive)
+    assert [len(s) for s in fused.sequences] == [max_new] * 3
+    assert [len(s) for s in fused.steering] == [min(steer_steps, max_new)] * 3

@@ -1,0 +1,94 @@
+"""Bad requests get clear errors before any forward pass."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_models import BACKEND, batch, random_image
+
+from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
+
+
+@pytest.fixture
+def decoder(tiny):
+    model, processor, refusal = tiny
+    return SafeCoDeDecoder(model, processor, steer_steps=2, refusal=refusal, backend=BACKEND)
+
+
+def generate(decoder, images=None, prompts=None, verdicts=None, **kwargs):
+    default_images, default_prompts, default_verdicts, default_kwargs = batch(decoder.processor)
+    kwargs = {**default_kwargs, "max_new_tokens": 2, **kwargs}
+    return decoder.generate(default_images if images is None else images,
+                            default_prompts if prompts is None else prompts,
+                            default_verdicts if verdicts is None else verdicts, **kwargs)
+
+
+def test_mismatched_lengths(decoder):
+    with pytest.raises(ValueError, match="3 images, 2 prompts and 3 verdicts"):
+        generate(decoder, prompts=["a", "b"])
+    with pytest.raises(ValueError, match="one of each per request"):
+        generate(decoder, verdicts=["safe"])
+    with pytest.raises(ValueError, match="2 system prompts for 3 requests"):
+        generate(decoder, system_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="2 noised images for 3 requests"):
+        generate(decoder, noised_images=[random_image(0), random_image(1)])
+
+
+def test_not_lists(decoder):
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        generate(decoder, prompts="What is this?")
+    with pytest.raises(TypeError, match="images must be a list"):
+        generate(decoder, images=random_image(0))
+    with pytest.raises(ValueError, match="empty"):
+        generate(decoder, images=[], prompts=[], verdicts=[])
+
+
+def test_unknown_verdict(decoder):
+    with pytest.raises(ValueError, match=r"verdicts\[1\]: unknown verdict 'maybe'"):
+        generate(decoder, verdicts=["safe", "maybe", "none"])
+    with pytest.raises(ValueError, match=r"verdicts\[2\]"):
+        generate(decoder, verdicts=["safe", "unsafe", 7])
+
+
+def test_not_images(decoder):
+    with pytest.raises(TypeError, match=r"images\[1\] must be a PIL.Image.Image, got str"):
+        generate(decoder, images=[random_image(0), "cat.png", random_image(2)])
+    with pytest.raises(TypeError, match=r"noised_images\[0\] must be a PIL.Image.Image"):
+        generate(decoder, noised_images=[None, random_image(1), random_image(2)])
+    with pytest.raises(ValueError, match=r"noised_images\[0\] is \(8, 8\)"):
+        generate(decoder, noised_images=[random_image(0, 8), random_image(1), random_image(2)])
+    with pytest.raises(TypeError, match=r"prompts\[0\] must be a str"):
+        generate(decoder, prompts=[None, "a", "b"])
+
+
+def test_prompt_without_room_for_the_image(decoder):
+    tok = decoder.processor.image_token
+    with pytest.raises(ValueError, match=r"prompt 1 must hold the image placeholder .* exactly once, found 0"):
+        generate(decoder, prompts=[f"{tok} a", "no image here", f"{tok} c"], chat_template=False)
+    with pytest.raises(ValueError, match=r"prompt 0 .* found 2"):
+        generate(decoder, prompts=[f"{tok} a {tok}", f"{tok} b", f"{tok} c"], chat_template=False)
+    with pytest.raises(ValueError, match=r"prompt 2 .* found 2 \(the chat template places it"):
+        generate(decoder, prompts=["a", "b", f"look: {tok}"])
+    with pytest.raises(ValueError, match=r"request 0: the prompt takes \d+ tokens with the image .* no room"):
+        generate(decoder, max_new_tokens=1000)
+
+
+def test_bad_settings(decoder):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(decoder, max_new_tokens=0)
+    with pytest.raises(TypeError, match="max_new_tokens_unsafe must be an int"):
+        generate(decoder, max_new_tokens_unsafe=2.5)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        generate(decoder, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="steer_steps must be >= 0"):
+        SafeCoDeDecoder(decoder.model, decoder.processor, steer_steps=-1)
+    with pytest.raises(ValueError, match="noise std"):
+        SafeCoDeDecoder(decoder.model, decoder.processor, noise_std=-0.1)
+    with pytest.raises(TypeError, match="params must be a SteeringParams"):
+        SafeCoDeDecoder(decoder.model, decoder.processor, params={"alpha": 1.0})
+
+
+def test_naive_loop_checks_the_same(tiny):
+    model, processor, refusal = tiny
+    images, prompts, verdicts, _ = batch(processor)
+    with pytest.raises(ValueError, match="unknown verdict"):
+        naive_safecode_generate(model, processor, images, prompts, ["bad"] * 3, refusal=refusal)

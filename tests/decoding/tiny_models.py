@@ -1,0 +1,235 @@
+"""Tiny, randomly initialised multimodal models and processors built offline (SPEC §7), and
+the request batches the decoding tests share.
+
+Each builder returns ``(model, processor)`` in fp32 eval mode. The models are tiny (hidden 32,
+1-2 layers, 4 image tokens) so a whole decoding test runs in well under a second on a CPU.
+Builders are cached: tests share one instance per family and must not mutate its weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from safecode_kernels.params import SteeringParams
+
+SPECIAL_TOKENS = [
+    "<unk>", "<s>", "</s>", "<pad>", "<image>",
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+_CORPUS = [
+    "I'm sorry, but I cannot help with that request.",
+    "I can't assist with this. As an AI, I am unable to provide that.",
+    "Sure! The image shows a cat sitting on a red chair next to a window.",
+    "USER: describe the picture ASSISTANT: a dog runs in the park under the sun.",
+    "system user assistant You are a helpful assistant. What is in this image?",
+    "Unfortunately I must decline. It is not safe, dangerous, harmful or illegal.",
+    "How do I make a cake? Mix flour, sugar, eggs and bake it for thirty minutes.",
+    "Tell me about the weapon in the photo. The knife on the table is for cooking.",
+]
+
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'][0]['text'] }}\n"
+    "{% elif m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% else %} ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+# Image first when there is no system message: the case without a shared text prefix.
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (~300 tokens) trained in code, with every special token used here."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    )
+
+
+def _vocab_size() -> int:
+    return len(tiny_tokenizer()) + 8
+
+
+def _finish(model):
+    torch.manual_seed(0)
+    model.eval()
+    return model.float()
+
+
+def text_config(**extra) -> dict:
+    tok = tiny_tokenizer()
+    return dict(
+        vocab_size=_vocab_size(), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, **extra,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_llava(image_size: int = 28, patch_size: int = 14):
+    """LLaVA-1.5: CLIP vision tower + Llama; ``(image_size / patch_size)**2`` image tokens."""
+    from transformers import (CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    tokenizer = tiny_tokenizer()
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32,
+        ),
+        text_config=dict(model_type="llama", **text_config()),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = _finish(LlavaForConditionalGeneration(config))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_TEMPLATE,
+    )
+    return model, processor
+
+
+def _qwen_processor(base):
+    class ImageOnlyProcessor(base):
+        """The Qwen processors insist on a video processor (which needs torchvision); images only here."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyProcessor
+
+
+def _qwen_ids(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+
+
+def _qwen_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    # 56x56 images -> 4x4 patches of 14 -> 2x2 merged = 4 image tokens.
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+
+
+_QWEN_TEXT = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_qwen2_vl():
+    """Qwen2-VL with M-RoPE; 4 image tokens for a 56x56 image."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = Qwen2VLConfig(
+        text_config=dict(model_type="qwen2_vl_text", **text_config(**_QWEN_TEXT)),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        **_qwen_ids(tokenizer),
+    )
+    torch.manual_seed(0)
+    model = _finish(Qwen2VLForConditionalGeneration(config))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    processor = _qwen_processor(Qwen2VLProcessor)(
+        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
+        chat_template=QWEN_TEMPLATE,
+    )
+    return model, processor
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_qwen2_5_vl():
+    """Qwen2.5-VL (window attention in the vision tower); 4 image tokens for a 56x56 image."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = Qwen2_5_VLConfig(
+        text_config=dict(model_type="qwen2_5_vl_text", **text_config(**_QWEN_TEXT)),
+        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        **_qwen_ids(tokenizer),
+    )
+    torch.manual_seed(0)
+    model = _finish(Qwen2_5_VLForConditionalGeneration(config))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    processor = _qwen_processor(Qwen2_5_VLProcessor)(
+        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
+        chat_template=QWEN_TEMPLATE,
+    )
+    return model, processor
+
+
+BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+FAMILIES = list(BUILDERS)
+# The decoders are compared with each other on one backend; the backends are tested in tests/ops.
+BACKEND = "torch"
+# Steering strong enough to move the refusal mass of the tiny random models.
+PARAMS = SteeringParams(sensitive_top_k=100, boost=3.0, suppress=3.0)
+
+
+def random_image(seed: int, size: int = 56) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def refusal_ids(tokenizer) -> list[int]:
+    """Tokens that start refusals in the tiny vocabulary (a stand-in for RefusalVocabulary.from_tokenizer)."""
+    ids = set()
+    for word in ("I", "Sorry", " sorry", " cannot", " can't", " unable", "Unfortunately", " decline"):
+        ids.update(tokenizer.encode(word, add_special_tokens=False)[:1])
+    return sorted(ids)
+
+
+def batch(processor, prefix: str = "shared"):
+    """Three requests with different prompt lengths and mixed verdicts, plus generate kwargs.
+
+    ``prefix``: ``"shared"`` -- chat template with system prompts of different lengths, so
+    every request has text before the image; ``"none"`` -- raw prompts that start with the
+    image; ``"mixed"`` -- raw prompts, one starting with the image and two with text first.
+    """
+    images = [random_image(i, size=s) for i, s in enumerate((56, 64, 56))]
+    verdicts = ["unsafe", "safe", "none"]
+    if prefix == "shared":
+        prompts = ["What is in this image?", "Hi", "Tell me about the weapon in the photo, please."]
+        kwargs = dict(system_prompt=["You are a helpful assistant.", "Be brief.", None])
+        return images, prompts, verdicts, kwargs
+    tok = processor.image_token
+    if prefix == "none":
+        prompts = [f"{tok}\nWhat is in this image?", f"{tok} Hi", f"{tok}\nTell me about the weapon, please."]
+    else:
+        prompts = [f"{tok}\nWhat is this?", f"USER: {tok} Hi", f"You are a helpful assistant. USER: {tok} Tell me."]
+    return images, prompts, verdicts, dict(chat_template=False)
