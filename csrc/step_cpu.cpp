@@ -330,7 +330,7 @@ RowSetup row_setup(const StepParams& p, const StepBuffers& b, int64_t row, float
   RowSetup s;
   s.contrast.w = p.real_weight;
   s.contrast.alpha = v == -1 ? p.alpha_safe : p.alpha_unsafe;
-  s.contrast.cutoff = p.plausibility > 0.0f ? std::log(p.plausibility) + real_max : -kInf;
+  s.contrast.cutoff = p.log_plausibility > -kInf ? p.log_plausibility + real_max : -kInf;
   s.bias = v == 1 ? p.bias_unsafe : (v == -1 ? p.bias_safe : 0.0f);
   return s;
 }
@@ -446,7 +446,7 @@ void run(const StepParams& p, const StepBuffers& b) {
 
 #pragma omp parallel num_threads(threads) if (parallel)
   {
-    if (p.plausibility > 0.0f) {
+    if (p.log_plausibility > -kInf) {
       // The cutoff needs each row's maximum before any token can be judged.
 #pragma omp for schedule(static)
       for (int64_t row = 0; row < batch; ++row) real_max[row] = row_max(rows.real(b, row), vocab);
@@ -516,7 +516,7 @@ void validate(const StepParams& p, const StepBuffers& b) {
   check(std::isfinite(p.real_weight) && p.real_weight > 0.0f, "real_weight must be finite and > 0");
   check(std::isfinite(p.alpha_unsafe) && p.alpha_unsafe >= 0.0f, "alpha must be finite and >= 0");
   check(std::isfinite(p.alpha_safe) && p.alpha_safe >= 0.0f, "alpha_safe must be finite and >= 0");
-  check(p.plausibility >= 0.0f && p.plausibility <= 1.0f, "plausibility must be in [0, 1]");
+  check(!std::isnan(p.log_plausibility) && p.log_plausibility <= 0.0f, "log_plausibility must be <= 0 (beta in (0, 1])");
   check(p.sensitive_top_k >= 0, "sensitive_top_k must be >= 0");
   check(!std::isnan(p.bias_unsafe) && p.bias_unsafe < kInf, "the unsafe bias must be a number below +inf");
   check(!std::isnan(p.bias_safe) && p.bias_safe < kInf, "the safe bias must be a number below +inf");

@@ -3,6 +3,7 @@
 // streaming pass over the two input rows. Plain C++: no Python or torch headers.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace safecode {
@@ -13,7 +14,7 @@ struct StepParams {
   float real_weight = 1.0f;
   float alpha_unsafe = 0.3f;  // also used for the "none" verdict
   float alpha_safe = 0.15f;
-  float plausibility = 0.0f;  // beta of the cutoff; 0 disables it
+  float log_plausibility = -INFINITY;  // log(beta) of the cutoff; -inf disables it
   int64_t sensitive_top_k = 20;
   bool scope_all = false;     // bias every refusal token, not only those in the top-k set
   float bias_unsafe = 1.0f;   // added to refusal logits of unsafe rows

@@ -115,7 +115,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("real_weight", &safecode::StepParams::real_weight)
       .def_readwrite("alpha_unsafe", &safecode::StepParams::alpha_unsafe)
       .def_readwrite("alpha_safe", &safecode::StepParams::alpha_safe)
-      .def_readwrite("plausibility", &safecode::StepParams::plausibility)
+      .def_readwrite("log_plausibility", &safecode::StepParams::log_plausibility)
       .def_readwrite("sensitive_top_k", &safecode::StepParams::sensitive_top_k)
       .def_readwrite("scope_all", &safecode::StepParams::scope_all)
       .def_readwrite("bias_unsafe", &safecode::StepParams::bias_unsafe)

@@ -6,6 +6,8 @@ runs with the GIL released, and reports problems per row, which become :class:`S
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .step_inputs import StepInputs, raise_for_row_status
@@ -38,7 +40,8 @@ def _kernel_params(inp: StepInputs):
     k.real_weight = p.real_weight
     k.alpha_unsafe = p.alpha
     k.alpha_safe = p.alpha_safe
-    k.plausibility = p.plausibility
+    # log(beta) is rounded once from double, exactly as the torch reference does.
+    k.log_plausibility = math.log(p.plausibility) if p.plausibility > 0.0 else -math.inf
     k.sensitive_top_k = p.sensitive_top_k
     k.scope_all = p.scope == "all"
     k.bias_unsafe = p.bias_unsafe
@@ -60,7 +63,7 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     after = torch.empty(batch, dtype=torch.float32) if return_stats else None
     _C.step(
         _buffer(inp.logits_real), _buffer(inp.logits_noised), _DTYPE_NAMES[inp.logits_real.dtype],
-        _buffer(inp.verdict), _buffer(inp.refusal_ids.contiguous()),
+        _buffer(inp.verdict.contiguous()), _buffer(inp.refusal_ids.contiguous()),
         tokens.numpy(), status.numpy(), _kernel_params(inp),
         logits=None if logits is None else logits.numpy(),
         mass_before=None if before is None else before.numpy(),

@@ -72,7 +72,9 @@ def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _sample(logits, temperature, top_k, top_p, seed) -> torch.Tensor:
     # Hugging Face's order: temperature, then top-k, then top-p.
-    logits = logits / temperature
+    # Shift by the row maximum first: dividing huge finite logits by a temperature < 1
+    # would overflow to inf.
+    logits = (logits - logits.amax(dim=1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[1]:
         logits = logits.masked_fill(~top_k_mask(logits, top_k), NEG_INF)
     if top_p < 1.0:
