@@ -1,0 +1,428 @@
+"""The ``safecode-kernels`` command line (also ``python -m safecode_kernels``).
+
+Subcommands:
+
+- ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code;
+- ``generate``: one request on a real model from a local folder (or the hub, where reachable);
+- ``bench``: the benchmarks (``safecode_kernels.benchmarking``), its arguments passed through;
+- ``info``: versions, and which backends of the step op work here.
+
+Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
+decoders disagreeing); 2 bad input (arguments, a missing or unreadable image, a model folder
+that does not exist, an unsupported architecture); 3 the judge failed (unreachable server,
+HTTP error, malformed answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+class CLIError(Exception):
+    """An error the command line reports in one line, with an exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ----- demo -----------------------------------------------------------------------------------
+def _cmd_demo(args) -> int:
+    from .demo import REQUESTS
+    from .demo import main as demo_main
+
+    for flag, value, low, high in (("--requests", args.requests, 1, len(REQUESTS)),
+                                   ("--max-new-tokens", args.max_new_tokens, 1, None),
+                                   ("--steer-steps", args.steer_steps, 0, None), ("--threads", args.threads, 0, None)):
+        if value < low or (high is not None and value > high):
+            raise CLIError(f"{flag} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {value}")
+
+    return demo_main(num_requests=args.requests, max_new_tokens=args.max_new_tokens, steer_steps=args.steer_steps,
+                     seed=args.seed, backend=args.backend, threads=args.threads or None, as_json=args.json,
+                     progress=False if args.no_progress else None)
+
+
+# ----- info -----------------------------------------------------------------------------------
+def _cmd_info(args) -> int:
+    from .info import collect, format_info
+
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ----- bench ----------------------------------------------------------------------------------
+def bench_entry_point():
+    """The benchmark's ``main(argv) -> int``: ``safecode_kernels.benchmarking.main`` if the
+    package defines one, else ``safecode_kernels.benchmarking.decode.main``; ``None`` if
+    neither is installed."""
+    import importlib
+
+    for module_name in ("safecode_kernels.benchmarking", "safecode_kernels.benchmarking.decode"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # the module itself is missing (not one of its imports)
+            raise
+        main = getattr(module, "main", None)
+        if callable(main):
+            return main
+    return None
+
+
+def _cmd_bench(args) -> int:
+    main = bench_entry_point()
+    if main is None:
+        raise CLIError("the benchmarks are not part of this installation (safecode_kernels.benchmarking has no "
+                       "main); from a source checkout: python benchmarks/bench_step.py", code=1)
+    result = main(list(args.bench_args))
+    return int(result or 0)
+
+
+# ----- generate -------------------------------------------------------------------------------
+def load_image(path: str):
+    """The image at ``path`` as RGB; :class:`CLIError` when missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise CLIError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise CLIError(f"--image must be an image file, got a directory: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise CLIError(f"cannot read image {path}: not an image format Pillow can open") from None
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read image {path}: {err}") from None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or os.sep + os.sep in name \
+        or name.count("/") > 1
+
+
+def resolve_model(name: str) -> str:
+    """A local folder (checked), or a hub id passed on as is."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise CLIError(f"model folder {name} has no config.json: give a folder written by save_pretrained "
+                           "(or downloaded from the hub)")
+        return path
+    if os.path.exists(path):
+        raise CLIError(f"--model must be a model folder (or a hub id), got a file: {name}")
+    if _looks_like_path(name):
+        raise CLIError(f"model folder not found: {name}")
+    return name
+
+
+def _offline_note() -> str:
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return " (HF_HUB_OFFLINE is set: only local folders and models already in the cache load)"
+    return ""
+
+
+def check_architecture(model_name: str):
+    """The model's config; :class:`CLIError` when its architecture has no adapter."""
+    from transformers import AutoConfig
+
+    from .decoding.adapters import ADAPTERS, supported_models
+
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot load the config of {model_name}: {_first_line(err)}{_offline_note()}") from None
+    model_type = getattr(config, "model_type", None)
+    if not any(model_type in adapter.model_types for adapter in ADAPTERS):
+        architectures = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+        raise CLIError(f"unsupported architecture: {model_name} is {architectures} (model_type {model_type!r}); "
+                       f"supported: {', '.join(supported_models())}")
+    return config
+
+
+def load_model(model_name: str, dtype: str, device: str):
+    """``(model, processor)`` from a folder or hub id, in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        processor = AutoProcessor.from_pretrained(model_name)
+    except ImportError as err:  # e.g. Qwen's video processor needs torchvision
+        raise CLIError(f"cannot load the processor of {model_name}: {_first_line(err)}", code=1) from None
+    except (OSError, ValueError, KeyError) as err:  # an incomplete local folder is bad input
+        raise CLIError(f"cannot load the processor of {model_name}: {_first_line(err)}{_offline_note()}",
+                       code=2 if os.path.isdir(model_name) else 1) from None
+    if getattr(processor, "image_processor", None) is None:
+        raise CLIError(f"{model_name} has no image processor (AutoProcessor gave a {type(processor).__name__}): "
+                       "save the whole processor there with processor.save_pretrained(folder)")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=torch_dtype)
+    except ImportError as err:
+        raise CLIError(f"cannot load {model_name}: {_first_line(err)}", code=1) from None
+    except (OSError, ValueError, KeyError) as err:
+        raise CLIError(f"cannot load {model_name}: {_first_line(err)}{_offline_note()}", code=1) from None
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as err:
+        raise CLIError(f"cannot put {model_name} on {device}: {_first_line(err)}", code=1) from None
+    return model.eval(), processor
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def make_judge(args, model=None, processor=None):
+    from .judges import FixedJudge, OpenAIJudge, SelfJudge
+
+    if args.verdict != "auto":
+        return FixedJudge(args.verdict)
+    if args.judge == "self":
+        return SelfJudge(model, processor, on_unparseable=args.on_unparseable, backend=args.backend)
+    try:
+        return OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env,
+                           timeout=args.judge_timeout, max_retries=args.judge_retries,
+                           on_unparseable=args.on_unparseable)
+    except ValueError as err:
+        raise CLIError(f"--judge openai: {err}") from None
+
+
+def _check_generate_args(args) -> None:
+    if args.judge is None:
+        args.judge = "fixed" if args.verdict != "auto" else "self"
+    if args.judge == "fixed" and args.verdict == "auto":
+        raise CLIError("--judge fixed needs a verdict: --verdict safe, unsafe or none")
+    if args.judge != "fixed" and args.verdict != "auto":
+        raise CLIError(f"--verdict {args.verdict} fixes the verdict, so --judge {args.judge} would not be asked: "
+                       "give one or the other")
+    for name in ("steer_steps", "max_new_tokens"):
+        value = getattr(args, name)
+        low = 0 if name == "steer_steps" else 1
+        if value < low:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.alpha < 0:
+        raise CLIError(f"--alpha must be >= 0, got {args.alpha}")
+
+
+def _steering_params(args):
+    from .params import SteeringParams
+
+    fields = dict(alpha=args.alpha, sensitive_top_k=args.sensitive_top_k, boost=args.boost, suppress=args.suppress)
+    if args.alpha_safe is not None:
+        fields["alpha_safe"] = args.alpha_safe
+    try:
+        return SteeringParams(**fields)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _cmd_generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .decoding import SafeCoDeDecoder
+    from .judges import JudgeError
+
+    _check_generate_args(args)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading weights)
+    image = load_image(args.image)
+    model_name = resolve_model(args.model)
+    params = _steering_params(args)
+    check_architecture(model_name)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    stages = ["load model", "judge", "generate"]
+    if args.judge != "self":
+        stages = ["judge", "load model", "generate"]  # a failing judge must not cost a model load
+    bar = tqdm(total=len(stages), unit="stage", disable=True if args.no_progress else None, file=sys.stderr,
+               bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}]")
+    timing, model, processor, judgement = {}, None, None, None
+    try:
+        for stage in stages:
+            bar.set_description(stage)
+            start = time.perf_counter()
+            if stage == "load model":
+                model, processor = load_model(model_name, args.dtype, device)
+            elif stage == "judge":
+                judge = make_judge(args, model, processor)
+                try:
+                    [judgement] = judge.judge([image], [args.prompt])
+                except JudgeError as err:
+                    raise CLIError(f"the {args.judge} judge failed: {err}", code=3) from None
+            else:
+                decoder = SafeCoDeDecoder(model, processor, params, steer_steps=args.steer_steps,
+                                          noise_std=args.noise_std, seed=args.seed, backend=args.backend)
+                try:
+                    result = decoder.generate(
+                        [image], [args.prompt], [judgement.verdict], max_new_tokens=args.max_new_tokens,
+                        max_new_tokens_unsafe=args.max_new_tokens_unsafe, do_sample=args.temperature > 0,
+                        temperature=args.temperature or 1.0, top_p=args.top_p, system_prompt=args.system_prompt)
+                except ValueError as err:
+                    raise CLIError(f"cannot generate: {err}") from None
+            timing[stage.replace(" ", "_") + "_s"] = time.perf_counter() - start
+            bar.update()
+    finally:
+        bar.close()
+
+    verdict = judgement.verdict.name.lower()
+    steering = [{"step": r.step, "token": r.token, "refusal_mass_before": r.refusal_mass_before,
+                 "refusal_mass_after": r.refusal_mass_after} for r in result.steering[0]]
+    if args.json:
+        out = {
+            "model": args.model, "image": args.image, "prompt": args.prompt, "verdict": verdict,
+            "judge": {"kind": args.judge, **judgement.to_dict()},
+            "text": result.texts[0], "tokens": result.sequences[0], "steering": steering,
+            "settings": {"steer_steps": args.steer_steps, "alpha": params.alpha, "alpha_safe": params.alpha_safe,
+                         "sensitive_top_k": params.sensitive_top_k, "boost": params.boost,
+                         "suppress": params.suppress, "noise_std": args.noise_std, "seed": args.seed,
+                         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                         "device": device, "backend": args.backend},
+            "timing": timing,
+        }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    how = "fixed" if args.judge == "fixed" else (
+        f"{args.judge} judge, " + ("parsed from its answer" if judgement.parsed
+                                   else f"its answer named no verdict, so the {args.on_unparseable!r} policy"))
+    print(f"verdict:  {verdict} ({how})")
+    if judgement.caption is not None:
+        print(f"caption:  {judgement.caption}")
+    if judgement.raw_answer and args.judge != "fixed":
+        print(f"judge:    {judgement.raw_answer!r}")
+    if steering:
+        masses = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in steering)
+        print(f"steering: refusal mass per steered step (before->after): {masses}")
+    print(f"answer:   {result.texts[0]}")
+    return 0
+
+
+# ----- the parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="safecode-kernels",
+        description="Safety-aware Contrastive Decoding (SafeCoDe, arXiv 2509.19212) for multimodal LLMs.",
+        epilog="Exit status: 0 ok, 1 failure while running, 2 bad input, 3 the judge failed.",
+    )
+    parser.add_argument("--version", action="version", version=f"safecode-kernels {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="naive loop vs fused decoder on a tiny random LLaVA built in code",
+                          description="Build a small randomly initialised LLaVA in code, run a few requests with "
+                                      "mixed verdicts through the naive loop and the fused decoder, and show that "
+                                      "they agree token for token, their times, and what the steering did. "
+                                      "The model is random: its words are noise.")
+    demo.add_argument("--requests", type=int, default=4, help="number of requests, 1-6 (default 4)")
+    demo.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (default 16)")
+    demo.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
+    demo.add_argument("--seed", type=int, default=0, help="weights, images and noise (default 0)")
+    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                      help="backend of the step op (default auto)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads (default 1; 0 keeps torch's default)")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(handler=_cmd_demo)
+
+    gen = sub.add_parser(
+        "generate", help="answer one (image, prompt) with SafeCoDe on a real model",
+        description="Answer one request with SafeCoDe steering on a Hugging Face multimodal model "
+                    "(LLaVA-1.5, Qwen2-VL, Qwen2.5-VL) from a local folder, or from the hub where reachable "
+                    "(HF_HUB_OFFLINE=1 is respected). The verdict comes from --verdict, or from a judge.")
+    gen.add_argument("--model", required=True, metavar="PATH_OR_ID",
+                     help="a folder written by save_pretrained (model + processor), or a hub id")
+    gen.add_argument("--image", required=True, metavar="FILE", help="the image file")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the user's request")
+    gen.add_argument("--verdict", default="auto", choices=["auto", "unsafe", "safe", "none"],
+                     help="the scene-level verdict; auto (default) asks the judge")
+    gen.add_argument("--judge", choices=["self", "openai", "fixed"], default=None,
+                     help="who gives the verdict with --verdict auto: self (the model itself, default) or "
+                          "openai (an OpenAI-compatible server); fixed goes with an explicit --verdict")
+    gen.add_argument("--on-unparseable", default="safe", choices=["safe", "unsafe", "none", "raise"],
+                     help="the verdict when the judge's answer names none (default safe)")
+    gen.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                     help="base URL of the chat-completions server (default $OPENAI_BASE_URL or the OpenAI API)")
+    gen.add_argument("--judge-model", default="gpt-4o-mini", help="model name on that server (default gpt-4o-mini)")
+    gen.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                     help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
+    gen.add_argument("--judge-timeout", type=float, default=30.0, help="seconds (default 30)")
+    gen.add_argument("--judge-retries", type=int, default=2,
+                     help="retries after 429, 5xx, timeouts, connection errors (default 2)")
+    gen.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
+    gen.add_argument("--alpha", type=float, default=0.3, help="weight of the noised branch (default 0.3)")
+    gen.add_argument("--alpha-safe", type=float, default=None, help="alpha for safe verdicts (default alpha/2)")
+    gen.add_argument("--sensitive-top-k", type=int, default=20, help="size of the sensitive set (default 20)")
+    gen.add_argument("--boost", type=float, default=1.0, help="refusal logit bias for unsafe (default 1)")
+    gen.add_argument("--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1)")
+    gen.add_argument("--noise-std", type=float, default=0.1, help="noise of the noised image (default 0.1)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    gen.add_argument("--max-new-tokens-unsafe", type=int, default=None, help="limit for unsafe verdicts")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    gen.add_argument("--system-prompt", default=None, help="a system message before the image")
+    gen.add_argument("--seed", type=int, default=0, help="noise and sampling seed (default 0)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights dtype (default: the checkpoint's)")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
+                     help="backend of the step op (default auto)")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(handler=_cmd_generate)
+
+    bench = sub.add_parser("bench", add_help=False, help="the end-to-end benchmarks (arguments passed through; "
+                                                         "`safecode-kernels bench --help` lists them)")
+    bench.set_defaults(handler=_cmd_bench)  # every argument after `bench` goes to the benchmark
+
+    info = sub.add_parser("info", help="versions and the backends available here (and why not)")
+    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.command == "bench":
+            args.bench_args = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exit_:  # --help, --version, or a usage error (already printed)
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except CLIError as err:
+        print(f"safecode-kernels {args.command}: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one readable line, the traceback on request
+        if os.environ.get("SAFECODE_DEBUG"):
+            raise
+        print(f"safecode-kernels {args.command}: error: {type(err).__name__}: {err} "
+              "(set SAFECODE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

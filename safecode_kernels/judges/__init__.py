@@ -1,0 +1,44 @@
+"""Judges (SPEC §4): where the scene-level verdict of each request comes from.
+
+Every judge has ``judge(images, prompts) -> list[Judgement]`` (one per request, in order):
+
+- :class:`FixedJudge`: the verdict the caller already knows;
+- :class:`SelfJudge`: the loaded model captions the image, then answers a one-word
+  safe/unsafe question through its chat template (no extra weights);
+- :class:`OpenAIJudge`: any OpenAI-compatible chat-completions server, key from the
+  environment only, with timeouts and bounded retries.
+
+An answer that names no verdict follows a policy: ``"safe"`` by default (as in the authors'
+released code), or ``"unsafe"``, ``"none"``, ``"raise"``.
+
+Example::
+
+    from safecode_kernels.judges import SelfJudge
+    judgements = SelfJudge(model, processor).judge(images, prompts)
+    result = decoder.generate(images, prompts, [j.verdict for j in judgements])
+"""
+
+from .base import (POLICIES, Judge, JudgeError, Judgement, UnparseableVerdict, judgement_from_answer,
+                   parse_verdict)
+from .fixed import FixedJudge
+from .openai import (JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout, OpenAIJudge,
+                     image_data_url)
+from .self_judge import SelfJudge
+
+__all__ = [
+    "POLICIES",
+    "FixedJudge",
+    "Judge",
+    "JudgeConnectionError",
+    "JudgeError",
+    "JudgeHTTPError",
+    "JudgeResponseError",
+    "JudgeTimeout",
+    "Judgement",
+    "OpenAIJudge",
+    "SelfJudge",
+    "UnparseableVerdict",
+    "image_data_url",
+    "judgement_from_answer",
+    "parse_verdict",
+]

@@ -1,0 +1,117 @@
+"""The judge protocol (SPEC §4): ``judge(images, prompts) -> list[Judgement]``, and verdict parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from ..verdict import Verdict
+
+#: What a judge does with an answer that names no verdict. ``"safe"`` is the default, as in the
+#: authors' released code: defaulting to ``"unsafe"`` re-creates the oversensitivity SafeCoDe
+#: fights. ``"none"`` leaves the request unsteered; ``"raise"`` raises :class:`UnparseableVerdict`.
+POLICIES = ("safe", "unsafe", "none", "raise")
+
+
+class JudgeError(RuntimeError):
+    """A judge could not produce verdicts (unreachable server, HTTP error, malformed answer...)."""
+
+
+class UnparseableVerdict(JudgeError, ValueError):
+    """The judge's answer names no verdict and the policy is ``"raise"``."""
+
+    def __init__(self, message: str, answer: str):
+        super().__init__(message)
+        self.answer = answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """A judge's decision on one request.
+
+    ``verdict``: the scene-level verdict the decoder steers with.
+    ``caption``: what the judge saw in the image (``None`` for judges that look at nothing).
+    ``raw_answer``: the judge's verdict answer exactly as it came (for logs and audits).
+    ``parsed``: ``True`` when ``verdict`` was read from ``raw_answer``, ``False`` when it came
+    from the unparseable-answer policy (or from a fixed judge).
+    """
+
+    verdict: Verdict
+    caption: str | None = None
+    raw_answer: str = ""
+    parsed: bool = True
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict.name.lower(), "caption": self.caption, "raw_answer": self.raw_answer,
+                "parsed": self.parsed}
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Anything with ``judge(images, prompts) -> list[Judgement]``: one judgement per
+    (PIL image, prompt) pair, in order."""
+
+    def judge(self, images: Sequence, prompts: Sequence[str]) -> list[Judgement]: ...
+
+
+_UNSAFE = re.compile(r"\b(?:unsafe|not\s+safe)\b")
+_SAFE = re.compile(r"\bsafe\b")
+
+
+def parse_verdict(answer: str) -> Verdict | None:
+    """The verdict an answer names, or ``None``.
+
+    Matching is case-insensitive and on word boundaries, ``unsafe`` (or ``not safe``) before
+    ``safe``: ``"Unsafe."`` and ``"**UNSAFE**"`` are unsafe, ``"Safe"`` is safe, ``"safely"``
+    and ``"unsafety"`` name nothing.
+
+    >>> parse_verdict("Unsafe."), parse_verdict(" safe\\n"), parse_verdict("I think it is not safe")
+    (<Verdict.UNSAFE: 1>, <Verdict.SAFE: -1>, <Verdict.UNSAFE: 1>)
+    >>> parse_verdict("maybe") is None
+    True
+    """
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    text = answer.lower()
+    if _UNSAFE.search(text):
+        return Verdict.UNSAFE
+    if _SAFE.search(text):
+        return Verdict.SAFE
+    return None
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"on_unparseable must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
+    return policy
+
+
+def judgement_from_answer(answer: str, caption: str | None, policy: str, index: int = 0) -> Judgement:
+    """Parse ``answer``; an unparseable one follows ``policy`` (see :data:`POLICIES`)."""
+    verdict = parse_verdict(answer)
+    if verdict is not None:
+        return Judgement(verdict, caption, answer, parsed=True)
+    if policy == "raise":
+        shown = answer if len(answer) <= 200 else answer[:200] + "..."
+        raise UnparseableVerdict(f"request {index}: the judge's answer names no verdict: {shown!r}", answer)
+    return Judgement(Verdict.parse(policy), caption, answer, parsed=False)
+
+
+def check_requests(images, prompts) -> tuple[list, list[str]]:
+    """Check a batch of (image, prompt) pairs; return them as lists."""
+    from PIL import Image
+
+    for name, value in (("images", images), ("prompts", prompts)):
+        if isinstance(value, (str, bytes, Image.Image)) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list with one entry per request, got {type(value).__name__}")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: give one of each per request")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+    return list(images), list(prompts)
