@@ -65,7 +65,7 @@ def as_verdict_tensor(
                 f"unknown verdict value {int(wide[row])} in row {row}: "
                 "expected +1 (unsafe), -1 (safe) or 0 (none)"
             )
-        return verdict.to(torch.int8)
+        return verdict.to(torch.int8).contiguous()  # kernels index it as a flat array
     if isinstance(verdict, (str, bytes)) or not isinstance(verdict, Sequence):
         raise TypeError(
             "verdict must be an int8 tensor or a sequence of verdicts, "

@@ -63,7 +63,7 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     after = torch.empty(batch, dtype=torch.float32) if return_stats else None
     _C.step(
         _buffer(inp.logits_real), _buffer(inp.logits_noised), _DTYPE_NAMES[inp.logits_real.dtype],
-        _buffer(inp.verdict.contiguous()), _buffer(inp.refusal_ids.contiguous()),
+        _buffer(inp.verdict), _buffer(inp.refusal_ids),
         tokens.numpy(), status.numpy(), _kernel_params(inp),
         logits=None if logits is None else logits.numpy(),
         mass_before=None if before is None else before.numpy(),

@@ -69,6 +69,7 @@ def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, ge
     device = logits_real.device
     verdict = as_verdict_tensor(verdict, batch, device)
     mask, ids = refusal_mask_and_ids(refusal, vocab, device)
+    mask, ids = mask.contiguous(), ids.contiguous()  # kernels index them as flat arrays
     seed = None if params.is_greedy else seed_from(generator)
     return StepInputs(
         _unit_vocab_stride(logits_real), _unit_vocab_stride(logits_noised),

@@ -11,13 +11,13 @@ Three kernels, one step:
    computes the contrast and everything a row needs from its block, over the block's
    *non-refusal* tokens only: error flags, the greedy best, online max/sum-exp, the
    Gumbel-max best, and the block's top-``C`` candidates (a radix select on the float's
-   ordered bits plus a scan for index ties: exact, never a sort). It writes the contrasted
-   logits when asked.
+   ordered bits and the index: exact, never a sort). It writes the contrasted logits when
+   asked.
 3. ``step_merge_kernel``, grid ``(rows,)``: merges the block partials and handles the few
    refusal tokens exactly from their ids (it re-reads those tens of logits): the sensitive
    set (the k-th largest of candidates + refusal tokens), the bias, the refusal mass before
    and after, the token (argmax, Gumbel-max, or top-k/top-p over the candidates), and one
-   flag word per row that the launcher checks.
+   status word per row that the launcher checks.
 
 Why the refusal tokens are kept out of the block reductions: their value changes with the
 bias, which is only known after the merge. Reductions over the other tokens never change,
@@ -36,15 +36,12 @@ BLOCK_Z_BAD = tl.constexpr(4)  # the contrast gave NaN or +inf
 BLOCK_LIVE = tl.constexpr(8)  # some token (refusal or not) has z > -inf
 BLOCK_LIVE_OTHER = tl.constexpr(16)  # some non-refusal token has z > -inf
 
-# Per-row flag bits (written by step_merge_kernel, read by the launcher). Keep these in
-# sync with step_triton.ROW_FLAG_*.
-ROW_ZR_BAD = tl.constexpr(1)
-ROW_ZN_BAD = tl.constexpr(2)
-ROW_BANNED_CONTRAST = tl.constexpr(4)
-ROW_OVERFLOW_CONTRAST = tl.constexpr(8)
-ROW_BANNED_BIAS = tl.constexpr(16)
-ROW_OVERFLOW_BIAS = tl.constexpr(32)
-ROW_FALLBACK = tl.constexpr(64)  # the candidates could not decide this row exactly
+# The merge kernel writes one word per row: the row's status code (0 fine, else the first
+# problem in the reference's check order, as in step_inputs.ROW_PROBLEMS: 1 NaN/+inf in
+# logits_real, 2 in logits_noised, 3 all banned after the contrast, 4 contrast overflow,
+# 5 all banned after the bias, 6 bias overflow), plus FALLBACK_FLAG when the candidates could
+# not decide the row exactly.
+FALLBACK_FLAG = tl.constexpr(256)
 
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
@@ -71,27 +68,47 @@ def _key_to_float(key):
 
 
 @triton.jit
-def _rank_key(z, idx, IDX_BITS: tl.constexpr):
+def _idx_mask(idx_bits):
+    return (tl.full((), 1, dtype=tl.int64) << idx_bits) - 1
+
+
+@triton.jit
+def _rank_key(z, idx, idx_bits):
     """int64 key ordering tokens as torch does: larger value first, then lower index.
 
-    ``(ordered value bits << IDX_BITS) | (2**IDX_BITS - 1 - idx)``; -1 for -inf (no token)."""
-    low = ((1 << IDX_BITS) - 1) - idx.to(tl.int64)
-    key = (_ordered_key(z).to(tl.int64) << IDX_BITS) | low
+    ``(ordered value bits << idx_bits) | (2**idx_bits - 1 - idx)`` with ``2**idx_bits >= V``;
+    -1 for -inf (no token)."""
+    key = (_ordered_key(z).to(tl.int64) << idx_bits) | (_idx_mask(idx_bits) - idx.to(tl.int64))
     return tl.where(z > NEG_INF, key, -1)
 
 
 @triton.jit
-def _kth_largest_key(key, k, NBITS: tl.constexpr):
-    """The k-th largest of distinct non-negative int64 keys (-1 = absent), by radix select:
-    one count per bit, no sort. Returns 0 when fewer than k keys are present, so that
-    ``key >= result`` selects the top k (or all present keys) either way."""
-    prefix = tl.zeros((), dtype=tl.int64)
+def _kth_largest_key(key, k):
+    """The k-th largest of distinct int64 keys (>= 0; -1 = absent) by radix select: one
+    count per bit, from the highest bit where the keys differ, stopping as soon as exactly k
+    keys are >= the prefix (no sort). ``key >= result`` then selects the k largest keys;
+    the result is 0 (select every present key) when fewer than k are present."""
+    present = key >= 0
+    n_present = tl.sum(present.to(tl.int32), axis=0)
+    hi = tl.max(key, axis=0)
+    lo = tl.min(tl.where(present, key, hi), axis=0)
+    # Bit length of hi ^ lo from the exponent of its float64 value (rounding can only
+    # overstate it by one, which costs one more step and changes nothing; keys < 2**63).
+    diff = hi ^ lo
+    nbits = tl.where(diff > 0, (diff.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1022, 0)
+    nbits = tl.minimum(nbits, 63).to(tl.int32)
     one = tl.full((), 1, dtype=tl.int64)
-    for i in range(NBITS):
-        trial = prefix | (one << (NBITS - 1 - i))
-        count = tl.sum((key >= trial).to(tl.int32), axis=0)
-        prefix = tl.where(count >= k, trial, prefix)
-    return prefix
+    prefix = hi & ~((one << nbits) - 1)  # the bits every present key shares: count = n_present
+    count = n_present
+    bit = nbits
+    while (bit > 0) & (count != k):
+        bit -= 1
+        trial = prefix | (one << bit)
+        trial_count = tl.sum((key >= trial).to(tl.int32), axis=0)
+        take = trial_count >= k
+        prefix = tl.where(take, trial, prefix)
+        count = tl.where(take, trial_count, count)
+    return tl.where(n_present >= k, prefix, 0)
 
 
 @triton.jit
@@ -127,19 +144,28 @@ def _gumbel_block(seed, row, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha, alpha_safe, log_beta,
-              NB_PAD: tl.constexpr, PLAUS: tl.constexpr):
-    """``z = w * zr - alpha_verdict * zn``, -inf where banned (SPEC §2 step 1), in fp32."""
+def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta,
+              NB_PAD: tl.constexpr):
+    """``z = w * zr - alpha_verdict * zn``, -inf where banned (SPEC §2 step 1), in fp32.
+
+    With ``plaus`` (0 or 1) the row's max comes from row_max_kernel's partials; without, the
+    masked load gives -inf and the cutoff bans nothing."""
     verdict = tl.load(verdict_ptr + row)
     a = tl.where(verdict == -1, alpha_safe, alpha)
-    banned = (zr == NEG_INF) | (zn == NEG_INF)
-    if PLAUS:
-        blocks = tl.arange(0, NB_PAD)
-        parts = tl.load(rowmax_ptr + row.to(tl.int64) * NB + blocks, mask=blocks < NB, other=NEG_INF)
-        cutoff = log_beta + tl.max(parts, axis=0)
-        banned = banned | (zr < cutoff)
-    z = real_weight * zr - a * zn
+    blocks = tl.arange(0, NB_PAD)
+    parts = tl.load(rowmax_ptr + row.to(tl.int64) * NB + blocks, mask=blocks < NB * plaus, other=NEG_INF)
+    cutoff = log_beta + tl.max(parts, axis=0)
+    banned = (zr == NEG_INF) | (zn == NEG_INF) | (zr < cutoff)
+    # Banned lanes compute on zeros: no inf - inf (their result is replaced anyway).
+    z = real_weight * tl.where(banned, 0.0, zr) - a * tl.where(banned, 0.0, zn)
     return tl.where(banned, NEG_INF, z)
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """A max used as the shift of exp(x - m): 0 when it is -inf (no token), so that
+    exp(-inf - m) is 0 rather than NaN."""
+    return tl.where(m > NEG_INF, m, 0.0)
 
 
 @triton.jit
@@ -159,10 +185,10 @@ def _refusal_mass(max_other, sum_other, values, is_ref):
     """Mass of the refusal tokens under softmax, from the non-refusal tokens' (max, sum-exp)
     and the refusal tokens' values."""
     v = tl.where(is_ref, values, NEG_INF)
-    m = tl.maximum(max_other, tl.max(v, axis=0))
+    m = _finite_or_zero(tl.maximum(max_other, tl.max(v, axis=0)))
     num = tl.sum(tl.where(v > NEG_INF, tl.exp(v - m), 0.0), axis=0)
     den = num + tl.where(max_other > NEG_INF, sum_other * tl.exp(max_other - m), 0.0)
-    return tl.where(den > 0.0, num / den, 0.0)
+    return num / tl.where(den > 0.0, den, 1.0)
 
 
 @triton.jit
@@ -170,7 +196,7 @@ def _merge_sum_exp(max_ptr, sum_ptr, offs, mask, base):
     """Sum of per-block ``sum * exp(max - base)``."""
     m = tl.load(max_ptr + offs, mask=mask, other=NEG_INF)
     s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
-    return tl.sum(tl.where(m > NEG_INF, s * tl.exp(m - base), 0.0), axis=0)
+    return tl.sum(tl.where(m > NEG_INF, s * tl.exp(m - _finite_or_zero(base)), 0.0), axis=0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,16 +212,16 @@ def row_max_kernel(zr_ptr, stride_r, part_ptr, V, NB, BLOCK: tl.constexpr):
     tl.store(part_ptr + row * NB + blk, tl.max(x, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "plaus", "seed", "k_cand", "idx_bits"])
 def step_block_kernel(
     zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, refmask_ptr, rowmax_ptr,
     out_ptr, stride_o,
     flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
     gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
     cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
-    V, NB, real_weight, alpha, alpha_safe, log_beta, temperature, seed, k_cand,
-    BLOCK: tl.constexpr, NB_PAD: tl.constexpr, C_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
-    PLAUS: tl.constexpr, WRITE_LOGITS: tl.constexpr, ARGMAX: tl.constexpr, SUMEXP: tl.constexpr,
+    V, NB, plaus, real_weight, alpha, alpha_safe, log_beta, temperature, seed, k_cand, idx_bits,
+    BLOCK: tl.constexpr, NB_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr, ARGMAX: tl.constexpr, SUMEXP: tl.constexpr,
     GUMBEL: tl.constexpr, USUM: tl.constexpr, CANDS: tl.constexpr,
 ):
     """One (block, row) of the step: all partial results of the block's tokens.
@@ -212,8 +238,8 @@ def step_block_kernel(
     # The only read of the two input rows (out-of-range lanes are -inf, i.e. banned).
     zr = tl.load(zr_ptr + row64 * stride_r + offs, mask=inside, other=NEG_INF).to(tl.float32)
     zn = tl.load(zn_ptr + row64 * stride_n + offs, mask=inside, other=NEG_INF).to(tl.float32)
-    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha, alpha_safe, log_beta,
-                  NB_PAD, PLAUS)
+    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta,
+                  NB_PAD)
     if WRITE_LOGITS:
         # Refusal tokens get their biased value from the merge kernel afterwards.
         tl.store(out_ptr + row64 * stride_o + offs, z, mask=inside)
@@ -238,13 +264,13 @@ def step_block_kernel(
     if SUMEXP:
         m = tl.max(x, axis=0)
         tl.store(zmax_ptr + part, m)
-        tl.store(zsum_ptr + part, tl.sum(tl.where(live, tl.exp(x - m), 0.0), axis=0))
+        tl.store(zsum_ptr + part, tl.sum(tl.where(live, tl.exp(x - _finite_or_zero(m)), 0.0), axis=0))
     if GUMBEL or USUM:
         u = tl.div_rn(x, temperature)
         if USUM:
             m = tl.max(u, axis=0)
             tl.store(umax_ptr + part, m)
-            tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u - m), 0.0), axis=0))
+            tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u - _finite_or_zero(m)), 0.0), axis=0))
         if GUMBEL:
             # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
             score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
@@ -252,50 +278,40 @@ def step_block_kernel(
             tl.store(gumbel_val_ptr + part, best)
             tl.store(gumbel_idx_ptr + part, best_idx)
     if CANDS:
-        # Top-k_cand of the block by (value desc, index asc): radix select of the k-th
-        # largest value key (32 counts), then the lowest-index ties by a scan.
-        key = tl.where(live, _ordered_key(x), 0)
-        n_live = tl.sum(live.to(tl.int32), axis=0)
-        prefix = tl.zeros((), dtype=tl.uint32)
-        one = tl.full((), 1, dtype=tl.uint32)
-        for i in range(32):
-            trial = prefix | (one << (31 - i).to(tl.uint32))
-            count = tl.sum((key >= trial).to(tl.int32), axis=0)
-            prefix = tl.where(count >= k_cand, trial, prefix)
-        above = key > prefix
-        ties = (key == prefix) & live
-        room = k_cand - tl.sum(above.to(tl.int32), axis=0)
-        chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+        # The block's top-k_cand by (value desc, index asc), in index order.
+        key = _rank_key(x, offs, idx_bits)
+        chosen = key >= _kth_largest_key(key, k_cand)
         slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         dst = part * C_PAD + slot
         tl.store(cand_val_ptr + dst, x, mask=chosen)
         tl.store(cand_idx_ptr + dst, offs, mask=chosen)
+        n_live = tl.sum(live.to(tl.int32), axis=0)
         tl.store(cand_count_ptr + part, tl.minimum(n_live, k_cand))
-        # A block that kept only some of its live tokens reports its last kept one: every
-        # token left out ranks below it, which tells the merge how far the union is exact.
-        last_idx = tl.max(tl.where(chosen & ties, offs, -1), axis=0)
-        tail = (prefix.to(tl.int64) << IDX_BITS) | (((1 << IDX_BITS) - 1) - last_idx.to(tl.int64))
-        tl.store(tail_ptr + part, tl.where(n_live > k_cand, tail, -1))
+        # A block that kept only some of its live tokens reports the key of its last kept
+        # one: every token it left out ranks below, which tells the merge how far the union
+        # of the candidates is exact.
+        last = tl.min(tl.where(chosen, key, 0x7FFFFFFFFFFFFFFF), axis=0)
+        tl.store(tail_ptr + part, tl.where(n_live > k_cand, last, -1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "NB", "plaus", "seed", "sens", "k_sens", "top_k", "idx_bits"])
 def step_merge_kernel(
     zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, ref_ids_ptr, R, rowmax_ptr,
     out_ptr, stride_o,
     flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
     gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
     cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
-    tokens_ptr, before_ptr, after_ptr, row_flags_ptr,
-    V, NB, real_weight, alpha, alpha_safe, log_beta, bias_unsafe, bias_safe,
-    temperature, top_p, seed, k_sens, top_k,
-    NB_PAD: tl.constexpr, X_PAD: tl.constexpr, C_PAD: tl.constexpr, IDX_BITS: tl.constexpr,
-    PLAUS: tl.constexpr, WRITE_LOGITS: tl.constexpr, STATS: tl.constexpr, GREEDY: tl.constexpr,
-    GUMBEL: tl.constexpr, CANDS: tl.constexpr, SENS: tl.constexpr, TOPK: tl.constexpr,
+    tokens_ptr, before_ptr, after_ptr, status_ptr,
+    V, NB, plaus, real_weight, alpha, alpha_safe, log_beta, bias_unsafe, bias_safe,
+    temperature, top_p, seed, sens, k_sens, top_k, idx_bits,
+    NB_PAD: tl.constexpr, X_PAD: tl.constexpr, C_PAD: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr, STATS: tl.constexpr, GREEDY: tl.constexpr,
+    GUMBEL: tl.constexpr, CANDS: tl.constexpr, TOPK: tl.constexpr,
     TOPP: tl.constexpr,
 ):
     """One row: merge the block partials, handle the refusal tokens, choose the token.
 
-    ``SENS``: 0 no sensitive set, 1 every token is sensitive, 2 the top-``k_sens`` set.
+    ``sens``: 0 no sensitive set, 1 every token is sensitive, 2 the top-``k_sens`` set.
     Sampling: ``GUMBEL`` (temperature only) or ``TOPK`` / ``TOPP`` over the candidates.
     """
     row = tl.program_id(0)
@@ -320,8 +336,8 @@ def step_merge_kernel(
     ref_idx = tl.load(ref_ids_ptr + ref_lane, mask=is_ref, other=0).to(tl.int32)
     ref_zr = tl.load(zr_ptr + row64 * stride_r + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
     ref_zn = tl.load(zn_ptr + row64 * stride_n + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
-    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, real_weight, alpha,
-                      alpha_safe, log_beta, NB_PAD, PLAUS)
+    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha,
+                      alpha_safe, log_beta, NB_PAD)
     xz = tl.where(is_cand, cand_z, ref_z)
     xidx = tl.where(is_cand, cand_idx, ref_idx)
 
@@ -335,28 +351,27 @@ def step_merge_kernel(
     # 2-3. Sensitive set and refusal bias.
     verdict = tl.load(verdict_ptr + row)
     bias = tl.where(verdict == 1, bias_unsafe, tl.where(verdict == -1, bias_safe, 0.0))
-    if SENS == 2:
-        key = _rank_key(xz, xidx, IDX_BITS)
-        kth = _kth_largest_key(key, k_sens, 32 + IDX_BITS)
+    if sens == 2:
+        key = _rank_key(xz, xidx, idx_bits)
+        kth = _kth_largest_key(key, k_sens)
         target = is_ref & (key >= kth) & (key >= 0)
         fallback |= (kth < t_star).to(tl.int32)
-    elif SENS == 1:
-        target = is_ref
     else:
-        target = is_ref & (lane < 0)
+        target = is_ref & (sens == 1)
     xzb = tl.where(target, xz + bias, xz)
     if WRITE_LOGITS:
         tl.store(out_ptr + row64 * stride_o + ref_idx, xzb, mask=is_ref)
 
-    # Error flags, in the reference's terms.
+    # The row's status, in the reference's check order.
+    live_after = _any_bit(bflags, BLOCK_LIVE_OTHER) | tl.max((is_ref & (xzb > NEG_INF)).to(tl.int32), axis=0)
     over_contrast = _any_bit(bflags, BLOCK_Z_BAD)
-    flags = _any_bit(bflags, BLOCK_ZR_BAD) * ROW_ZR_BAD
-    flags |= _any_bit(bflags, BLOCK_ZN_BAD) * ROW_ZN_BAD
-    flags |= ((_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0)).to(tl.int32) * ROW_BANNED_CONTRAST
-    flags |= over_contrast * ROW_OVERFLOW_CONTRAST
-    ref_live = tl.max((is_ref & (xzb > NEG_INF)).to(tl.int32), axis=0)
-    flags |= ((_any_bit(bflags, BLOCK_LIVE_OTHER) == 0) & (ref_live == 0)).to(tl.int32) * ROW_BANNED_BIAS
-    flags |= tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0) * ROW_OVERFLOW_BIAS
+    status = tl.where(
+        _any_bit(bflags, BLOCK_ZR_BAD) != 0, 1, tl.where(
+            _any_bit(bflags, BLOCK_ZN_BAD) != 0, 2, tl.where(
+                (_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0), 3, tl.where(
+                    over_contrast != 0, 4, tl.where(
+                        live_after == 0, 5, tl.where(
+                            tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0) != 0, 6, 0))))))
 
     if STATS:
         zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
@@ -382,28 +397,31 @@ def step_merge_kernel(
     else:
         # Top-k / top-p: every token that can be kept is in X (or the row falls back).
         allowed = (is_cand | is_ref) & (xzb > NEG_INF)
-        key = tl.where(allowed, _rank_key(xzb, xidx, IDX_BITS), -1)
+        key = tl.where(allowed, _rank_key(xzb, xidx, idx_bits), -1)
         if TOPK:
-            kth = _kth_largest_key(key, top_k, 32 + IDX_BITS)
+            kth = _kth_largest_key(key, top_k)
             fallback |= (kth < t_star).to(tl.int32)
             allowed = allowed & (key >= kth)
             key = tl.where(allowed, key, -1)
         u = tl.div_rn(xzb, temperature)
         if TOPP:
             u_max = tl.max(tl.where(allowed, u, NEG_INF), axis=0)
+            if not TOPK:
+                # All tokens count: the non-refusal blocks' sum-exp plus the refusal tokens.
+                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok,
+                                                         other=NEG_INF), axis=0))
+            u_max = _finite_or_zero(u_max)
             if TOPK:
                 total = tl.sum(tl.where(allowed, tl.exp(u - u_max), 0.0), axis=0)
             else:
-                # All tokens count: non-refusal blocks' sum-exp plus the refusal tokens.
-                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok,
-                                                         other=NEG_INF), axis=0))
                 total = _merge_sum_exp(umax_ptr, usum_ptr, parts, block_ok, u_max)
                 total += tl.sum(tl.where(is_ref & (xzb > NEG_INF), tl.exp(u - u_max), 0.0), axis=0)
             # Descending (value, -index) order, as torch.sort(descending, stable) gives.
             ordered = tl.sort(key, descending=True)
             present = ordered >= 0
-            o_idx = (((1 << IDX_BITS) - 1) - (ordered & ((1 << IDX_BITS) - 1))).to(tl.int32)
-            o_z = _key_to_float((ordered >> IDX_BITS).to(tl.uint32))
+            idx_mask = _idx_mask(idx_bits)
+            o_idx = (idx_mask - (ordered & idx_mask)).to(tl.int32)
+            o_z = _key_to_float((ordered >> idx_bits).to(tl.uint32))
             o_u = tl.div_rn(o_z, temperature)
             prob = tl.where(present, tl.exp(o_u - u_max), 0.0) / total
             inclusive = tl.cumsum(prob, axis=0)
@@ -422,4 +440,4 @@ def step_merge_kernel(
             token = tl.sum(tl.where(lane == winner, xidx, 0), axis=0)
 
     tl.store(tokens_ptr + row, token.to(tl.int64))
-    tl.store(row_flags_ptr + row, flags | fallback * ROW_FALLBACK)
+    tl.store(status_ptr + row, status | fallback * FALLBACK_FLAG)
