@@ -1,17 +1,20 @@
-"""Microbenchmark of the fused step op: the ``cpu`` kernel against the naive ``torch`` backend.
+"""Microbenchmark of the fused step op: the fused kernel (``cpu`` on the CPU, ``triton`` on a
+CUDA GPU) against the naive ``torch`` backend on the same device.
 
 Cases: B in {1, 16, 64} x V in {32000, 152064} x fp32 / bf16 x greedy / sampling
 (temperature 0.7, top-k 50, top-p 0.9), default steering (alpha 0.3, k = 20, scope
 "sensitive"), mixed verdicts, 64 refusal tokens. Every case reports the time of both
-backends measured in the same run, their ratio (torch / cpu) and the cpu kernel's effective
-bandwidth: the bytes of both input rows (2 * B * V * itemsize) per second. Nothing here
-asserts a time.
+backends measured in the same run, their ratio (torch / fused) and the fused kernel's
+effective bandwidth: the bytes of both input rows (2 * B * V * itemsize) per second, and on
+the GPU its share of the card's peak. GPU times come from ``triton.testing.do_bench``, which
+flushes the L2 cache before every run. Nothing here asserts a time.
 
 Two ways to run it:
 
     python -m pytest benchmarks/bench_step.py            # pytest-benchmark, one group per case,
                                                          # and a ratio table at the end
-    python benchmarks/bench_step.py [--quick] [--threads N] [--json out.json]   # a markdown table
+    python benchmarks/bench_step.py [--quick] [--device cuda] [--threads N] [--json out.json]
+                                                         # a markdown table
 
 Both backends use torch's thread count (``--threads``, or ``SAFECODE_BENCH_THREADS`` under
 pytest). On a machine shared with other work, OpenMP threads that wait for a busy core can
@@ -39,7 +42,10 @@ import torch
 import safecode_kernels as sk
 from safecode_kernels.dispatch import backend_status
 
-BACKENDS = ("torch", "cpu")
+# The naive baseline and the fused kernel of each device.
+BACKENDS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton")}
+# Peak memory bandwidth (GB/s) of the cards the GPU numbers are reported for.
+PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 BATCHES = (1, 16, 64)
 VOCABS = (32000, 152064)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,25 +82,37 @@ QUICK_CASES = [c for c in CASES if c.batch in (1, 16)]
 
 
 @functools.lru_cache(maxsize=2)
-def make_inputs(batch: int, vocab: int, dtype: str):
+def make_inputs(batch: int, vocab: int, dtype: str, device: str = "cpu"):
     """Logit rows like a model's: the noised branch correlated with the real one."""
     g = torch.Generator().manual_seed(batch * 1_000_003 + vocab)
     real = torch.randn(batch, vocab, generator=g) * 3.0
     noised = 0.8 * real + 0.6 * torch.randn(batch, vocab, generator=g) * 3.0
     verdict = torch.tensor([(1, -1, 0)[i % 3] for i in range(batch)], dtype=torch.int8)
     refusal = torch.randperm(vocab, generator=g)[:NUM_REFUSAL].sort().values
-    return real.to(DTYPES[dtype]).contiguous(), noised.to(DTYPES[dtype]).contiguous(), verdict, refusal
+    to = dict(device=device, dtype=DTYPES[dtype])
+    return real.to(**to).contiguous(), noised.to(**to).contiguous(), verdict.to(device), refusal.to(device)
 
 
-def step_fn(case: Case, backend: str):
+def step_fn(case: Case, backend: str, device: str = "cpu"):
     """A zero-argument callable doing one step of ``case`` on ``backend``."""
-    real, noised, verdict, refusal = make_inputs(case.batch, case.vocab, case.dtype)
+    real, noised, verdict, refusal = make_inputs(case.batch, case.vocab, case.dtype, device)
     params = MODES[case.mode]
     return functools.partial(sk.safecode_step, real, noised, verdict, refusal, params,
                              generator=1234, backend=backend)
 
 
-def machine_description() -> str:
+def peak_gbps(device: str) -> float | None:
+    """The card's peak memory bandwidth, where known."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((gbps for key, gbps in PEAK_GBPS.items() if key in name), None)
+
+
+def machine_description(device: str = "cpu") -> str:
+    if device == "cuda":
+        return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+                f"Python {platform.python_version()}")
     processor = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -131,24 +149,31 @@ except ImportError:  # pragma: no cover - script mode needs no pytest
     pytest = None
 
 if pytest is not None:
-    _CPU_REASON = backend_status()["cpu"]
+    _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    _PAIRS = [(c, b) for c in CASES for b in BACKENDS[_DEVICE]]
 
     # Both backends of a case side by side, so that they run on the same (cached) inputs.
-    @pytest.mark.parametrize("case,backend", [(c, b) for c in CASES for b in BACKENDS],
-                             ids=[f"{c.id}-{b}" for c in CASES for b in BACKENDS])
+    @pytest.mark.parametrize("case,backend", _PAIRS, ids=[f"{c.id}-{b}" for c, b in _PAIRS])
     def test_step(benchmark, bench_results, case, backend):
         threads = os.environ.get("SAFECODE_BENCH_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
-        if backend == "cpu" and _CPU_REASON is not None:
-            pytest.skip(f"cpu backend unavailable: {_CPU_REASON}")
-        fn = step_fn(case, backend)
-        fn()  # warm up (first-call allocations, thread pool start)
+        reason = backend_status().get(backend)
+        if reason is not None:
+            pytest.skip(f"{backend} backend unavailable: {reason}")
+        fn = step_fn(case, backend, _DEVICE)
+        if _DEVICE == "cuda":  # pytest-benchmark's clock needs the GPU work finished
+            fn = functools.partial(_synchronized, fn)
+        fn()  # warm up (first-call allocations, kernel compilation, thread pool start)
         benchmark.group = case.name
         benchmark.extra_info["input_bytes"] = case.input_bytes
         benchmark(fn)
         if benchmark.stats is not None:  # None under --benchmark-disable
             bench_results.setdefault(case, {})[backend] = benchmark.stats.stats.mean
+
+    def _synchronized(fn):
+        fn()
+        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------
@@ -170,12 +195,20 @@ def time_call(fn, min_time: float, min_reps: int, max_reps: int) -> float:
     return statistics.median(times)
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| case | torch ms | cpu ms | ratio torch/cpu | cpu GB/s | torch GB/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+def time_gpu(fn) -> float:
+    """Median seconds per call on the GPU, with the L2 cache flushed before every call."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def format_table(rows: list[dict], fast: str) -> str:
+    lines = [f"| case | torch ms | {fast} ms | ratio torch/{fast} | {fast} GB/s | % of peak | torch GB/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['torch_ms']:.3f} | {r['cpu_ms']:.3f} | {r['ratio']:.1f}x | "
-                     f"{r['cpu_gbps']:.1f} | {r['torch_gbps']:.1f} |")
+        share = f"{r['fast_peak_share'] * 100:.0f}%" if r["fast_peak_share"] is not None else "-"
+        lines.append(f"| {r['case']} | {r['torch_ms']:.3f} | {r['fast_ms']:.3f} | {r['ratio']:.1f}x | "
+                     f"{r['fast_gbps']:.1f} | {share} | {r['torch_gbps']:.1f} |")
     return "\n".join(lines)
 
 
@@ -183,44 +216,56 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="B in {1, 16} only, and shorter timing loops")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: torch vs the C++ kernel; cuda: torch vs the Triton kernel")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch / OpenMP threads for both backends (default: torch's default)")
+                        help="torch / OpenMP threads for both CPU backends (default: torch's default)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 1
 
-    reason = backend_status()["cpu"]
+    naive, fast = BACKENDS[args.device]
+    reason = backend_status()[fast]
     if reason is not None:
-        print(f"the cpu backend is unavailable: {reason}", file=sys.stderr)
+        print(f"the {fast} backend is unavailable: {reason}", file=sys.stderr)
         return 1
     cases = QUICK_CASES if args.quick else CASES
     min_time, min_reps, max_reps = (0.3, 3, 200) if args.quick else (1.0, 5, 1000)
 
-    machine = machine_description()
-    peak = read_bandwidth(128 if args.quick else 512)
+    machine = machine_description(args.device)
+    peak = peak_gbps(args.device) or read_bandwidth(128 if args.quick else 512)
     rows = []
     for case in cases:
-        seconds = {b: time_call(step_fn(case, b), min_time, min_reps, max_reps) for b in BACKENDS}
+        seconds = {}
+        for backend in (naive, fast):
+            fn = step_fn(case, backend, args.device)
+            seconds[backend] = time_gpu(fn) if args.device == "cuda" else time_call(fn, min_time, min_reps, max_reps)
+        fast_gbps = case.input_bytes / seconds[fast] / 1e9
         rows.append(dict(
             case=case.name, batch=case.batch, vocab=case.vocab, dtype=case.dtype, mode=case.mode,
-            torch_ms=seconds["torch"] * 1e3, cpu_ms=seconds["cpu"] * 1e3,
-            ratio=seconds["torch"] / seconds["cpu"],
-            cpu_gbps=case.input_bytes / seconds["cpu"] / 1e9,
-            torch_gbps=case.input_bytes / seconds["torch"] / 1e9,
+            fast_backend=fast, torch_ms=seconds[naive] * 1e3, fast_ms=seconds[fast] * 1e3,
+            ratio=seconds[naive] / seconds[fast], fast_gbps=fast_gbps,
+            fast_peak_share=fast_gbps / peak if args.device == "cuda" else None,
+            torch_gbps=case.input_bytes / seconds[naive] / 1e9,
         ))
-        print(f"  {case.name}: torch {rows[-1]['torch_ms']:.3f} ms, cpu {rows[-1]['cpu_ms']:.3f} ms",
+        print(f"  {case.name}: torch {rows[-1]['torch_ms']:.3f} ms, {fast} {rows[-1]['fast_ms']:.3f} ms",
               file=sys.stderr, flush=True)
         if case.mode == "sample":  # the last case on these inputs: keep memory bounded
             make_inputs.cache_clear()
 
     print(f"Machine: {machine}")
-    print(f"Median time per step; ratio = torch / cpu from the same run. GB/s = bytes of both input "
-          f"rows / time (torch summing a large buffer reads {peak:.1f} GB/s here).\n")
-    print(format_table(rows))
+    reference = "the card's peak" if args.device == "cuda" else "torch summing a large buffer reads"
+    print(f"Median time per step; ratio = torch / {fast} from the same run. GB/s = bytes of both input "
+          f"rows / time ({reference} {peak:.1f} GB/s).\n")
+    print(format_table(rows, fast))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "read_bandwidth_gbps": peak, "quick": args.quick, "results": rows}, f, indent=2)
+            json.dump({"machine": machine, "device": args.device, "peak_gbps": peak, "quick": args.quick,
+                       "results": rows}, f, indent=2)
     return 0
 
 

@@ -1,5 +1,5 @@
 """pytest-benchmark glue: collect each case's mean time per backend and print, at the end of
-the session, the ratio torch / cpu computed from the means measured in that same run."""
+the session, the ratio torch / fused kernel computed from the means measured in that same run."""
 
 from __future__ import annotations
 
@@ -20,16 +20,19 @@ def bench_results(request):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = config.stash.get(_RESULTS, {})
-    rows = [(case, times) for case, times in results.items() if "torch" in times and "cpu" in times]
+    import torch
+    from bench_step import BACKENDS, machine_description
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fast = BACKENDS[device][1]
+    rows = [(case, times) for case, times in results.items() if "torch" in times and fast in times]
     if not rows:
         return
-    from bench_step import machine_description
-
     tr = terminalreporter
-    tr.section("SafeCoDe step: torch / cpu (means of this run)")
-    tr.write_line(f"Machine: {machine_description()}")
-    tr.write_line("| case | torch ms | cpu ms | ratio torch/cpu | cpu GB/s |")
+    tr.section(f"SafeCoDe step: torch / {fast} (means of this run)")
+    tr.write_line(f"Machine: {machine_description(device)}")
+    tr.write_line(f"| case | torch ms | {fast} ms | ratio torch/{fast} | {fast} GB/s |")
     tr.write_line("|---|---:|---:|---:|---:|")
     for case, times in rows:
-        tr.write_line(f"| {case.name} | {times['torch'] * 1e3:.3f} | {times['cpu'] * 1e3:.3f} | "
-                      f"{times['torch'] / times['cpu']:.1f}x | {case.input_bytes / times['cpu'] / 1e9:.1f} |")
+        tr.write_line(f"| {case.name} | {times['torch'] * 1e3:.3f} | {times[fast] * 1e3:.3f} | "
+                      f"{times['torch'] / times[fast]:.1f}x | {case.input_bytes / times[fast] / 1e9:.1f} |")
