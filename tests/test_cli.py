@@ -25,11 +25,8 @@ MAX_NEW = 6
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_torch_thread):
+    """Every CLI test runs on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -21,12 +20,8 @@ def chat_server():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads; on a busy 2-core machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_torch_thread):
+    """Every judge test runs on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
