@@ -27,7 +27,7 @@ class EncodedRequest:
 
     input_ids: torch.Tensor
     real: dict[str, torch.Tensor]
-    noised: dict[str, torch.Tensor]
+    noised: dict[str, torch.Tensor] | None  # None when no step is steered (steer_steps=0)
     prefix_len: int
     verdict: Verdict
     max_new_tokens: int
@@ -50,10 +50,17 @@ class Setup:
     backend: str
     banned_ids: torch.Tensor  # the image/video placeholders: never generated
 
+    def _banned_on(self, device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_banned_by_device", {})
+        ids = cache.get(device)
+        if ids is None:
+            ids = cache[device] = self.banned_ids.to(device)
+        return ids
+
     def _ban(self, real: torch.Tensor, noised: torch.Tensor):
         # A generated placeholder would be taken for an image slot by any later full forward.
         # -inf in the real row and 0 in the noised row keep the contrast -inf (not NaN).
-        ids = self.banned_ids.to(real.device)
+        ids = self._banned_on(real.device)
         return real.index_fill(1, ids, float("-inf")), noised.index_fill(1, ids, 0.0)
 
     def done(self, request: int, tokens: list[int]) -> bool:
@@ -68,9 +75,21 @@ class Setup:
         return safecode_step(real, noised, verdicts, self.refusal, self.steer_params, self.generator,
                              self.backend, return_logits=return_logits, return_stats=True)
 
-    def choose(self, real: torch.Tensor) -> torch.Tensor:
+    def choose(self, real: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """An unsteered step: greedy or sampled tokens from the real logits alone (the step op
-        with a zero contrast and no bias, so both phases sample the same way)."""
+        with a zero contrast and no bias, so both phases sample the same way).
+
+        Greedy steps take the argmax of the banned logits directly, which is what the step op
+        computes for a zero contrast (ties: lowest index); a row whose best value is not finite
+        (NaN, +inf, or every token banned) goes to the step op, which raises its error.
+        ``in_place``: the placeholders may be banned in ``real`` itself.
+        """
+        if self.plain_params.is_greedy:
+            ids = self._banned_on(real.device)
+            banned = real.index_fill_(1, ids, float("-inf")) if in_place else real.index_fill(1, ids, float("-inf"))
+            tokens = banned.argmax(-1)
+            if bool(torch.isfinite(banned.gather(1, tokens[:, None])).all()):
+                return tokens
         verdicts = torch.zeros(real.shape[0], dtype=torch.int8, device=real.device)
         real, zeros = self._ban(real, torch.zeros_like(real))
         return safecode_step(real, zeros, verdicts, self.refusal, self.plain_params,
@@ -95,10 +114,12 @@ def prepare(
         check_int("max_new_tokens_unsafe", max_new_tokens_unsafe, 1)
     if isinstance(system_prompt, (list, tuple)) and len(system_prompt) != len(images):
         raise ValueError(f"got {len(system_prompt)} system prompts for {len(images)} requests")
-    if noised_images is None:
-        noised_images = noised_views(images, noise_std, seed)
-    else:
+    if noised_images is not None:
         noised_images = _check_noised(noised_images, images)
+    elif steer_steps > 0:
+        noised_images = noised_views(images, noise_std, seed)
+    else:  # no steered step reads a noised branch: neither draw nor process one
+        noised_images = [None] * len(images)
 
     requests = []
     for i, (image, noised, prompt, verdict) in enumerate(zip(images, noised_images, prompts, verdicts)):
@@ -116,7 +137,7 @@ def prepare(
         adapter=adapter,
         tokenizer=tokenizer,
         requests=requests,
-        refusal=_refusal(refusal, processor),
+        refusal=resolve_refusal(refusal, processor),
         steer_params=params.replace(**sampling),
         plain_params=SteeringParams(alpha=0.0, alpha_safe=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0, **sampling),
         steer_steps=steer_steps,
@@ -161,7 +182,7 @@ def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_templ
 
 def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tokens) -> EncodedRequest:
     real_enc = processor(images=[image], text=[text], return_tensors="pt")
-    noised_enc = processor(images=[noised], text=[text], return_tensors="pt")
+    noised_enc = real_enc if noised is None else processor(images=[noised], text=[text], return_tensors="pt")
     ids = real_enc["input_ids"][0]
     # Only the pixels may differ between branches; the decoder relies on it.
     if not torch.equal(ids, noised_enc["input_ids"][0]):
@@ -181,7 +202,7 @@ def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tok
     return EncodedRequest(
         input_ids=ids,
         real=adapter.vision_inputs(real_enc),
-        noised=adapter.vision_inputs(noised_enc),
+        noised=adapter.vision_inputs(noised_enc) if noised is not None else None,
         prefix_len=int(image_positions[0, 0]),
         verdict=verdict,
         max_new_tokens=max_new_tokens,
@@ -246,7 +267,8 @@ def _sampling(do_sample, temperature, top_k, top_p) -> dict:
     return dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
 
 
-def _refusal(refusal, processor) -> RefusalVocabulary:
+def resolve_refusal(refusal, processor) -> RefusalVocabulary:
+    """The refusal set as a :class:`RefusalVocabulary` (from the tokenizer when ``None``)."""
     if refusal is None:
         return RefusalVocabulary.from_tokenizer(processor)
     if isinstance(refusal, RefusalVocabulary):

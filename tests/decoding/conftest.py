@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -16,13 +15,8 @@ from safecode_kernels.refusal import RefusalVocabulary  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and on a busy 2-core machine two spinning
-    intra-op threads make the suite several times slower; restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(single_torch_thread):
+    """Every decoding test runs on one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(params=FAMILIES)

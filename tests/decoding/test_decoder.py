@@ -23,7 +23,9 @@ def run_all(model, processor, refusal, images, prompts, verdicts, **kwargs):
     """(decoder, naive, two-cache) results on the same requests, greedy, with logits."""
     settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
     kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
-    fused = SafeCoDeDecoder(model, processor, **settings).generate(images, prompts, verdicts, **kwargs)
+    # min_shared_prefix=1: share even the tiny prompts' few prefix tokens (the path under test).
+    fused = SafeCoDeDecoder(model, processor, **settings, min_shared_prefix=1).generate(
+        images, prompts, verdicts, **kwargs)
     naive = naive_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
     two = two_cache_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
     return fused, naive, two
@@ -92,7 +94,8 @@ def test_shared_prefix_is_computed_once(tiny):
     calls = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
     try:
-        shared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
+        shared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND,
+                                 min_shared_prefix=1)
         result = shared.generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
         shared_calls, calls[:] = list(calls), []
         unshared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
@@ -135,7 +138,7 @@ class _WatchedCache(DynamicCache):
 def test_noised_rows_are_freed(tiny, monkeypatch):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
-    monkeypatch.setattr(decoder_module, "new_cache", lambda model: _WatchedCache(config=model.config))
+    monkeypatch.setattr(decoder_module, "new_cache", lambda model, capacity=None: _WatchedCache(config=model.config))
     _WatchedCache.freed, _WatchedCache.batch_sizes = [], []
     result = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
                              backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)

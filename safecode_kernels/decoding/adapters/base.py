@@ -31,6 +31,12 @@ class ModelAdapter:
         # transformers renamed ``past_key_values`` to ``cache`` after 5.17; accept both.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.has_logits_to_keep = "logits_to_keep" in params
+        # The model without its LM head, for forwards whose logits nobody reads (the prefix).
+        base = getattr(model, "model", None)
+        self.base_model = base if isinstance(base, torch.nn.Module) else None
+        if self.base_model is not None:
+            base_params = inspect.signature(self.base_model.forward).parameters
+            self.base_cache_kwarg = "cache" if "cache" in base_params else "past_key_values"
 
     # ----- tokens and pixels ------------------------------------------------------------
     @property
@@ -97,18 +103,28 @@ class ModelAdapter:
         """Called whenever the decoder keeps only ``indices`` of the batch rows."""
 
     # ----- forwards ---------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None):
-        """Next-token logits ``[rows, V]`` of a forward over ``input_ids`` (a chunk or one token)."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None,
+                logits: bool = True):
+        """Next-token logits ``[rows, V]`` of a forward over ``input_ids`` (a chunk or one token).
+
+        ``logits=False`` only fills ``cache`` (the LM head is skipped where the model has a
+        separate base model) and returns ``None``.
+        """
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if cache is not None:
-            kwargs[self.cache_kwarg] = cache
-        kwargs["use_cache"] = cache is not None
         if vision:
             kwargs.update(vision)
             kwargs.update(self.token_type_inputs(input_ids))
+        if not logits and self.base_model is not None and cache is not None:
+            kwargs[self.base_cache_kwarg] = cache
+            self.base_model(use_cache=True, **kwargs)
+            return None
+        if cache is not None:
+            kwargs[self.cache_kwarg] = cache
+        kwargs["use_cache"] = cache is not None
         if self.has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs).logits[:, -1, :]
+        out = self.model(**kwargs).logits[:, -1, :]
+        return out if logits else None
 
     def full_forward(self, input_ids, vision) -> torch.Tensor:
         """Logits ``[1, V]`` of one unpadded sequence, no cache, the model's own positions."""
