@@ -44,8 +44,9 @@ LLAVA_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer (about ``vocab_size`` tokens) trained in code on :data:`CORPUS`."""
+def tiny_tokenizer(vocab_size: int = 320, special_tokens=SPECIAL_TOKENS, corpus=CORPUS):
+    """A byte-level BPE tokenizer (about ``vocab_size`` tokens) trained in code on ``corpus``,
+    with ``special_tokens`` (the first four are unk, bos, eos and pad) in front."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,10 +54,10 @@ def tiny_tokenizer(vocab_size: int = 320):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size, special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(list(CORPUS) * 4, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
     )

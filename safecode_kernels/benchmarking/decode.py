@@ -516,7 +516,7 @@ def make_report(settings: Settings, results: list[dict], lengths: dict) -> dict:
 
 
 def parse_args(argv=None) -> tuple[Settings, str]:
-    parser = argparse.ArgumentParser(description="SafeCoDe end-to-end decoding benchmark (issue 6)")
+    parser = argparse.ArgumentParser(description="SafeCoDe end-to-end decoding benchmark")
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 only, one repetition each (about 2 minutes on this 2-core machine)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: 1 8)")

@@ -28,20 +28,14 @@ import itertools
 import numpy as np
 import torch
 
+from ..tiny import LLAVA_TEMPLATE
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 # LLaVA-1.5's conversation format ("vicuna_v1"), as a Hugging Face chat template over the
 # content-list messages that ``build_prompt`` passes; the BOS token opens every prompt, as
 # the LLaMA tokenizer would add it.
-LLAVA_CHAT_TEMPLATE = (
-    "<s>"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'][0]['text'] }}\n"
-    "{% elif m['role'] == 'user' %}USER: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
+LLAVA_CHAT_TEMPLATE = "<s>" + LLAVA_TEMPLATE
 
 # Sentences of a safety-minded assistant's system prompt; cycled to the requested length.
 SYSTEM_SENTENCES = (

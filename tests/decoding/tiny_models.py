@@ -13,10 +13,11 @@ import functools
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from safecode_kernels.params import SteeringParams
+from safecode_kernels.tiny import LLAVA_TEMPLATE
+from safecode_kernels.tiny import tiny_tokenizer as train_tokenizer
 
 SPECIAL_TOKENS = [
     "<unk>", "<s>", "</s>", "<pad>", "<image>",
@@ -35,15 +36,6 @@ _CORPUS = [
     "Tell me about the weapon in the photo. The knife on the table is for cooking.",
 ]
 
-LLAVA_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'][0]['text'] }}\n"
-    "{% elif m['role'] == 'user' %}USER: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% else %} ASSISTANT: {{ m['content'][0]['text'] }}</s>{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-)
-
 # Image first when there is no system message: the case without a shared text prefix.
 QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -56,17 +48,7 @@ QWEN_TEMPLATE = (
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (~300 tokens) trained in code, with every special token used here."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-    )
+    return train_tokenizer(320, SPECIAL_TOKENS, _CORPUS)
 
 
 def _vocab_size() -> int:
