@@ -209,32 +209,40 @@ def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tok
     )
 
 
-def _check_batch(images, prompts, verdicts):
+def check_requests(images, prompts, verdicts=None) -> tuple[list, list[str]]:
+    """Check a batch of (image, prompt) pairs, and their verdicts when given (only as a list
+    of the right length here); return the images and prompts as lists."""
     from PIL import Image
 
-    for name, value in (("images", images), ("prompts", prompts), ("verdicts", verdicts)):
+    lists = {"images": images, "prompts": prompts}
+    if verdicts is not None:
+        lists["verdicts"] = verdicts
+    for name, value in lists.items():
         if isinstance(value, (str, bytes, Image.Image)) or not isinstance(value, Sequence):
             raise TypeError(f"{name} must be a list with one entry per request, got {type(value).__name__}")
-    if not (len(images) == len(prompts) == len(verdicts)):
-        raise ValueError(
-            f"got {len(images)} images, {len(prompts)} prompts and {len(verdicts)} verdicts: "
-            "give one of each per request"
-        )
-    if not images:
-        raise ValueError("the batch is empty: give at least one request")
+    if len({len(value) for value in lists.values()}) > 1:
+        counts = [f"{len(value)} {name}" for name, value in lists.items()]
+        raise ValueError(f"got {', '.join(counts[:-1])} and {counts[-1]}: give one of each per request")
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
             raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+    return list(images), list(prompts)
+
+
+def _check_batch(images, prompts, verdicts):
+    images, prompts = check_requests(images, prompts, verdicts)
+    if not images:
+        raise ValueError("the batch is empty: give at least one request")
     parsed = []
     for i, verdict in enumerate(verdicts):
         try:
             parsed.append(Verdict.parse(verdict))
         except (ValueError, TypeError) as err:
             raise type(err)(f"verdicts[{i}]: {err}") from None
-    return list(images), list(prompts), parsed
+    return images, prompts, parsed
 
 
 def _check_noised(noised_images, images):

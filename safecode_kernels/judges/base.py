@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from ..decoding.requests import check_requests  # noqa: F401  (the judges check their batches with it)
 from ..verdict import Verdict
 
 #: What a judge does with an answer that names no verdict. ``"safe"`` is the default, as in the
@@ -99,19 +100,3 @@ def judgement_from_answer(answer: str, caption: str | None, policy: str, index: 
     return Judgement(Verdict.parse(policy), caption, answer, parsed=False)
 
 
-def check_requests(images, prompts) -> tuple[list, list[str]]:
-    """Check a batch of (image, prompt) pairs; return them as lists."""
-    from PIL import Image
-
-    for name, value in (("images", images), ("prompts", prompts)):
-        if isinstance(value, (str, bytes, Image.Image)) or not isinstance(value, Sequence):
-            raise TypeError(f"{name} must be a list with one entry per request, got {type(value).__name__}")
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} images and {len(prompts)} prompts: give one of each per request")
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
-    return list(images), list(prompts)
