@@ -72,7 +72,7 @@ def tiny_llava(hidden_size: int = 32, num_layers: int = 2, image_size: int = 28,
     weights. ``model.save_pretrained(d)`` and ``processor.save_pretrained(d)`` give a folder
     that ``AutoModelForImageTextToText`` / ``AutoProcessor`` reload offline.
     """
-    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     heads = max(2, hidden_size // 32)
@@ -94,15 +94,21 @@ def tiny_llava(hidden_size: int = 32, num_layers: int = 2, image_size: int = 28,
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).float().eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, llava_processor(tokenizer, image_size, patch_size)
+
+
+def llava_processor(tokenizer, image_size: int, patch_size: int):
+    """A LLaVA-1.5 processor (PIL image processor, the LLaVA chat template) for ``tokenizer``."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=LLAVA_TEMPLATE,
     )
-    return model, processor
 
 
 def random_image(seed: int, size: int = 56):

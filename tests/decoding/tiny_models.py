@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from safecode_kernels.params import SteeringParams
-from safecode_kernels.tiny import LLAVA_TEMPLATE
+from safecode_kernels.tiny import llava_processor
 from safecode_kernels.tiny import tiny_tokenizer as train_tokenizer
 
 SPECIAL_TOKENS = [
@@ -73,8 +73,7 @@ def text_config(**extra) -> dict:
 @functools.lru_cache(maxsize=None)
 def tiny_llava(image_size: int = 28, patch_size: int = 14):
     """LLaVA-1.5: CLIP vision tower + Llama; ``(image_size / patch_size)**2`` image tokens."""
-    from transformers import (CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     config = LlavaConfig(
@@ -89,15 +88,7 @@ def tiny_llava(image_size: int = 28, patch_size: int = 14):
     torch.manual_seed(0)
     model = _finish(LlavaForConditionalGeneration(config))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
-    return model, processor
+    return model, llava_processor(tokenizer, image_size, patch_size)
 
 
 def _qwen_processor(base):
