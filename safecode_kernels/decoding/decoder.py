@@ -36,7 +36,8 @@ class SafeCoDeDecoder:
     the real rows alone, after the noised rows have been dropped from the cache.
 
     Args:
-        model: a supported ``*ForConditionalGeneration`` model (LLaVA-1.5, Qwen2-VL, Qwen2.5-VL).
+        model: a supported ``*ForConditionalGeneration`` model (see :func:`supported_models`:
+            LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InstructBLIP, Idefics2, Idefics3).
         processor: its processor (chat template, image processor, tokenizer).
         params: :class:`SteeringParams` of the steered steps (the sampling fields are set by
             :meth:`generate`).
@@ -184,6 +185,7 @@ def _decode(setup: Setup, share_prefix: bool, return_logits: bool, min_shared_pr
     rows, columns = layout.attention_mask.shape
     max_new = max(r.max_new_tokens for r in setup.requests)
     cache = new_cache(model, capacity=columns + max_new)
+    check_window(cache, columns + max_new)
     stats = {"prefix_columns": layout.prefix, "prompt_columns": columns, "forward_calls": 0}
 
     # One attention mask for the whole run: the prompt's, then ones for every generated token;
@@ -308,6 +310,19 @@ def new_cache(model, capacity: int | None = None):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
+
+
+def check_window(cache, positions: int) -> None:
+    """Refuse a sliding-window layer whose window is shorter than the padded run: its window
+    would count padding columns as positions, and no longer match each request's own."""
+    windows = [layer.sliding_window for layer in cache.layers
+               if getattr(layer, "is_sliding", False) and layer.sliding_window < positions]
+    if windows:
+        raise ValueError(
+            f"the model attends over a sliding window of {min(windows)} positions, fewer than this batch "
+            f"needs ({positions}: the padded prompts plus max_new_tokens); SafeCoDeDecoder supports sliding "
+            f"windows only where they cover the whole run: lower max_new_tokens or batch fewer, shorter prompts"
+        )
 
 
 def cache_nbytes(cache) -> int:

@@ -27,9 +27,12 @@ def _layer_class():
     class ReservedDynamicLayer(DynamicLayer):
         """A ``DynamicLayer`` with room for ``capacity`` positions, allocated on first use."""
 
-        def __init__(self, capacity: int = 0, **kwargs):
+        def __init__(self, capacity: int = 0, window: int | None = None, **kwargs):
             super().__init__(**kwargs)
             self.capacity = capacity
+            # Set when this layer stands in for a sliding-window one: it attends like a full
+            # layer only while every position fits in the window.
+            self.window = window
             self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
             self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -67,6 +70,9 @@ def _layer_class():
                 self.lazy_initialization(key_states, value_states)
             filled = self._filled()
             total = filled + key_states.shape[-2]
+            if self.window is not None and total > self.window:
+                raise RuntimeError(f"{total} positions exceed the layer's sliding window of {self.window}, "
+                                   f"which its reserved cache layer covers in full")
             if not self._ours() or total > self._buffers[0].shape[-2]:
                 if filled:
                     old_keys, old_values = self.keys, self.values
@@ -118,13 +124,23 @@ def _layer_class():
 
 def reserved_cache(model, capacity: int):
     """An empty ``DynamicCache`` for ``model`` whose full-attention layers allocate room for
-    ``capacity`` positions on first use (sliding-window layers stay as they are)."""
+    ``capacity`` positions on first use. A sliding-window layer whose window holds all
+    ``capacity`` positions attends like a full one (Mistral's 4096 in Idefics2, say) and is
+    reserved too; shorter windows stay as they are."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     layer = _layer_class()
+
+    def reserve(old):
+        if type(old) is DynamicLayer:
+            return layer(capacity)
+        if type(old) is DynamicSlidingWindowLayer and old.sliding_window >= capacity:
+            return layer(capacity, window=old.sliding_window)
+        return old
+
     cache = DynamicCache(config=model.config)
-    cache.layers = [layer(capacity) if type(l) is DynamicLayer else l for l in cache.layers]  # noqa: E741
+    cache.layers = [reserve(old) for old in cache.layers]
     if cache.layer_class_to_replicate is DynamicLayer:  # layers created on first use
         cache.layer_class_to_replicate = functools.partial(layer, capacity)
     return cache

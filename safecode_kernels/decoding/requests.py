@@ -150,7 +150,8 @@ def prepare(
 
 
 def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_template=None, index: int = 0) -> str:
-    """The full prompt text of one request, with the image placeholder exactly once.
+    """The full prompt text of one request, with the image placeholder exactly once (or not
+    at all, for processors that put the image tokens in front of the text themselves).
 
     With a chat template (the processor's, used by default when it has one) ``prompt`` is the
     user's text and the template places the image; without one (``chat_template=False`` or a
@@ -170,7 +171,13 @@ def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_templ
     else:
         text = prompt if system_prompt is None else f"{system_prompt}\n{prompt}"
     count = text.count(adapter.image_token)
-    if count != 1:
+    if not adapter.placeholder_in_prompt:
+        if count:
+            raise ValueError(
+                f"prompt {index} holds the image placeholder {adapter.image_token!r}, but this model's processor "
+                f"puts the image tokens in front of the text itself: remove it from the prompt"
+            )
+    elif count != 1:
         how = ("the chat template places it; remove it from the prompt" if use_template
                else "without a chat template the prompt must contain it where the image goes")
         raise ValueError(

@@ -23,20 +23,43 @@ class ModelAdapter:
     model_class_names: tuple[str, ...] = ()
     # Processor outputs that are text, not pixels.
     text_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+    # Vision inputs whose shape (beyond dim 0) may differ between requests; zero is their
+    # padding value (a masked Q-Former token, an image tile the model skips, ...), so
+    # :meth:`concat_vision` zero-pads them to a common shape. Every other key must agree.
+    padded_keys: tuple[str, ...] = ()
+    # Whether the prompt text carries the image placeholder (False where the processor adds
+    # the image tokens itself, as InstructBLIP's does in front of the text).
+    placeholder_in_prompt = True
+
+    @classmethod
+    def check_model(cls, model) -> None:
+        """Raise ``ValueError`` when ``model`` cannot generate (e.g. a base model without a head)."""
+        if getattr(cls.text_only_model(model), "lm_head", None) is None:
+            raise ValueError(
+                f"{type(model).__name__} has no language-model head: pass the generation model "
+                f"({' or '.join(cls.model_class_names)})"
+            )
 
     def __init__(self, model, processor):
         self.model = model
         self.processor = processor
-        params = inspect.signature(model.forward).parameters
+        # What runs forwards without pixels (decoding steps, the text prefix).
+        self.text_model = self.text_only_model(model)
+        params = inspect.signature(self.text_model.forward).parameters
         # transformers renamed ``past_key_values`` to ``cache`` after 5.17; accept both.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.has_logits_to_keep = "logits_to_keep" in params
-        # The model without its LM head, for forwards whose logits nobody reads (the prefix).
-        base = getattr(model, "model", None)
+        # The text model without its LM head, for forwards whose logits nobody reads (the prefix).
+        base = getattr(self.text_model, "model", None)
         self.base_model = base if isinstance(base, torch.nn.Module) else None
         if self.base_model is not None:
             base_params = inspect.signature(self.base_model.forward).parameters
             self.base_cache_kwarg = "cache" if "cache" in base_params else "past_key_values"
+
+    @staticmethod
+    def text_only_model(model) -> torch.nn.Module:
+        """The module for forwards without pixels: the model itself, where it takes them."""
+        return model
 
     # ----- tokens and pixels ------------------------------------------------------------
     @property
@@ -73,8 +96,19 @@ class ModelAdapter:
         return out
 
     def concat_vision(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Vision inputs of several images in row order (every tensor concatenated on dim 0)."""
-        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        """Vision inputs of several images in row order (every tensor concatenated on dim 0;
+        those in ``padded_keys`` zero-padded to the largest shape first)."""
+        out = {}
+        for key in parts[0]:
+            tensors = [p[key] for p in parts]
+            shapes = {t.shape[1:] for t in tensors}
+            if len(shapes) > 1:
+                if key not in self.padded_keys:
+                    raise RuntimeError(f"{type(self).__name__}: vision input {key!r} differs in shape between "
+                                       f"requests ({sorted(tuple(s) for s in shapes)}) and has no padding rule")
+                tensors = zero_pad(tensors)
+            out[key] = torch.cat(tensors)
+        return out
 
     def token_type_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra per-token inputs a forward over ``input_ids`` needs (none for LLaVA)."""
@@ -114,7 +148,7 @@ class ModelAdapter:
         if vision:
             kwargs.update(vision)
             kwargs.update(self.token_type_inputs(input_ids))
-        if not logits and self.base_model is not None and cache is not None:
+        if not logits and not vision and self.base_model is not None and cache is not None:
             kwargs[self.base_cache_kwarg] = cache
             self.base_model(use_cache=True, **kwargs)
             return None
@@ -123,7 +157,7 @@ class ModelAdapter:
         kwargs["use_cache"] = cache is not None
         if self.has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(**kwargs).logits[:, -1, :]
+        out = (self.model if vision else self.text_model)(**kwargs).logits[:, -1, :]
         return out if logits else None
 
     def full_forward(self, input_ids, vision) -> torch.Tensor:
@@ -132,3 +166,17 @@ class ModelAdapter:
         if self.has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         return self.model(**kwargs).logits[:, -1, :]
+
+
+def zero_pad(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` zero-padded at the end of every dim but the first to their largest shape."""
+    shape = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors))]
+    padded = []
+    for t in tensors:
+        if list(t.shape[1:]) == shape:
+            padded.append(t)
+            continue
+        out = t.new_zeros((t.shape[0], *shape))
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        padded.append(out)
+    return padded
