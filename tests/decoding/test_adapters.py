@@ -6,17 +6,25 @@ import types
 
 import pytest
 import torch
+import transformers
 from tiny_models import batch, tiny_qwen2_vl
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, supported_models
-from safecode_kernels.decoding.adapters import LlavaAdapter, Qwen2VLAdapter
+from safecode_kernels.decoding import adapters
 from safecode_kernels.decoding.requests import prepare
+
+
+ADAPTER_OF = {
+    "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter",
+    "qwen2_5_vl": "Qwen2VLAdapter", "qwen3_vl": "Qwen2VLAdapter", "instructblip": "InstructBlipAdapter",
+    "idefics2": "IdeficsAdapter", "idefics3": "IdeficsAdapter",
+}
 
 
 def test_family_adapters(tiny, family):
     model, processor, _ = tiny
     adapter = get_adapter(model, processor)
-    assert isinstance(adapter, LlavaAdapter if family == "llava" else Qwen2VLAdapter)
+    assert type(adapter) is getattr(adapters, ADAPTER_OF[family])
     assert adapter.image_token_id in adapter.placeholder_ids
     assert adapter.cache_kwarg in ("cache", "past_key_values")
 
@@ -29,9 +37,11 @@ def test_unsupported_model_names_the_supported_ones():
 
 
 def test_model_without_lm_head(tiny):
+    """The family's headless ``*Model`` (same config, no LM head) is refused."""
     model, processor, _ = tiny
+    headless = getattr(transformers, type(model).__name__.replace("ForConditionalGeneration", "Model"))
     with pytest.raises(ValueError, match="no language-model head"):
-        get_adapter(model.model, processor)
+        get_adapter(headless(model.config), processor)
 
 
 def test_positions_skip_padding_and_gaps(tiny):

@@ -7,42 +7,14 @@ import weakref
 import pytest
 import torch
 from transformers import DynamicCache
-from tiny_models import BACKEND, PARAMS, batch
+from compare import MAX_NEW, STEER, assert_same, run_all
+from tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 
-from safecode_kernels.decoding import (SafeCoDeDecoder, get_adapter, naive_safecode_generate,
-                                       safecode_generate, two_cache_safecode_generate)
+from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, naive_safecode_generate, safecode_generate
 from safecode_kernels.decoding import decoder as decoder_module
 from safecode_kernels.decoding.noise import noised_views
+from safecode_kernels.decoding.requests import build_prompt
 from safecode_kernels.refusal import RefusalVocabulary
-
-STEER = 3
-MAX_NEW = 6
-
-
-def run_all(model, processor, refusal, images, prompts, verdicts, **kwargs):
-    """(decoder, naive, two-cache) results on the same requests, greedy, with logits."""
-    settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
-    kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
-    # min_shared_prefix=1: share even the tiny prompts' few prefix tokens (the path under test).
-    fused = SafeCoDeDecoder(model, processor, **settings, min_shared_prefix=1).generate(
-        images, prompts, verdicts, **kwargs)
-    naive = naive_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
-    two = two_cache_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
-    return fused, naive, two
-
-
-def assert_same(result, oracle, atol=1e-4):
-    assert result.sequences == oracle.sequences
-    assert result.texts == oracle.texts
-    for name in ("logits", "noised_logits", "steered_logits"):
-        for got, want in zip(getattr(result, name), getattr(oracle, name)):
-            assert got.shape == want.shape, name
-            torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=name)  # -inf must match -inf
-    for got, want in zip(result.steering, oracle.steering):
-        assert [r.token for r in got] == [r.token for r in want]
-        for a, b in zip(got, want):
-            assert a.refusal_mass_before == pytest.approx(b.refusal_mass_before, abs=1e-5)
-            assert a.refusal_mass_after == pytest.approx(b.refusal_mass_after, abs=1e-5)
 
 
 @pytest.mark.parametrize("prefix", ["shared", "none", "mixed"])
@@ -55,7 +27,19 @@ def test_matches_naive_and_two_cache(tiny, prefix):
     assert all(len(s) == MAX_NEW for s in fused.sequences)
     assert [len(s) for s in fused.steering] == [STEER] * 3
     assert all(len(x) == MAX_NEW for x in fused.logits)
-    assert (fused.stats["prefix_columns"] > 0) == (prefix != "none")
+    assert (fused.stats["prefix_columns"] > 0) == has_text_prefix(processor, prefix)
+
+
+def test_the_image_matters(tiny):
+    """The fixture's image changes the logits far beyond the equivalence tolerance, or the
+    tests above could not tell a real row from a noised one."""
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    result = naive_safecode_generate(model, processor, images, prompts, verdicts, params=PARAMS, steer_steps=1,
+                                     refusal=refusal, backend=BACKEND, max_new_tokens=1, return_logits=True,
+                                     **kwargs)
+    for real, noised in zip(result.logits, result.noised_logits):
+        assert float((real[0] - noised[0]).abs().max()) > 10 * 1e-4
 
 
 def test_steering_moves_refusal_mass(tiny):
@@ -106,8 +90,12 @@ def test_shared_prefix_is_computed_once(tiny):
         hook.remove()
     prefix = result.stats["prefix_columns"]
     image_id = model.config.image_token_id
-    # Call 1: the prefixes, 3 rows (one per request), no image token; call 2: the rest, 6 rows.
-    assert shared_calls[0].shape == (3, prefix) and not (shared_calls[0] == image_id).any()
+    if has_text_prefix(processor, "shared"):
+        # Call 1: the prefixes, 3 rows (one per request), no image token; call 2: the rest, 6 rows.
+        assert shared_calls[0].shape == (3, prefix) and not (shared_calls[0] == image_id).any()
+    else:  # the prompts start with the image: nothing to share, no prefix forward
+        assert prefix == 0
+        shared_calls.insert(0, None)
     assert shared_calls[1].shape[0] == 6 and (shared_calls[1] == image_id).any()
     # Steered steps on 6 rows, then 3 rows after the noised rows are dropped.
     assert [c.shape for c in shared_calls[2:]] == [(6, 1)] * (STEER - 1) + [(3, 1)] * (MAX_NEW - STEER)
@@ -171,15 +159,13 @@ def test_no_steering_is_plain_generation(tiny):
         images, prompts, verdicts, max_new_tokens=MAX_NEW, eos_token_id=[], **kwargs)
     assert result.steering == [[], [], []]
     assert "cache_bytes_two_branch" not in result.stats
+    adapter = get_adapter(model, processor)
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        if kwargs["system_prompt"][i] is not None:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": kwargs["system_prompt"][i]}]})
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = build_prompt(adapter, processor, prompt, kwargs["system_prompt"][i])
         inputs = processor(images=[image], text=[text], return_tensors="pt")
         # The decoders never generate image placeholders; tell generate the same.
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
-                             min_new_tokens=MAX_NEW, suppress_tokens=get_adapter(model, processor).placeholder_ids)
+                             min_new_tokens=MAX_NEW, suppress_tokens=adapter.placeholder_ids)
         assert out[0, inputs["input_ids"].shape[1]:].tolist() == result.sequences[i]
 
 

@@ -8,7 +8,8 @@ import weakref
 
 import pytest
 import torch
-from tiny_models import BACKEND, PARAMS, batch
+from compare import MAX_NEW, STEER, assert_same
+from tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
@@ -17,7 +18,6 @@ from safecode_kernels.decoding.kv_cache import is_reserved, merge_rows, reserved
 from safecode_kernels.decoding.requests import prepare
 from safecode_kernels.decoding.small_batch import small_batch_linear
 from safecode_kernels.ops.step_inputs import StepError
-from test_decoder import MAX_NEW, STEER, assert_same
 
 
 def _settings(refusal, **extra):
@@ -71,7 +71,7 @@ def test_reserved_cache_after_outside_changes(tiny):
     plain, reserved = DynamicCache(config=model.config), reserved_cache(model, capacity=8)
     for cache in (plain, reserved):
         cache.update(*_kv(2, 6, 0), 0)
-        cache.crop(-2)
+        cache.layers[0].crop(-2)  # only layer 0 holds anything (transformers 5.17 fails on empty layers)
         keys, values = cache.update(*_kv(2, 1, 1), 0)
     assert torch.equal(plain.layers[0].keys, keys) and torch.equal(plain.layers[0].values, values)
 
@@ -116,7 +116,7 @@ def test_chunked_prefill_matches_naive(tiny, prefix, per_chunk):
     naive = naive_safecode_generate(model, processor, images, prompts, verdicts, **_settings(refusal), **kwargs)
     assert_same(fused, naive)
     assert fused.stats["prefill_chunks"] == (3 if per_chunk == 1 else 2)
-    assert (fused.stats["prefix_columns"] > 0) == (prefix != "none")
+    assert (fused.stats["prefix_columns"] > 0) == has_text_prefix(processor, prefix)
 
 
 def test_requests_per_chunk():
@@ -132,6 +132,8 @@ def test_requests_per_chunk():
 
 def test_short_prefixes_are_not_shared(tiny):
     model, processor, refusal = tiny
+    if not has_text_prefix(processor, "shared"):
+        pytest.skip("this family's prompts start with the image: no text prefix to share")
     images, prompts, verdicts, kwargs = batch(processor)
     setup = prepare(model, processor, images, prompts, verdicts, refusal=refusal, **kwargs)
     total = sum(r.prefix_len for r in setup.requests)

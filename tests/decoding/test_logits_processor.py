@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList
 from safecode_kernels import safecode_step
 from safecode_kernels.decoding import SafeCoDeDecoder, SafeCoDeLogitsProcessor, get_adapter
 from safecode_kernels.decoding.noise import noised_views
+from safecode_kernels.decoding.requests import build_prompt
 from safecode_kernels.refusal import RefusalVocabulary
 
 
@@ -48,12 +49,10 @@ def test_in_hf_generate_matches_the_decoder(tiny):
     want = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=3, refusal=refusal, backend=BACKEND).generate(
         [image], [prompt], [verdict], max_new_tokens=5, eos_token_id=[], system_prompt=system)
 
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    adapter = get_adapter(model, processor)
+    text = build_prompt(adapter, processor, prompt, system)
     real_inputs = processor(images=[image], text=[text], return_tensors="pt")
     noised_inputs = processor(images=noised_views([image], 0.1, 0), text=[text], return_tensors="pt")
-    adapter = get_adapter(model, processor)
     noised_vision = adapter.vision_inputs(noised_inputs)
     proc = SafeCoDeLogitsProcessor([verdict], refusal, PARAMS, steer_steps=3, backend=BACKEND,
                                    noised_logits_fn=lambda ids: adapter.full_forward(ids, noised_vision))

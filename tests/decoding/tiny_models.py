@@ -9,6 +9,7 @@ Builders are cached: tests share one instance per family and must not mutate its
 from __future__ import annotations
 
 import functools
+import importlib
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def _vocab_size() -> int:
     return len(tiny_tokenizer()) + 8
 
 
-def _finish(model):
+def finish(model):
     torch.manual_seed(0)
     model.eval()
     return model.float()
@@ -86,12 +87,12 @@ def tiny_llava(image_size: int = 28, patch_size: int = 14):
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     torch.manual_seed(0)
-    model = _finish(LlavaForConditionalGeneration(config))
+    model = finish(LlavaForConditionalGeneration(config))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, llava_processor(tokenizer, image_size, patch_size)
 
 
-def _qwen_processor(base):
+def qwen_image_only_processor(base):
     class ImageOnlyProcessor(base):
         """The Qwen processors insist on a video processor (which needs torchvision); images only here."""
 
@@ -103,7 +104,7 @@ def _qwen_processor(base):
     return ImageOnlyProcessor
 
 
-def _qwen_ids(tokenizer) -> dict:
+def qwen_ids(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -121,26 +122,32 @@ def _qwen_image_processor():
 _QWEN_TEXT = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
 
 
+def tiny_qwen(config_class, model_class, processor_class, text: dict, vision: dict, image_processor):
+    """``(model, processor)`` of a Qwen-VL family: ``text`` (on top of :func:`text_config`) and
+    ``vision`` config entries, seeded weights, ``<|im_end|>`` as EOS, an image-only processor."""
+    tokenizer = tiny_tokenizer()
+    config = config_class(text_config=text_config(**text), vision_config=vision, **qwen_ids(tokenizer))
+    torch.manual_seed(0)
+    model = finish(model_class(config))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    processor = qwen_image_only_processor(processor_class)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE,
+    )
+    return model, processor
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_qwen2_vl():
     """Qwen2-VL with M-RoPE; 4 image tokens for a 56x56 image."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    tokenizer = tiny_tokenizer()
-    config = Qwen2VLConfig(
-        text_config=dict(model_type="qwen2_vl_text", **text_config(**_QWEN_TEXT)),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        **_qwen_ids(tokenizer),
+    return tiny_qwen(
+        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+        text=dict(model_type="qwen2_vl_text", **_QWEN_TEXT),
+        vision=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_processor=_qwen_image_processor(),
     )
-    torch.manual_seed(0)
-    model = _finish(Qwen2VLForConditionalGeneration(config))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    processor = _qwen_processor(Qwen2VLProcessor)(
-        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
-        chat_template=QWEN_TEMPLATE,
-    )
-    return model, processor
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,25 +155,36 @@ def tiny_qwen2_5_vl():
     """Qwen2.5-VL (window attention in the vision tower); 4 image tokens for a 56x56 image."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tokenizer = tiny_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=dict(model_type="qwen2_5_vl_text", **text_config(**_QWEN_TEXT)),
-        vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        **_qwen_ids(tokenizer),
+    return tiny_qwen(
+        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+        text=dict(model_type="qwen2_5_vl_text", **_QWEN_TEXT),
+        vision=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1]),
+        image_processor=_qwen_image_processor(),
     )
-    torch.manual_seed(0)
-    model = _finish(Qwen2_5_VLForConditionalGeneration(config))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    processor = _qwen_processor(Qwen2_5_VLProcessor)(
-        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
-        chat_template=QWEN_TEMPLATE,
-    )
-    return model, processor
 
 
-BUILDERS = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+def _lazy(module: str, name: str):
+    """A builder imported from ``module`` (one file per family) when first called."""
+
+    def build():
+        return getattr(importlib.import_module(module), name)()
+
+    build.__name__ = name
+    return build
+
+
+BUILDERS = {
+    "llava": tiny_llava,
+    "llava_next": _lazy("tiny_llava_next", "tiny_llava_next"),
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": _lazy("tiny_qwen3_vl", "tiny_qwen3_vl"),
+    "instructblip": _lazy("tiny_instructblip", "tiny_instructblip"),
+    "idefics2": _lazy("tiny_idefics", "tiny_idefics2"),
+    "idefics3": _lazy("tiny_idefics", "tiny_idefics3"),
+}
 FAMILIES = list(BUILDERS)
 # The decoders are compared with each other on one backend; the backends are tested in tests/ops.
 BACKEND = "torch"
@@ -200,9 +218,24 @@ def batch(processor, prefix: str = "shared"):
         prompts = ["What is in this image?", "Hi", "Tell me about the weapon in the photo, please."]
         kwargs = dict(system_prompt=["You are a helpful assistant.", "Be brief.", None])
         return images, prompts, verdicts, kwargs
-    tok = processor.image_token
+    tok = placeholder(processor)
     if prefix == "none":
         prompts = [f"{tok}\nWhat is in this image?", f"{tok} Hi", f"{tok}\nTell me about the weapon, please."]
     else:
         prompts = [f"{tok}\nWhat is this?", f"USER: {tok} Hi", f"You are a helpful assistant. USER: {tok} Tell me."]
     return images, prompts, verdicts, dict(chat_template=False)
+
+
+def placeholder(processor) -> str:
+    """What a raw prompt writes where the image goes: the processor's image token, or nothing
+    for processors that put the image tokens in front of the text themselves (InstructBLIP's,
+    which also encodes the prompt for its Q-Former)."""
+    return "" if hasattr(processor, "qformer_tokenizer") else processor.image_token
+
+
+def has_text_prefix(processor, prefix: str) -> bool:
+    """Whether requests of ``batch(processor, prefix)`` have text before the first image token
+    (always for Idefics, whose processors open every image with ``<fake_token_around_image>``)."""
+    if hasattr(processor, "fake_image_token"):
+        return True
+    return prefix != "none" and bool(placeholder(processor))

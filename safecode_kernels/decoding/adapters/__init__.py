@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from .base import ModelAdapter
+from .idefics import IdeficsAdapter
+from .instructblip import InstructBlipAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, IdeficsAdapter,
+)
 
 
 def supported_models() -> list[str]:
@@ -19,11 +24,7 @@ def get_adapter(model, processor) -> ModelAdapter:
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
-            if getattr(model, "lm_head", None) is None:
-                raise ValueError(
-                    f"{type(model).__name__} has no language-model head: pass the generation model "
-                    f"({' or '.join(adapter.model_class_names)})"
-                )
+            adapter.check_model(model)
             return adapter(model, processor)
     raise ValueError(
         f"unsupported model {type(model).__name__} (model_type {model_type!r}); "
@@ -31,4 +32,7 @@ def get_adapter(model, processor) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "get_adapter", "supported_models"]
+__all__ = [
+    "ADAPTERS", "IdeficsAdapter", "InstructBlipAdapter", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter",
+    "Qwen2VLAdapter", "get_adapter", "supported_models",
+]

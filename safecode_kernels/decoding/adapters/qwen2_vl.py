@@ -1,9 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL: 3-D M-RoPE positions, ``mm_token_type_ids`` and ``rope_deltas``.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: 3-D M-RoPE positions, ``mm_token_type_ids``, ``rope_deltas``.
 
 Image tokens get (temporal, height, width) positions from ``get_rope_index``; text after the
 image continues from the largest image position, so a row's next position is not its length.
 ``rope_deltas`` (next position minus length) is what the model keeps to continue on its own;
 we pass explicit positions to every forward, and keep the model's copy in step with the rows.
+Qwen3-VL differs only inside the model (interleaved M-RoPE sections, DeepStack vision features
+added to the first text layers at the image tokens' places); its inputs and positions are the same.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from .base import ModelAdapter
 
 
 class Qwen2VLAdapter(ModelAdapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
-    model_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                         "Qwen3VLForConditionalGeneration")
 
     @property
     def _inner(self):
