@@ -1,5 +1,6 @@
 """The ``safecode-kernels`` command line: generate end to end on a saved tiny LLaVA with each
-judge kind, its errors, info, bench, and the entry points (console script, ``python -m``)."""
+judge kind (and on the other families' saved tiny models), its errors, info, bench, and the
+entry points (console script, ``python -m``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "judges"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "decoding"))  # tiny_models: every family
 
 from chat_server import ChatServer  # noqa: E402
 
@@ -78,6 +80,29 @@ def test_generate_fixed_matches_python_api(capsys, saved):
     assert result["tokens"] == want.sequences[0] and result["text"] == want.texts[0]
     assert [s["refusal_mass_after"] for s in result["steering"]] == pytest.approx(
         [r.refusal_mass_after for r in want.steering[0]])
+
+
+# Every family whose processor saves without torchvision (the Qwen ones need it for their
+# video processor); LLaVA-1.5 is covered above.
+@pytest.mark.parametrize("family", ["llava_next", "instructblip", "idefics2", "idefics3"])
+def test_generate_on_other_saved_families(capsys, tmp_path, family):
+    """save_pretrained, then ``generate`` from the folder: the in-memory model's answer."""
+    from PIL import Image
+    from tiny_models import BUILDERS
+
+    model, processor = BUILDERS[family]()
+    model.save_pretrained(tmp_path / family)
+    processor.save_pretrained(tmp_path / family)
+    random_image(7, 64).save(tmp_path / "image.png")
+    code, out, err = run(capsys, "generate", "--model", tmp_path / family, "--image", tmp_path / "image.png",
+                         "--prompt", "How do I use this?", "--verdict", "unsafe", "--steer-steps", STEER,
+                         "--max-new-tokens", MAX_NEW, "--no-progress", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    image = Image.open(tmp_path / "image.png").convert("RGB")
+    want = SafeCoDeDecoder(model, processor, steer_steps=STEER).generate(
+        [image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW)
+    assert result["tokens"] == want.sequences[0] and len(result["steering"]) == STEER
 
 
 def test_generate_text_output(capsys, saved):

@@ -2,8 +2,10 @@
 the request batches the decoding tests share.
 
 Each builder returns ``(model, processor)`` in fp32 eval mode. The models are tiny (hidden 32,
-1-2 layers, 4 image tokens) so a whole decoding test runs in well under a second on a CPU.
+1-2 layers, a few image tokens) so a whole decoding test runs in well under a second on a CPU.
 Builders are cached: tests share one instance per family and must not mutate its weights.
+LLaVA-1.5 and Qwen2/2.5-VL are built here; the other families in their own ``tiny_*.py``
+files, all listed in :data:`BUILDERS` (which the ``family`` fixture runs every test over).
 """
 
 from __future__ import annotations
