@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="answer one (image, prompt) with SafeCoDe on a real model",
         description="Answer one request with SafeCoDe steering on a Hugging Face multimodal model "
-                    "(LLaVA-1.5, LLaVA-NeXT, Qwen2/2.5/3-VL, InstructBLIP, Idefics2/3) from a local folder, or from the hub where reachable "
-                    "(HF_HUB_OFFLINE=1 is respected). The verdict comes from --verdict, or from a judge.")
+                    "(LLaVA-1.5, LLaVA-NeXT, Qwen2/2.5/3-VL, InstructBLIP, Idefics2/3) from a local folder, "
+                    "or from the hub where reachable (HF_HUB_OFFLINE=1 is respected). The verdict comes from "
+                    "--verdict, or from a judge.")
     gen.add_argument("--model", required=True, metavar="PATH_OR_ID",
                      help="a folder written by save_pretrained (model + processor), or a hub id")
     gen.add_argument("--image", required=True, metavar="FILE", help="the image file")

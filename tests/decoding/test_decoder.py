@@ -91,22 +91,24 @@ def test_shared_prefix_is_computed_once(tiny):
     prefix = result.stats["prefix_columns"]
     image_id = model.config.image_token_id
     if has_text_prefix(processor, "shared"):
-        # Call 1: the prefixes, 3 rows (one per request), no image token; call 2: the rest, 6 rows.
-        assert shared_calls[0].shape == (3, prefix) and not (shared_calls[0] == image_id).any()
+        # First the prefixes: 3 rows (one per request), no image token.
+        prefix_call, *shared_calls = shared_calls
+        assert prefix_call.shape == (3, prefix) and not (prefix_call == image_id).any()
     else:  # the prompts start with the image: nothing to share, no prefix forward
         assert prefix == 0
-        shared_calls.insert(0, None)
-    assert shared_calls[1].shape[0] == 6 and (shared_calls[1] == image_id).any()
+    # Then the rest of the prompts on 6 rows.
+    prompt_call = shared_calls[0]
+    assert prompt_call.shape[0] == 6 and (prompt_call == image_id).any()
     # Steered steps on 6 rows, then 3 rows after the noised rows are dropped.
-    assert [c.shape for c in shared_calls[2:]] == [(6, 1)] * (STEER - 1) + [(3, 1)] * (MAX_NEW - STEER)
+    assert [c.shape for c in shared_calls[1:]] == [(6, 1)] * (STEER - 1) + [(3, 1)] * (MAX_NEW - STEER)
     # Without sharing, the whole prompt runs on 6 rows; the answers are the same.
     assert unshared_calls[0].shape[0] == 6
     assert reference.stats["prefix_columns"] == 0
     assert_same(result, reference)
-    # Every row of call 2 starts (after its padding) at the first image token: nothing before
+    # Every row of the prompt call starts (after its padding) at the first image token: nothing before
     # the image runs twice.
     pad = processor.tokenizer.pad_token_id
-    for row in shared_calls[1]:
+    for row in prompt_call:
         assert row[row != pad][0] == image_id
 
 
