@@ -90,6 +90,8 @@ def test_generate_on_other_saved_families(capsys, tmp_path, family):
     from PIL import Image
     from tiny_models import BUILDERS
 
+    if family.startswith("idefics"):
+        _skip_without_auto_image_processor(f"{family.title()}ImageProcessorPil")
     model, processor = BUILDERS[family]()
     model.save_pretrained(tmp_path / family)
     processor.save_pretrained(tmp_path / family)
@@ -103,6 +105,17 @@ def test_generate_on_other_saved_families(capsys, tmp_path, family):
     want = SafeCoDeDecoder(model, processor, steer_steps=STEER).generate(
         [image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW)
     assert result["tokens"] == want.sequences[0] and len(result["steering"]) == STEER
+
+
+def _skip_without_auto_image_processor(name: str) -> None:
+    """transformers 5.17 exports some PIL image processors (Idefics's) only with torchvision, so
+    ``AutoProcessor`` cannot reload them there; skip where that is so."""
+    import transformers
+
+    try:
+        getattr(transformers, name)()
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} loads {name} only with torchvision, not installed")
 
 
 def test_generate_text_output(capsys, saved):
