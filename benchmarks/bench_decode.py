@@ -6,14 +6,14 @@ loop, the sequential two-cache loop, the fused decoder, plain generation (the mo
 ``generate``), the decoder without steering, and one prefill of the noised branch's
 non-shared part (with plain generation: the fused decoder's lower bound), for the steered
 phase (5 tokens) and a whole answer (64 tokens), at batch 1 and 8, with a ~300-token shared
-system prompt and without one. The measuring lives in ``safecode_kernels.benchmarking.decode``
+system prompt and without one. The measuring lives in ``safecode_kernels.app.benchmarking.decode``
 so that the installed package can run it too. Nothing here asserts a time.
 
 Two ways to run it:
 
     python benchmarks/bench_decode.py [--quick] [--threads N] [--out DIR]   # script mode: writes
         decode_bench.json / .md / .png naming the machine (same as
-        python -m safecode_kernels.benchmarking.decode)
+        python -m safecode_kernels.app.benchmarking.decode)
     python -m pytest benchmarks/bench_decode.py     # pytest-benchmark, one group per case,
                                                     # and the ratio table at the end
 
@@ -34,8 +34,8 @@ import time
 
 import torch
 
-from safecode_kernels.benchmarking import decode as bench
-from safecode_kernels.benchmarking.models import TINY
+from safecode_kernels.app.benchmarking import decode as bench
+from safecode_kernels.app.benchmarking.models import TINY
 
 try:
     import pytest

@@ -40,7 +40,7 @@ import time
 import torch
 
 import safecode_kernels as sk
-from safecode_kernels.dispatch import backend_status
+from safecode_kernels.ops.dispatch import backend_status
 
 # The naive baseline and the fused kernel of each device.
 BACKENDS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton")}

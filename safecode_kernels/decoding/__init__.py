@@ -8,12 +8,13 @@
 """
 
 from .adapters import ModelAdapter, get_adapter, supported_models
-from .decoder import SafeCoDeDecoder, cache_nbytes, safecode_generate
+from .baselines.naive import naive_safecode_generate
+from .baselines.two_cache import two_cache_safecode_generate
+from .decoder import SafeCoDeDecoder, safecode_generate
+from .kv_cache import cache_nbytes
 from .logits_processor import SafeCoDeLogitsProcessor
-from .naive import naive_safecode_generate
 from .noise import make_noised_image
 from .results import GenerationResult, SteeringRecord
-from .two_cache import two_cache_safecode_generate
 
 __all__ = [
     "GenerationResult",

@@ -20,9 +20,10 @@ import torch
 
 from ..params import SteeringParams
 from .adapters import get_adapter
-from .kv_cache import is_reserved, merge_rows, reserved_cache
+from .kv_cache import cache_nbytes, check_window, is_reserved, merge_rows, new_cache
 from .noise import check_noise_std
-from .requests import Setup, check_int, prepare, resolve_refusal
+from ..validation import check_int
+from .requests import Setup, prepare, resolve_refusal
 from .results import GenerationResult, Recorder
 from .small_batch import small_batch_linear
 
@@ -300,37 +301,3 @@ def _requests_per_chunk(prefill_tokens, requests: int, width: int, columns: int,
     if not prefill_tokens:
         return requests
     return max(1, min(requests, prefill_tokens // max(1, width * columns)))
-
-
-def new_cache(model, capacity: int | None = None):
-    """An empty ``DynamicCache`` for ``model`` (transformers is imported only when decoding);
-    with ``capacity``, its layers keep room for that many positions (see kv_cache.py)."""
-    if capacity is not None:
-        return reserved_cache(model, capacity)
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-def check_window(cache, positions: int) -> None:
-    """Refuse a sliding-window layer whose window is shorter than the padded run: its window
-    would count padding columns as positions, and no longer match each request's own."""
-    windows = [layer.sliding_window for layer in cache.layers
-               if getattr(layer, "is_sliding", False) and layer.sliding_window < positions]
-    if windows:
-        raise ValueError(
-            f"the model attends over a sliding window of {min(windows)} positions, fewer than this batch "
-            f"needs ({positions}: the padded prompts plus max_new_tokens); SafeCoDeDecoder supports sliding "
-            f"windows only where they cover the whole run: lower max_new_tokens or batch fewer, shorter prompts"
-        )
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes held by the key/value storages of a ``DynamicCache`` (whole storages, so a view
-    that keeps a larger buffer alive counts in full)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.untyped_storage().nbytes()
-    return total

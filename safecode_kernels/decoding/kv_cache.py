@@ -181,3 +181,37 @@ def merge_rows(model, caches, capacity: int):
         layer._buffers = (buffers[0], buffers[1])
         layer._show(filled)
     return merged
+
+
+def new_cache(model, capacity: int | None = None):
+    """An empty ``DynamicCache`` for ``model`` (transformers is imported only when decoding);
+    with ``capacity``, its layers keep room for that many positions (see kv_cache.py)."""
+    if capacity is not None:
+        return reserved_cache(model, capacity)
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def check_window(cache, positions: int) -> None:
+    """Refuse a sliding-window layer whose window is shorter than the padded run: its window
+    would count padding columns as positions, and no longer match each request's own."""
+    windows = [layer.sliding_window for layer in cache.layers
+               if getattr(layer, "is_sliding", False) and layer.sliding_window < positions]
+    if windows:
+        raise ValueError(
+            f"the model attends over a sliding window of {min(windows)} positions, fewer than this batch "
+            f"needs ({positions}: the padded prompts plus max_new_tokens); SafeCoDeDecoder supports sliding "
+            f"windows only where they cover the whole run: lower max_new_tokens or batch fewer, shorter prompts"
+        )
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by the key/value storages of a ``DynamicCache`` (whole storages, so a view
+    that keeps a larger buffer alive counts in full)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.untyped_storage().nbytes()
+    return total

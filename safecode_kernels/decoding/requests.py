@@ -16,6 +16,7 @@ from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
 from ..verdict import Verdict
 from .adapters import ModelAdapter, get_adapter
+from ..validation import check_int, check_requests
 from .noise import noised_views
 
 
@@ -216,29 +217,6 @@ def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tok
     )
 
 
-def check_requests(images, prompts, verdicts=None) -> tuple[list, list[str]]:
-    """Check a batch of (image, prompt) pairs, and their verdicts when given (only as a list
-    of the right length here); return the images and prompts as lists."""
-    from PIL import Image
-
-    lists = {"images": images, "prompts": prompts}
-    if verdicts is not None:
-        lists["verdicts"] = verdicts
-    for name, value in lists.items():
-        if isinstance(value, (str, bytes, Image.Image)) or not isinstance(value, Sequence):
-            raise TypeError(f"{name} must be a list with one entry per request, got {type(value).__name__}")
-    if len({len(value) for value in lists.values()}) > 1:
-        counts = [f"{len(value)} {name}" for name, value in lists.items()]
-        raise ValueError(f"got {', '.join(counts[:-1])} and {counts[-1]}: give one of each per request")
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(image).__name__}")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
-    return list(images), list(prompts)
-
-
 def _check_batch(images, prompts, verdicts):
     images, prompts = check_requests(images, prompts, verdicts)
     if not images:
@@ -265,13 +243,6 @@ def _check_noised(noised_images, images):
         if noised.size != image.size:
             raise ValueError(f"noised_images[{i}] is {noised.size} but images[{i}] is {image.size}: they must match")
     return list(noised_images)
-
-
-def check_int(name, value, low) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _sampling(do_sample, temperature, top_k, top_p) -> dict:

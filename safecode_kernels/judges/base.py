@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from ..decoding.requests import check_requests  # noqa: F401  (the judges check their batches with it)
+from ..validation import check_requests  # noqa: F401  (the judges check their batches with it)
 from ..verdict import Verdict
 
 #: What a judge does with an answer that names no verdict. ``"safe"`` is the default, as in the

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from ..dispatch import resolve_backend
+from .dispatch import resolve_backend
 from ..params import SteeringParams
 from .step_inputs import prepare_step_inputs
 

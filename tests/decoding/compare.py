@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BACKEND, PARAMS
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate, two_cache_safecode_generate
 

@@ -1,17 +1,11 @@
-"""Fixtures of the decoding tests; the tiny models and request batches live in tiny_models.py."""
+"""Fixtures of the decoding tests; the tiny models and request batches live in safecode_kernels/testing/tiny_models.py."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from tiny_models import BUILDERS, FAMILIES, refusal_ids  # noqa: E402
-
-from safecode_kernels.refusal import RefusalVocabulary  # noqa: E402
+from safecode_kernels.refusal import RefusalVocabulary
+from safecode_kernels.testing.tiny_models import BUILDERS, FAMILIES, refusal_ids
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 import transformers
-from tiny_models import batch, tiny_qwen2_vl
+from safecode_kernels.testing.tiny_models import batch, tiny_qwen2_vl
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, supported_models
 from safecode_kernels.decoding import adapters

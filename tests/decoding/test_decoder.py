@@ -7,8 +7,8 @@ import weakref
 import pytest
 import torch
 from transformers import DynamicCache
-from compare import MAX_NEW, STEER, assert_same, run_all
-from tiny_models import BACKEND, PARAMS, batch, has_text_prefix
+from tests.decoding.compare import MAX_NEW, STEER, assert_same, run_all
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, naive_safecode_generate, safecode_generate
 from safecode_kernels.decoding import decoder as decoder_module

@@ -8,8 +8,8 @@ import weakref
 
 import pytest
 import torch
-from compare import MAX_NEW, STEER, assert_same
-from tiny_models import BACKEND, PARAMS, batch, has_text_prefix
+from tests.decoding.compare import MAX_NEW, STEER, assert_same
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate

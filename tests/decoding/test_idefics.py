@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-from compare import assert_same, run_all
-from tiny_idefics import tiny_idefics2, tiny_idefics3
-from tiny_models import random_image, refusal_ids
+from tests.decoding.compare import assert_same, run_all
+from safecode_kernels.testing.tiny_idefics import tiny_idefics2, tiny_idefics3
+from safecode_kernels.testing.tiny_models import random_image, refusal_ids
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter

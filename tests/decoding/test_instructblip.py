@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import MAX_NEW, STEER
-from tiny_instructblip import NUM_QUERY_TOKENS, tiny_instructblip
-from tiny_models import BACKEND, PARAMS, batch
+from tests.decoding.compare import MAX_NEW, STEER
+from safecode_kernels.testing.tiny_instructblip import NUM_QUERY_TOKENS, tiny_instructblip
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter
 from safecode_kernels.decoding.requests import prepare
@@ -86,7 +86,7 @@ def test_one_prefill_forward_on_all_rows():
 def test_forwards_without_pixels_run_the_language_model():
     """A text chunk filling the cache without logits, then the next ones: the language model's
     logits of the whole text, whichever name the installed transformers gives the cache."""
-    from safecode_kernels.decoding.decoder import new_cache
+    from safecode_kernels.decoding.kv_cache import new_cache
 
     model, processor = tiny_instructblip()
     adapter = get_adapter(model, processor)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compare import assert_same, run_all
-from tiny_llava_next import tiny_llava_next
-from tiny_models import random_image, refusal_ids
+from tests.decoding.compare import assert_same, run_all
+from safecode_kernels.testing.tiny_llava_next import tiny_llava_next
+from safecode_kernels.testing.tiny_models import random_image, refusal_ids
 
 from safecode_kernels.decoding import get_adapter
 from safecode_kernels.decoding.requests import _encode, build_prompt, prepare

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import BACKEND, PARAMS, batch
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
 from transformers import LogitsProcessorList
 
 from safecode_kernels import safecode_step

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import BACKEND, batch, random_image
+from safecode_kernels.testing.tiny_models import BACKEND, batch, random_image
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
 

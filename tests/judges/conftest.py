@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from chat_server import ChatServer  # noqa: E402
+from tests.judges.chat_server import ChatServer
 
 
 @pytest.fixture
@@ -26,6 +21,6 @@ def one_thread(single_torch_thread):
 
 @pytest.fixture(scope="session")
 def tiny_llava():
-    from safecode_kernels.tiny import tiny_llava
+    from safecode_kernels.testing.tiny import tiny_llava
 
     return tiny_llava()

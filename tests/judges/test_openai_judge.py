@@ -13,7 +13,7 @@ from PIL import Image
 from safecode_kernels import Verdict
 from safecode_kernels.judges import (JudgeConnectionError, JudgeError, JudgeHTTPError, JudgeResponseError,
                                      JudgeTimeout, OpenAIJudge, UnparseableVerdict)
-from safecode_kernels.tiny import random_image
+from safecode_kernels.testing.tiny import random_image
 
 KEY = "sk-test-very-secret-0123456789"
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=2.0)

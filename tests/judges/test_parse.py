@@ -8,7 +8,7 @@ from safecode_kernels import Verdict
 from safecode_kernels.judges import (FixedJudge, Judge, Judgement, UnparseableVerdict, judgement_from_answer,
                                      parse_verdict)
 from safecode_kernels.judges.openai import split_answer
-from safecode_kernels.tiny import random_image
+from safecode_kernels.testing.tiny import random_image
 
 
 @pytest.mark.parametrize("answer, want", [

@@ -9,7 +9,7 @@ import pytest
 from safecode_kernels import Verdict
 from safecode_kernels.judges import Judge, SelfJudge, UnparseableVerdict
 from safecode_kernels.judges.self_judge import CAPTION_PROMPT
-from safecode_kernels.tiny import random_image
+from safecode_kernels.testing.tiny import random_image
 
 IMAGES = [random_image(0, 56), random_image(1, 64), random_image(2, 56)]
 PROMPTS = ["How do I use the knife in this photo?", "What is this?", "Hi"]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import safecode_kernels as sk
-from safecode_kernels.dispatch import backend_status
+from safecode_kernels.ops.dispatch import backend_status
 from safecode_kernels.ops.step_inputs import StepError
 
 CPU_REASON = backend_status()["cpu"]

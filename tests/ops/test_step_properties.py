@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import safecode_kernels as sk  # noqa: E402
-from safecode_kernels.dispatch import backend_status  # noqa: E402
+from safecode_kernels.ops.dispatch import backend_status  # noqa: E402
 from safecode_kernels.ops.step_inputs import StepError  # noqa: E402
 
 pytestmark = pytest.mark.skipif(backend_status()["cpu"] is not None, reason="cpu backend unavailable")

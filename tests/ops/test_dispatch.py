@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import safecode_kernels as sk
-from safecode_kernels.dispatch import BACKENDS, backend_status, resolve_backend
+from safecode_kernels.ops.dispatch import BACKENDS, backend_status, resolve_backend
 from safecode_kernels.ops import step_cpu, step_torch
 
 CPU = torch.device("cpu")

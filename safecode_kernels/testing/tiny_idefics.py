@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from tiny_models import finish, text_config
+from .tiny_models import finish, text_config
 
-from safecode_kernels.tiny import CORPUS
-from safecode_kernels.tiny import tiny_tokenizer as train_tokenizer
+from .tiny import CORPUS
+from .tiny import tiny_tokenizer as train_tokenizer
 
 IDEFICS_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 # Idefics3 marks each tile with its place in the grid (up to 6x6) and the overview with <global-img>.

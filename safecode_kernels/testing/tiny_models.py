@@ -19,8 +19,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from safecode_kernels.params import SteeringParams
-from safecode_kernels.tiny import llava_processor
-from safecode_kernels.tiny import tiny_tokenizer as train_tokenizer
+from .tiny import llava_processor
+from .tiny import tiny_tokenizer as train_tokenizer
 
 SPECIAL_TOKENS = [
     "<unk>", "<s>", "</s>", "<pad>", "<image>",
@@ -171,7 +171,7 @@ def _lazy(module: str, name: str):
     """A builder imported from ``module`` (one file per family) when first called."""
 
     def build():
-        return getattr(importlib.import_module(module), name)()
+        return getattr(importlib.import_module(module, __package__), name)()
 
     build.__name__ = name
     return build
@@ -179,13 +179,13 @@ def _lazy(module: str, name: str):
 
 BUILDERS = {
     "llava": tiny_llava,
-    "llava_next": _lazy("tiny_llava_next", "tiny_llava_next"),
+    "llava_next": _lazy(".tiny_llava_next", "tiny_llava_next"),
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
-    "qwen3_vl": _lazy("tiny_qwen3_vl", "tiny_qwen3_vl"),
-    "instructblip": _lazy("tiny_instructblip", "tiny_instructblip"),
-    "idefics2": _lazy("tiny_idefics", "tiny_idefics2"),
-    "idefics3": _lazy("tiny_idefics", "tiny_idefics3"),
+    "qwen3_vl": _lazy(".tiny_qwen3_vl", "tiny_qwen3_vl"),
+    "instructblip": _lazy(".tiny_instructblip", "tiny_instructblip"),
+    "idefics2": _lazy(".tiny_idefics", "tiny_idefics2"),
+    "idefics3": _lazy(".tiny_idefics", "tiny_idefics3"),
 }
 FAMILIES = list(BUILDERS)
 # The decoders are compared with each other on one backend; the backends are tested in tests/ops.

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from safecode_kernels.benchmarking import decode as bench
-from safecode_kernels.benchmarking.models import BENCH, TINY, bench_requests, build_llava, build_tokenizer, system_prompt
+from safecode_kernels.app.benchmarking import decode as bench
+from safecode_kernels.app.benchmarking.models import BENCH, TINY, bench_requests, build_llava, build_tokenizer, system_prompt
 
 
 @pytest.fixture(scope="module")

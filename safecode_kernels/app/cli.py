@@ -4,7 +4,7 @@ Subcommands:
 
 - ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code;
 - ``generate``: one request on a real model from a local folder (or the hub, where reachable);
-- ``bench``: the benchmarks (``safecode_kernels.benchmarking``), its arguments passed through;
+- ``bench``: the benchmarks (``safecode_kernels.app.benchmarking``), its arguments passed through;
 - ``info``: versions, and which backends of the step op work here.
 
 Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
@@ -57,12 +57,12 @@ def _cmd_info(args) -> int:
 
 # ----- bench ----------------------------------------------------------------------------------
 def bench_entry_point():
-    """The benchmark's ``main(argv) -> int``: ``safecode_kernels.benchmarking.main`` if the
-    package defines one, else ``safecode_kernels.benchmarking.decode.main``; ``None`` if
+    """The benchmark's ``main(argv) -> int``: ``safecode_kernels.app.benchmarking.main`` if the
+    package defines one, else ``safecode_kernels.app.benchmarking.decode.main``; ``None`` if
     neither is installed."""
     import importlib
 
-    for module_name in ("safecode_kernels.benchmarking", "safecode_kernels.benchmarking.decode"):
+    for module_name in ("safecode_kernels.app.benchmarking", "safecode_kernels.app.benchmarking.decode"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
@@ -78,7 +78,7 @@ def bench_entry_point():
 def _cmd_bench(args) -> int:
     main = bench_entry_point()
     if main is None:
-        raise CLIError("the benchmarks are not part of this installation (safecode_kernels.benchmarking has no "
+        raise CLIError("the benchmarks are not part of this installation (safecode_kernels.app.benchmarking has no "
                        "main); from a source checkout: python benchmarks/bench_step.py", code=1)
     result = main(list(args.bench_args))
     return int(result or 0)
@@ -134,7 +134,7 @@ def check_architecture(model_name: str):
     """The model's config; :class:`CLIError` when its architecture has no adapter."""
     from transformers import AutoConfig
 
-    from .decoding.adapters import ADAPTERS, supported_models
+    from ..decoding.adapters import ADAPTERS, supported_models
 
     try:
         config = AutoConfig.from_pretrained(model_name)
@@ -183,7 +183,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def make_judge(args, model=None, processor=None):
-    from .judges import FixedJudge, OpenAIJudge, SelfJudge
+    from ..judges import FixedJudge, OpenAIJudge, SelfJudge
 
     if args.verdict != "auto":
         return FixedJudge(args.verdict)
@@ -215,7 +215,7 @@ def _check_generate_args(args) -> None:
 
 
 def _steering_params(args):
-    from .params import SteeringParams
+    from ..params import SteeringParams
 
     fields = dict(alpha=args.alpha, sensitive_top_k=args.sensitive_top_k, boost=args.boost, suppress=args.suppress)
     if args.alpha_safe is not None:
@@ -230,8 +230,8 @@ def _cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .decoding import SafeCoDeDecoder
-    from .judges import JudgeError
+    from ..decoding import SafeCoDeDecoder
+    from ..judges import JudgeError
 
     _check_generate_args(args)
     if args.no_progress:
@@ -311,7 +311,7 @@ def _cmd_generate(args) -> int:
 
 # ----- the parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="safecode-kernels",

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .requests import prepare
-from .results import GenerationResult, Recorder
+from ..requests import prepare
+from ..results import GenerationResult, Recorder
 
 
 def naive_safecode_generate(model, processor, images, prompts, verdicts, *, return_logits: bool = False,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from tiny_models import finish, text_config
+from .tiny_models import finish, text_config
 
-from safecode_kernels.tiny import CORPUS
-from safecode_kernels.tiny import tiny_tokenizer as train_tokenizer
+from .tiny import CORPUS
+from .tiny import tiny_tokenizer as train_tokenizer
 
 #: Query tokens of the Q-Former = image tokens the processor puts in front of the text.
 NUM_QUERY_TOKENS = 4

@@ -4,11 +4,11 @@
   requests, built offline from a config.
 - :mod:`.decode`: the end-to-end decoding benchmark of issue 6 (naive loop, two-cache loop,
   fused decoder, plain generation, the lower bound), its JSON / markdown / PNG report, and
-  ``main(argv)`` for script mode (``python -m safecode_kernels.benchmarking.decode --quick``).
+  ``main(argv)`` for script mode (``python -m safecode_kernels.app.benchmarking.decode --quick``).
 
 Example::
 
-    from safecode_kernels.benchmarking import decode
+    from safecode_kernels.app.benchmarking import decode
     decode.main(["--quick", "--out", "bench-results"])
 """
 
@@ -27,7 +27,7 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    # Lazy, so that ``python -m safecode_kernels.benchmarking.decode`` does not import the
+    # Lazy, so that ``python -m safecode_kernels.app.benchmarking.decode`` does not import the
     # module twice (once through the package, once as __main__).
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 
 import torch
-from tiny_models import finish, text_config, tiny_tokenizer
+from .tiny_models import finish, text_config, tiny_tokenizer
 
-from safecode_kernels.tiny import LLAVA_TEMPLATE
+from .tiny import LLAVA_TEMPLATE
 
 #: Tiles of 28x28 pixels (2x2 image tokens each); a square image takes the 2x2-tile grid, a
 #: 2:1 image the 1x2 or 2x1 grid, so the image-token count follows the aspect ratio.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import new_cache
-from .requests import prepare
-from .results import GenerationResult, Recorder
+from ..kv_cache import new_cache
+from ..requests import prepare
+from ..results import GenerationResult, Recorder
 
 
 def two_cache_safecode_generate(model, processor, images, prompts, verdicts, *, return_logits: bool = False,

@@ -14,13 +14,10 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "judges"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "decoding"))  # tiny_models: every family
-
-from chat_server import ChatServer  # noqa: E402
-
-from safecode_kernels import SafeCoDeDecoder, cli  # noqa: E402
-from safecode_kernels.tiny import random_image, tiny_llava  # noqa: E402
+from safecode_kernels import SafeCoDeDecoder
+from safecode_kernels.app import cli
+from safecode_kernels.testing.tiny import random_image, tiny_llava
+from tests.judges.chat_server import ChatServer
 
 STEER = 3
 MAX_NEW = 6
@@ -88,7 +85,7 @@ def test_generate_fixed_matches_python_api(capsys, saved):
 def test_generate_on_other_saved_families(capsys, tmp_path, family):
     """save_pretrained, then ``generate`` from the folder: the in-memory model's answer."""
     from PIL import Image
-    from tiny_models import BUILDERS
+    from safecode_kernels.testing.tiny_models import BUILDERS
 
     if family.startswith("idefics"):
         _skip_without_auto_image_processor(f"{family.title()}ImageProcessorPil")

@@ -9,7 +9,7 @@ in seconds.
 
 Example::
 
-    >>> from safecode_kernels.tiny import tiny_llava, random_image
+    >>> from .tiny import tiny_llava, random_image
     >>> model, processor = tiny_llava()
     >>> model.config.model_type
     'llava'

@@ -33,7 +33,7 @@ Nothing here asserts a time.
 
 Script mode::
 
-    python -m safecode_kernels.benchmarking.decode [--quick] [--threads N] [--out DIR]
+    python -m safecode_kernels.app.benchmarking.decode [--quick] [--threads N] [--out DIR]
     python benchmarks/bench_decode.py [...]            # the same
 
 writes ``decode_bench.json``, ``decode_bench.md`` and ``decode_bench.png`` to ``--out``.
@@ -54,10 +54,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..decoding import SafeCoDeDecoder, naive_safecode_generate, two_cache_safecode_generate
-from ..decoding.decoder import _layout, new_cache
-from ..decoding.requests import build_prompt, prepare
-from ..refusal import RefusalVocabulary
+from ...decoding import SafeCoDeDecoder, naive_safecode_generate, two_cache_safecode_generate
+from ...decoding.decoder import _layout
+from ...decoding.kv_cache import new_cache
+from ...decoding.requests import build_prompt, prepare
+from ...refusal import RefusalVocabulary
 from .models import BENCH, LlavaSpec, bench_requests, build_llava, system_prompt
 
 DECODERS = ("naive", "two_cache", "fused", "plain", "unsteered")
@@ -138,7 +139,7 @@ class Workload:
 
     def plain_inputs(self):
         """Prompts through the processor, left-padded as ``generate`` wants them."""
-        from ..decoding.adapters import get_adapter
+        from ...decoding.adapters import get_adapter
 
         adapter = get_adapter(self.model, self.processor)
         texts = [build_prompt(adapter, self.processor, p, self.system) for p in self.prompts]

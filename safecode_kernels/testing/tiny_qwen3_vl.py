@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from tiny_models import tiny_qwen
+from .tiny_models import tiny_qwen
 
 
 def qwen3_vl_classes():

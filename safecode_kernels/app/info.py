@@ -21,9 +21,9 @@ def _version(name: str) -> str | None:
 
 def collect() -> dict:
     """Everything ``info`` reports, as a JSON-ready dict."""
-    from . import __version__
-    from .dispatch import backend_status
-    from .ops import step_cpu
+    from .. import __version__
+    from ..ops.dispatch import backend_status
+    from ..ops import step_cpu
 
     versions = {"python": platform.python_version()}
     versions.update({name: _version(name) for name in PACKAGES})
@@ -46,7 +46,7 @@ def collect() -> dict:
     override = os.environ.get("SAFECODE_BACKEND") or None
     auto = {"cpu": "cpu" if status["cpu"] is None else "torch"}
     if cuda["available"]:
-        from .ops import step_triton
+        from ..ops import step_triton
 
         auto["cuda"] = "triton" if step_triton.unavailable_reason(torch.device("cuda")) is None else "torch"
     return {

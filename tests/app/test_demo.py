@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from safecode_kernels import cli
-from safecode_kernels.demo import format_report, run_demo
+from safecode_kernels.app import cli
+from safecode_kernels.app.demo import format_report, run_demo
 
 
 def test_run_demo_small():

@@ -1,6 +1,6 @@
 """``safecode-kernels demo``: the whole SafeCoDe pipeline on a tiny random LLaVA, no files needed.
 
-It builds a small randomly initialised LLaVA-1.5 in code (:mod:`safecode_kernels.tiny`),
+It builds a small randomly initialised LLaVA-1.5 in code (:mod:`safecode_kernels.testing.tiny`),
 runs a few requests with mixed verdicts through the naive loop (two full forward passes per
 steered step, no cache, one request at a time) and through the fused decoder (both branches
 of every request as one batch with a KV cache), and reports that the two agree token for
@@ -105,11 +105,11 @@ def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, ima
          params, progress, log) -> DemoReport:
     from tqdm.auto import tqdm
 
-    from .decoding import SafeCoDeDecoder, naive_safecode_generate
-    from .decoding.noise import noised_views
-    from .params import SteeringParams
-    from .refusal import RefusalVocabulary
-    from .tiny import random_image, tiny_llava
+    from ..decoding import SafeCoDeDecoder, naive_safecode_generate
+    from ..decoding.noise import noised_views
+    from ..params import SteeringParams
+    from ..refusal import RefusalVocabulary
+    from ..testing.tiny import random_image, tiny_llava
 
     if not 1 <= num_requests <= len(REQUESTS):
         raise ValueError(f"num_requests must be in [1, {len(REQUESTS)}], got {num_requests}")
@@ -177,7 +177,7 @@ def _resolved_backend(backend: str) -> str:
     """``backend``, with what ``auto`` picks for CPU tensors spelled out."""
     import os
 
-    from .dispatch import backend_status
+    from ..ops.dispatch import backend_status
 
     if backend != "auto":
         return backend

@@ -13,7 +13,7 @@ chat template (``<s>{system}\\nUSER: <image>\\n{prompt} ASSISTANT:``).
 
 Example::
 
-    >>> from safecode_kernels.benchmarking.models import TINY, build_llava
+    >>> from safecode_kernels.app.benchmarking.models import TINY, build_llava
     >>> model, processor = build_llava(TINY)
     >>> model.config.text_config.vocab_size, processor.tokenizer.vocab_size
     (512, 512)
@@ -28,7 +28,7 @@ import itertools
 import numpy as np
 import torch
 
-from ..tiny import LLAVA_TEMPLATE
+from ...testing.tiny import LLAVA_TEMPLATE
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 

@@ -12,7 +12,7 @@ BACKENDS = ("torch", "cpu", "triton")
 
 def backend_status() -> dict[str, str | None]:
     """Each backend mapped to ``None`` when usable here, else the reason it is not."""
-    from .ops import step_cpu, step_triton
+    from . import step_cpu, step_triton
 
     return {"torch": None, "cpu": step_cpu.unavailable_reason(), "triton": step_triton.unavailable_reason()}
 
@@ -29,11 +29,11 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
 
     if backend == "torch":
-        from .ops.step_torch import step_torch
+        from .step_torch import step_torch
 
         return step_torch
     if backend == "cpu":
-        from .ops import step_cpu
+        from . import step_cpu
 
         if device.type != "cpu":
             raise ValueError(f"the 'cpu' backend needs CPU tensors, got tensors on {device}")
@@ -41,7 +41,7 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
         if reason:
             raise RuntimeError(f"the 'cpu' backend is unavailable: {reason}")
         return step_cpu.step_cpu
-    from .ops import step_triton
+    from . import step_triton
 
     reason = step_triton.unavailable_reason(device)
     if reason:
@@ -50,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
 
 
 def _auto(device: torch.device) -> str:
-    from .ops import step_cpu, step_triton
+    from . import step_cpu, step_triton
 
     if device.type == "cpu":
         return "cpu" if step_cpu.unavailable_reason() is None else "torch"
