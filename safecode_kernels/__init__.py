@@ -13,6 +13,7 @@ from .decoding import (
 from .ops.step import StepOutput, safecode_step
 from .ops.step_inputs import StepError
 from .params import SteeringParams, probability_weights_to_logit_biases
+from .recipes import ReleasedRecipe
 from .refusal import RefusalVocabulary
 from .verdict import Verdict
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GenerationResult",
     "RefusalVocabulary",
+    "ReleasedRecipe",
     "SafeCoDeDecoder",
     "SafeCoDeLogitsProcessor",
     "SteeringRecord",

@@ -1,4 +1,4 @@
-"""Steering parameters of the fused step op (SPEC §1-§2) and their presets."""
+"""Steering parameters of the fused step op (docs/design.md §1-§2) and their presets."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def probability_weights_to_logit_biases(boost_weight: float, suppress_weight: fl
 
 @dataclasses.dataclass(frozen=True)
 class SteeringParams:
-    """What one steered decoding step does (SPEC §2).
+    """What one steered decoding step does (docs/design.md §2).
 
     Per row, ``z = real_weight * logits_real - alpha_v * logits_noised`` where ``alpha_v``
     is ``alpha`` for unsafe and ``none`` verdicts and ``alpha_safe`` for safe ones; then
@@ -44,6 +44,12 @@ class SteeringParams:
     ``plausibility > 0``; refusal tokens inside the ``sensitive_top_k`` set (or all of them
     with ``scope="all"``) get ``+boost`` (unsafe) or ``-suppress`` (safe); finally a token
     is chosen greedily (``temperature == 0``) or sampled with temperature, top-k, top-p.
+
+    This is the paper's recipe (the additive bias inside the sensitive set, as the paper
+    describes it). Its defaults ``alpha = 0.3``, ``alpha_safe = alpha / 2``,
+    ``sensitive_top_k = 20`` are the released code's command-line values; ``boost = suppress
+    = 1`` stand for its ``lambda = 1``. The released code's own decoding is
+    :class:`~safecode_kernels.ReleasedRecipe`.
     """
 
     alpha: float = 0.3
@@ -83,7 +89,7 @@ class SteeringParams:
 
     # ----- presets ---------------------------------------------------------------------
     @classmethod
-    def vcd(cls, alpha: float = 1.0, beta: float = 0.1, **overrides) -> "SteeringParams":
+    def vcd(cls, alpha: float = 1.0, beta: float = 0.1, **overrides) -> SteeringParams:
         """Visual Contrastive Decoding: ``(1 + alpha) * zr - alpha * zn`` with the
         plausibility cutoff ``beta`` and no refusal bias."""
         fields = dict(alpha=alpha, alpha_safe=alpha, real_weight=1.0 + alpha, plausibility=beta,
@@ -91,7 +97,7 @@ class SteeringParams:
         return cls(**{**fields, **overrides})
 
     @classmethod
-    def cfg(cls, scale: float = 1.5, **overrides) -> "SteeringParams":
+    def cfg(cls, scale: float = 1.5, **overrides) -> SteeringParams:
         """Classifier-free guidance between two prompts: ``scale * z_cond - (scale - 1) * z_uncond``."""
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 1.0):
             raise ValueError(f"cfg scale must be a finite number >= 1, got {scale!r}")
@@ -100,13 +106,13 @@ class SteeringParams:
         return cls(**{**fields, **overrides})
 
     @classmethod
-    def with_probability_weights(cls, boost_weight: float, suppress_weight: float, **overrides) -> "SteeringParams":
+    def with_probability_weights(cls, boost_weight: float, suppress_weight: float, **overrides) -> SteeringParams:
         """Build params from the released code's probability-space weights ``beta``
         (``p * (1 + beta)`` for unsafe) and ``gamma`` (``p * (1 - gamma)`` for safe)."""
         boost, suppress = probability_weights_to_logit_biases(boost_weight, suppress_weight)
         return cls(**{"boost": boost, "suppress": suppress, **overrides})
 
-    def replace(self, **changes) -> "SteeringParams":
+    def replace(self, **changes) -> SteeringParams:
         """A copy with some fields changed (validated again). A default ``alpha_safe``
         follows a changed ``alpha``."""
         if self._alpha_safe_derived and "alpha" in changes and "alpha_safe" not in changes:

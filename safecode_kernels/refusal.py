@@ -1,4 +1,4 @@
-"""The refusal token set R of SPEC §1: ids, and a cached bool mask per device and vocabulary size.
+"""The refusal token set R of docs/design.md §1: ids, and a cached bool mask per device and vocabulary size.
 
 Build it from a tokenizer and the standard refusal prefixes::
 
@@ -118,7 +118,7 @@ class RefusalVocabulary:
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_ids(cls, ids: Iterable[int] | torch.Tensor) -> "RefusalVocabulary":
+    def from_ids(cls, ids: Iterable[int] | torch.Tensor) -> RefusalVocabulary:
         """The set of the given ids (any iterable of ints, or an integer tensor of any shape).
 
         >>> RefusalVocabulary.from_ids(torch.tensor([[3, 1], [1, 2]])).ids.tolist()
@@ -136,7 +136,7 @@ class RefusalVocabulary:
         tokenizer,
         phrases: Iterable[str] = DEFAULT_REFUSAL_PHRASES,
         tokens: Literal["all", "first"] = "all",
-    ) -> "RefusalVocabulary":
+    ) -> RefusalVocabulary:
         """The token ids of refusal ``phrases`` under a Hugging Face tokenizer.
 
         Each phrase is encoded twice, as ``phrase`` and as ``" " + phrase`` (without special

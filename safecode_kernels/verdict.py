@@ -1,4 +1,4 @@
-"""Scene-level verdicts (SPEC §1) and their conversion to the kernel's int8 encoding."""
+"""Scene-level verdicts (docs/design.md §1) and their conversion to the kernel's int8 encoding."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Verdict(enum.IntEnum):
     NONE = 0
 
     @classmethod
-    def parse(cls, value: "Verdict | str | int") -> "Verdict":
+    def parse(cls, value: Verdict | str | int) -> Verdict:
         """Accept a ``Verdict``, one of ``"unsafe" | "safe" | "none"`` or ``+1 / -1 / 0``."""
         if isinstance(value, Verdict):
             return value

@@ -1,4 +1,4 @@
-"""SteeringParams and the probability-weight conversion (SPEC §1-§2)."""
+"""SteeringParams and the probability-weight conversion (docs/design.md §1-§2)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_biases():
     assert SteeringParams(suppress=math.inf).bias_safe == -math.inf
 
 
-# ----- presets: the formulas of SPEC §1 ----------------------------------------------------
+# ----- presets: the formulas of docs/design.md §1.5 ----------------------------------------
 
 
 def contrast(p: SteeringParams, zr, zn, safe=False):

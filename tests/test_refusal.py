@@ -1,4 +1,4 @@
-"""RefusalVocabulary: the refusal token set R built from real tokenizers (SPEC §1)."""
+"""RefusalVocabulary: the refusal token set R built from real tokenizers (docs/design.md §1)."""
 
 from __future__ import annotations
 

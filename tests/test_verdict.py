@@ -1,4 +1,4 @@
-"""Verdict parsing and the kernel's int8 verdict tensor (SPEC §1-§2)."""
+"""Verdict parsing and the kernel's int8 verdict tensor (docs/design.md §1-§2)."""
 
 from __future__ import annotations
 

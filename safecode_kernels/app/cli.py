@@ -5,7 +5,9 @@ Subcommands:
 - ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code;
 - ``generate``: one request on a real model from a local folder (or the hub, where reachable);
 - ``bench``: the benchmarks (``safecode_kernels.app.benchmarking``), its arguments passed through;
-- ``info``: versions, and which backends of the step op work here.
+- ``info``: versions, and which backends of the step op work here;
+- ``eval``, ``score``, ``report``: benchmark runs, their scoring and side-by-side reports
+  (``safecode_kernels.app.eval_cli``).
 
 Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
 decoders disagreeing); 2 bad input (arguments, a missing or unreadable image, a model folder
@@ -177,6 +179,11 @@ def load_model(model_name: str, dtype: str, device: str):
     return model.eval(), processor
 
 
+def _finite(value: float):
+    """JSON has no NaN: a refusal mass that was not computed (a forced token) is null."""
+    return None if value != value else value
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -188,11 +195,12 @@ def make_judge(args, model=None, processor=None):
     if args.verdict != "auto":
         return FixedJudge(args.verdict)
     if args.judge == "self":
-        return SelfJudge(model, processor, on_unparseable=args.on_unparseable, backend=args.backend)
+        return SelfJudge(model, processor, on_unparseable=args.on_unparseable, backend=args.backend,
+                         flow=args.judge_flow)
     try:
         return OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env,
                            timeout=args.judge_timeout, max_retries=args.judge_retries,
-                           on_unparseable=args.on_unparseable)
+                           on_unparseable=args.on_unparseable, flow=args.judge_flow)
     except ValueError as err:
         raise CLIError(f"--judge openai: {err}") from None
 
@@ -205,10 +213,12 @@ def _check_generate_args(args) -> None:
     if args.judge != "fixed" and args.verdict != "auto":
         raise CLIError(f"--verdict {args.verdict} fixes the verdict, so --judge {args.judge} would not be asked: "
                        "give one or the other")
+    if args.judge == "fixed" and args.judge_flow != "one-call":
+        raise CLIError(f"--judge-flow {args.judge_flow} goes with --judge self or openai, not a fixed verdict")
     for name in ("steer_steps", "max_new_tokens"):
         value = getattr(args, name)
         low = 0 if name == "steer_steps" else 1
-        if value < low:
+        if value is not None and value < low:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if args.alpha < 0:
         raise CLIError(f"--alpha must be >= 0, got {args.alpha}")
@@ -224,6 +234,27 @@ def _steering_params(args):
         return SteeringParams(**fields)
     except (TypeError, ValueError) as err:
         raise CLIError(str(err)) from None
+
+
+def _recipe(args):
+    """The decoder's ``recipe=``: "paper", or the released code's with the given alpha."""
+    if args.recipe == "paper":
+        return "paper"
+    from ..recipes import ReleasedRecipe
+
+    try:
+        return ReleasedRecipe(alpha=args.alpha)
+    except (TypeError, ValueError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _sampling(args) -> dict:
+    """``generate``'s sampling arguments: ``--temperature`` unset leaves them to the recipe
+    (greedy for the paper's, the released code's per-verdict values for the released one)."""
+    if args.temperature is None:
+        return dict(do_sample=None if args.recipe == "released" else False,
+                    top_p=args.top_p if args.top_p != 1.0 or args.recipe == "paper" else None)
+    return dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p)
 
 
 def _cmd_generate(args) -> int:
@@ -264,12 +295,17 @@ def _cmd_generate(args) -> int:
                     raise CLIError(f"the {args.judge} judge failed: {err}", code=3) from None
             else:
                 decoder = SafeCoDeDecoder(model, processor, params, steer_steps=args.steer_steps,
-                                          noise_std=args.noise_std, seed=args.seed, backend=args.backend)
+                                          noise_std=args.noise_std, seed=args.seed, backend=args.backend,
+                                          recipe=_recipe(args))
+                max_new = args.max_new_tokens
+                if max_new is None and args.recipe == "paper":
+                    max_new = 128
                 try:
                     result = decoder.generate(
-                        [image], [args.prompt], [judgement.verdict], max_new_tokens=args.max_new_tokens,
-                        max_new_tokens_unsafe=args.max_new_tokens_unsafe, do_sample=args.temperature > 0,
-                        temperature=args.temperature or 1.0, top_p=args.top_p, system_prompt=args.system_prompt)
+                        [image], [args.prompt], [judgement.verdict], max_new_tokens=max_new,
+                        max_new_tokens_unsafe=args.max_new_tokens_unsafe, **_sampling(args),
+                        system_prompt=args.system_prompt, system_prompt_role=args.system_prompt_role,
+                        text_before_image=args.text_before_image)
                 except ValueError as err:
                     raise CLIError(f"cannot generate: {err}") from None
             timing[stage.replace(" ", "_") + "_s"] = time.perf_counter() - start
@@ -278,14 +314,16 @@ def _cmd_generate(args) -> int:
         bar.close()
 
     verdict = judgement.verdict.name.lower()
-    steering = [{"step": r.step, "token": r.token, "refusal_mass_before": r.refusal_mass_before,
-                 "refusal_mass_after": r.refusal_mass_after} for r in result.steering[0]]
+    steering = [{"step": r.step, "token": r.token, "refusal_mass_before": _finite(r.refusal_mass_before),
+                 "refusal_mass_after": _finite(r.refusal_mass_after), "action": r.action, "phrase": r.phrase}
+                for r in result.steering[0]]
     if args.json:
         out = {
             "model": args.model, "image": args.image, "prompt": args.prompt, "verdict": verdict,
             "judge": {"kind": args.judge, **judgement.to_dict()},
             "text": result.texts[0], "tokens": result.sequences[0], "steering": steering,
-            "settings": {"steer_steps": args.steer_steps, "alpha": params.alpha, "alpha_safe": params.alpha_safe,
+            "settings": {"recipe": args.recipe, "steer_steps": args.steer_steps, "alpha": params.alpha,
+                         "alpha_safe": params.alpha_safe,
                          "sensitive_top_k": params.sensitive_top_k, "boost": params.boost,
                          "suppress": params.suppress, "noise_std": args.noise_std, "seed": args.seed,
                          "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -302,9 +340,13 @@ def _cmd_generate(args) -> int:
         print(f"caption:  {judgement.caption}")
     if judgement.raw_answer and args.judge != "fixed":
         print(f"judge:    {judgement.raw_answer!r}")
-    if steering:
-        masses = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in steering)
-        print(f"steering: refusal mass per steered step (before->after): {masses}")
+    phrases = [s["phrase"] for s in steering if s["phrase"]]
+    if phrases:
+        print(f"steering: forced the refusal phrase {phrases[0]!r} (released recipe)")
+    masses = [s for s in steering if s["refusal_mass_before"] is not None]
+    if masses:
+        shown = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
+        print(f"steering: refusal mass per steered step (before->after): {shown}")
     print(f"answer:   {result.texts[0]}")
     return 0
 
@@ -353,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--judge", choices=["self", "openai", "fixed"], default=None,
                      help="who gives the verdict with --verdict auto: self (the model itself, default) or "
                           "openai (an OpenAI-compatible server); fixed goes with an explicit --verdict")
+    gen.add_argument("--judge-flow", default="one-call", choices=["one-call", "released"],
+                     help="how the self or openai judge asks: one-call (default; for self, a caption pass then "
+                          "a question with the image) or released (as the authors' released code: a caption "
+                          "call, then a text-only few-shot verdict call)")
     gen.add_argument("--on-unparseable", default="safe", choices=["safe", "unsafe", "none", "raise"],
                      help="the verdict when the judge's answer names none (default safe)")
     gen.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
@@ -370,11 +416,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--boost", type=float, default=1.0, help="refusal logit bias for unsafe (default 1)")
     gen.add_argument("--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1)")
     gen.add_argument("--noise-std", type=float, default=0.1, help="noise of the noised image (default 0.1)")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    gen.add_argument("--recipe", default="paper", choices=["paper", "released"],
+                     help="paper: SafeCoDe as the paper describes it (default); released: as the authors' released "
+                          "code decodes (forced refusal phrase, scaled refusal probabilities; --sensitive-top-k, "
+                          "--boost, --suppress do not apply)")
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="answer length limit (default: 128; with --recipe released the released code's caps)")
     gen.add_argument("--max-new-tokens-unsafe", type=int, default=None, help="limit for unsafe verdicts")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0: greedy; > 0: sampling (default: greedy; the released code's values with "
+                          "--recipe released)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    gen.add_argument("--system-prompt", default=None, help="a system message before the image")
+    gen.add_argument("--system-prompt", default=None, help="an instruction: a system message before the image")
+    gen.add_argument("--system-prompt-role", default="system", choices=["system", "user"],
+                     help="system (default): a system message; user: the start of the user's turn, as the "
+                          "released code puts its first-person instruction")
+    gen.add_argument("--text-before-image", action="store_true",
+                     help="the request's text before the image (the released code's order for LLaVA-NeXT)")
     gen.add_argument("--seed", type=int, default=0, help="noise and sampling seed (default 0)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights dtype (default: the checkpoint's)")
@@ -392,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions and the backends available here (and why not)")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(handler=_cmd_info)
+    from .eval_cli import register  # eval, score, report (imported here: eval_cli imports this module)
+    register(sub)
     return parser
 
 

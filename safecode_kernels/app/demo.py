@@ -109,7 +109,7 @@ def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, ima
     from ..decoding.noise import noised_views
     from ..params import SteeringParams
     from ..refusal import RefusalVocabulary
-    from ..testing.tiny import random_image, tiny_llava
+    from ..testing.tiny import build_llava, demo_spec, random_image
 
     if not 1 <= num_requests <= len(REQUESTS):
         raise ValueError(f"num_requests must be in [1, {len(REQUESTS)}], got {num_requests}")
@@ -118,7 +118,7 @@ def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, ima
     disable = None if progress is None else not progress
 
     log("building a tiny random LLaVA in code ...")
-    model, processor = tiny_llava(hidden_size, num_layers, image_size, seed=seed)
+    model, processor = build_llava(demo_spec(hidden_size, num_layers, image_size), seed)
     refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer)
     chosen = REQUESTS[:num_requests]
     prompts = [p for p, _, _ in chosen]

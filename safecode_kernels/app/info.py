@@ -22,8 +22,8 @@ def _version(name: str) -> str | None:
 def collect() -> dict:
     """Everything ``info`` reports, as a JSON-ready dict."""
     from .. import __version__
-    from ..ops.dispatch import backend_status
     from ..ops import step_cpu
+    from ..ops.dispatch import backend_status
 
     versions = {"python": platform.python_version()}
     versions.update({name: _version(name) for name in PACKAGES})

@@ -1,4 +1,4 @@
-"""SafeCoDe generation with Hugging Face multimodal models (SPEC §3).
+"""SafeCoDe generation with Hugging Face multimodal models (docs/design.md §3).
 
 - :class:`SafeCoDeDecoder` / :func:`safecode_generate`: the fused two-branch decoder.
 - :func:`naive_safecode_generate`: the no-cache oracle; :func:`two_cache_safecode_generate`:

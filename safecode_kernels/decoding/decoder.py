@@ -1,4 +1,4 @@
-"""The two-branch SafeCoDe decoder for Hugging Face multimodal models (SPEC §3).
+"""The two-branch SafeCoDe decoder for Hugging Face multimodal models (docs/design.md §3).
 
 Row layout: request ``i`` owns rows ``2i`` (real image) and ``2i + 1`` (noised image) while
 steering, and row ``i`` afterwards. Every prompt row is laid out as
@@ -19,13 +19,17 @@ import dataclasses
 import torch
 
 from ..params import SteeringParams
+from ..recipes import ReleasedRecipe, resolve_recipe
+from ..validation import check_int
 from .adapters import get_adapter
 from .kv_cache import cache_nbytes, check_window, is_reserved, merge_rows, new_cache
 from .noise import check_noise_std
-from ..validation import check_int
-from .requests import Setup, prepare, resolve_refusal
+from .released import Phrases, ReleasedSteering
+from .requests import prepare, resolve_refusal
 from .results import GenerationResult, Recorder
 from .small_batch import small_batch_linear
+from .steering import FORCED, PLAIN, STEER, PaperSteering
+from .token_policy import Setup
 
 
 class SafeCoDeDecoder:
@@ -57,6 +61,10 @@ class SafeCoDeDecoder:
         small_batch: on the CPU in fp32, run the steered steps' linear layers as ``W @ x.T`` when
             they have 2 to 8 rows, so that one weight read serves both branches (PyTorch's
             ``F.linear`` reads the weights once per row there; see ``small_batch.py``).
+        recipe: ``"paper"`` (default: SafeCoDe as the paper describes it, the fused step op with
+            ``params``), ``"released"`` or a :class:`~safecode_kernels.ReleasedRecipe` (as the
+            authors' released code decodes: a forced refusal phrase on unsafe verdicts, scaled
+            refusal probabilities on safe ones; ``params`` is then unused). See ``recipes.py``.
         prefill_chunk_tokens: the most prompt tokens (rows x columns) one prefill forward takes;
             the prompt batch is split into chunks of whole requests below it (the answers are
             the same). ``None``: ``CPU_PREFILL_TOKENS`` (2048) on the CPU, where large forwards
@@ -73,7 +81,7 @@ class SafeCoDeDecoder:
     def __init__(self, model, processor, params: SteeringParams | None = None, steer_steps: int = 5,
                  noise_std: float = 0.1, seed: int = 0, refusal=None, share_prefix: bool = True,
                  backend: str = "auto", min_shared_prefix: int = 32, small_batch: bool = True,
-                 prefill_chunk_tokens: int | None = None):
+                 prefill_chunk_tokens: int | None = None, recipe="paper"):
         check_int("steer_steps", steer_steps, 0)
         check_int("min_shared_prefix", min_shared_prefix, 0)
         if prefill_chunk_tokens is not None:
@@ -94,39 +102,85 @@ class SafeCoDeDecoder:
         self.small_batch = small_batch
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.backend = backend
+        self.recipe = resolve_recipe(recipe)
         self._refusal_vocabulary = None  # built once, on the first call
+        self._phrases = None
 
     def _refusal(self):
         if self._refusal_vocabulary is None:
-            self._refusal_vocabulary = resolve_refusal(self.refusal, self.processor)
+            if self.refusal is None and self._released is not None:
+                self._refusal_vocabulary = self._released_phrases().refusal
+            else:
+                self._refusal_vocabulary = resolve_refusal(self.refusal, self.processor)
         return self._refusal_vocabulary
 
-    def generate(self, images, prompts, verdicts, max_new_tokens: int = 256,
-                 max_new_tokens_unsafe: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, noised_images=None, system_prompt=None,
-                 chat_template: bool | None = None, eos_token_id=None, generator: torch.Generator | None = None,
-                 return_logits: bool = False) -> GenerationResult:
+    @property
+    def _released(self) -> ReleasedRecipe | None:
+        return self.recipe if isinstance(self.recipe, ReleasedRecipe) else None
+
+    def _released_phrases(self) -> Phrases:
+        if self._phrases is None:
+            self._phrases = Phrases(self._released, self.processor)
+        return self._phrases
+
+    def generate(self, images, prompts, verdicts, max_new_tokens: int | None = None,
+                 max_new_tokens_unsafe: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int = 0, top_p: float | None = None, noised_images=None,
+                 system_prompt=None, chat_template: bool | None = None, eos_token_id=None,
+                 generator: torch.Generator | None = None, return_logits: bool = False,
+                 system_prompt_role: str = "system", text_before_image: bool = False) -> GenerationResult:
         """Answer every request; see :class:`GenerationResult`.
 
         ``verdicts``: one of ``"unsafe" | "safe" | "none"`` (or a :class:`Verdict`) per request.
+        ``max_new_tokens``: new tokens per answer; ``None``: 256 under the paper's recipe, the
+        released code's per-family caps past the steered prefix under the released one.
         ``max_new_tokens_unsafe`` caps the answers of unsafe requests (default: ``max_new_tokens``).
+        ``do_sample``: ``None`` means greedy under the paper's recipe and sampling under the
+        released one (``False`` there makes every sampled step of the recipe greedy);
+        ``temperature`` / ``top_p`` ``None``: 1.0 under the paper's recipe, the released code's
+        per-verdict values under the released one.
         ``noised_images``: the noised views to use instead of drawing them (one per request).
-        ``system_prompt`` (one for all, or one per request) goes before the image in the chat
-        template; ``chat_template=False``
-        uses each prompt as is (it must then contain the processor's image placeholder).
-        ``generator`` drives the sampling (default: seeded from the decoder's ``seed``).
+        ``system_prompt`` (one for all, or one per request): with ``system_prompt_role="system"``
+        a system message before the image; with ``"user"`` it opens the user's turn, before the
+        request (where the released code puts its first-person instruction).
+        ``text_before_image``: the user's text before the image in the chat template (the
+        released code's order for LLaVA-NeXT); the default puts the image first.
+        ``chat_template=False`` uses each prompt as is (it must then contain the processor's
+        image placeholder). ``generator`` drives the sampling (default: seeded from the
+        decoder's ``seed``).
         """
+        released = self._released
+        if do_sample is None:
+            do_sample = released is not None
+        # Which answers the caller limited (the released recipe caps the others itself).
+        caller_limits = (max_new_tokens is not None, max_new_tokens is not None or max_new_tokens_unsafe is not None)
+        if max_new_tokens is None:
+            if released is None:
+                max_new_tokens = 256
+            else:  # room for the steered prefix and the cap after it; the cap itself applies later
+                family = self.adapter.family
+                max_new_tokens = self.steer_steps + released.length_cap(family, unsafe=False)
+                if max_new_tokens_unsafe is None:
+                    max_new_tokens_unsafe = self.steer_steps + released.length_cap(family, unsafe=True)
         setup = prepare(
             self.model, self.processor, images, prompts, verdicts, params=self.params,
             steer_steps=self.steer_steps, noise_std=self.noise_std, seed=self.seed, refusal=self._refusal(),
             max_new_tokens=max_new_tokens, max_new_tokens_unsafe=max_new_tokens_unsafe, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, noised_images=noised_images,
+            temperature=1.0 if temperature is None else temperature, top_k=top_k,
+            top_p=1.0 if top_p is None else top_p, noised_images=noised_images,
             system_prompt=system_prompt, chat_template=chat_template, eos_token_id=eos_token_id,
             generator=generator, backend=self.backend, adapter=self.adapter,
+            system_prompt_role=system_prompt_role, text_before_image=text_before_image,
         )
+        if released is None:
+            steering = PaperSteering(setup)
+        else:
+            sampling = (temperature, top_k, top_p) if do_sample else None
+            steering = ReleasedSteering(setup, released, self._released_phrases(), self.adapter.family, sampling,
+                                        caller_limits)
         with torch.inference_mode():
-            return _decode(setup, self.share_prefix, return_logits, self.min_shared_prefix, self.small_batch,
-                           self.prefill_chunk_tokens)
+            return _decode(setup, steering, self.share_prefix, return_logits, self.min_shared_prefix,
+                           self.small_batch, self.prefill_chunk_tokens)
 
 
 def safecode_generate(model, processor, image, prompt: str, verdict, **kwargs) -> GenerationResult:
@@ -139,7 +193,7 @@ def safecode_generate(model, processor, image, prompt: str, verdict, **kwargs) -
         print(result.texts[0])
     """
     init_names = ("params", "steer_steps", "noise_std", "seed", "refusal", "share_prefix", "backend",
-                  "min_shared_prefix", "small_batch", "prefill_chunk_tokens")
+                  "min_shared_prefix", "small_batch", "prefill_chunk_tokens", "recipe")
     init = {name: kwargs.pop(name) for name in init_names if name in kwargs}
     if "noised_image" in kwargs:
         kwargs["noised_images"] = [kwargs.pop("noised_image")]
@@ -174,115 +228,229 @@ def _layout(setup: Setup, width: int, share_prefix: bool) -> _Layout:
                    setup.adapter.concat_vision(vision), vision)
 
 
-def _decode(setup: Setup, share_prefix: bool, return_logits: bool, min_shared_prefix: int = 1,
+def _decode(setup: Setup, steering, share_prefix: bool, return_logits: bool, min_shared_prefix: int = 1,
             small_batch: bool = True, prefill_tokens: int | None = None) -> GenerationResult:
-    adapter = setup.adapter
-    model = adapter.model
-    width = 2 if setup.steer_steps > 0 else 1  # rows per request: real (+ noised while steering)
-    # Sharing the prefix costs one more (small) forward; it pays once it saves enough tokens.
-    shared_tokens = sum(r.prefix_len for r in setup.requests) if share_prefix else 0
-    layout = _layout(setup, width, share_prefix and shared_tokens >= max(1, min_shared_prefix))
-    positions, next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
-    rows, columns = layout.attention_mask.shape
-    max_new = max(r.max_new_tokens for r in setup.requests)
-    cache = new_cache(model, capacity=columns + max_new)
-    check_window(cache, columns + max_new)
-    stats = {"prefix_columns": layout.prefix, "prompt_columns": columns, "forward_calls": 0}
-
-    # One attention mask for the whole run: the prompt's, then ones for every generated token;
-    # each forward sees a view of its first columns (no per-step concatenation).
-    mask = torch.cat([layout.attention_mask, layout.attention_mask.new_ones(rows, max_new)], dim=1)
-
-    # Prefill, in chunks of whole requests (see _requests_per_chunk): the shared prefix on the
-    # real rows (no logits needed), its cache rows repeated for both branches, then the rest.
-    p, n = layout.prefix, len(setup.requests)
-    per_chunk = _requests_per_chunk(prefill_tokens, n, width, columns, layout.input_ids.device)
-    if per_chunk < n and not is_reserved(cache):
-        per_chunk = n
-    parts, part_logits = [], []
-    for first in range(0, n, per_chunk):
-        last = min(n, first + per_chunk)
-        part = cache if per_chunk == n else new_cache(model, capacity=columns + max_new)
-        # Each chunk shares its prefix only where that pays for the extra forward.
-        chunk_prefix = sum(r.prefix_len for r in setup.requests[first:last])
-        q = p if chunk_prefix >= max(1, min_shared_prefix) else 0
-        if q:
-            stats["shared_prefix_tokens"] = stats.get("shared_prefix_tokens", 0) + chunk_prefix
-            real_rows = slice(first * width, last * width, width)
-            adapter.forward(layout.input_ids[real_rows, :q], mask[real_rows, :q],
-                            adapter.slice_positions(positions, real_rows, slice(None, q)), part, logits=False)
-            stats["forward_calls"] += 1
-            part.batch_repeat_interleave(width)
-        chunk_rows = slice(first * width, last * width)
-        vision = layout.vision if per_chunk == n else adapter.concat_vision(layout.vision_parts[chunk_rows])
-        part_logits.append(adapter.forward(
-            layout.input_ids[chunk_rows, q:], mask[chunk_rows, :columns],
-            adapter.slice_positions(positions, chunk_rows, slice(q, None)), part, vision=vision))
-        stats["forward_calls"] += 1
-        parts.append(part)
-    if len(parts) > 1:
-        cache = merge_rows(model, parts, columns + max_new)
-        stats["prefill_chunks"] = len(parts)
-    del parts
-    logits = torch.cat(part_logits) if len(part_logits) > 1 else part_logits[0]
-
-    recorder = Recorder(len(setup.requests), return_logits)
-    sequences = recorder.sequences
-    active = list(range(len(setup.requests)))  # requests still generating, in row order
-    step = 0
+    run = _Run(setup, steering, return_logits)
+    logits = run.prefill(share_prefix, min_shared_prefix, prefill_tokens)
     while True:
-        if width == 2:
-            real, noised = logits[0::2], logits[1::2]
-            out = setup.steer(real, noised, active, return_logits)
-            token_ids = out.tokens
-            tokens = token_ids.tolist()
-            before, after = (m.tolist() for m in out.refusal_mass)
-            for k, i in enumerate(active):
-                recorder.add(i, tokens[k], real[k], noised[k], out.logits[k] if return_logits else None,
-                             mass=(before[k], after[k]))
-        else:
-            # The logits are ours; ban in place unless they are kept for the caller.
-            token_ids = setup.choose(logits, in_place=not return_logits)
-            tokens = token_ids.tolist()
-            if return_logits:
-                for k, i in enumerate(active):
-                    recorder.add(i, tokens[k], logits[k])
-            else:
-                for k, i in enumerate(active):
-                    sequences[i].append(tokens[k])
-        step += 1
-
-        keep = [k for k, i in enumerate(active) if not setup.done(i, sequences[i])]
-        if not keep:
+        tokens = run.choose(logits)
+        if not run.drop_rows():
             break
-        # Drop finished requests, and the noised rows once the steered steps are over.
-        new_width = 1 if (width == 2 and step == setup.steer_steps) else width
-        if len(keep) < len(active) or new_width != width:
-            if new_width != width:
-                stats["cache_bytes_two_branch"] = cache_nbytes(cache)
-            # The real row of a request comes first, so range(1) keeps only the real rows.
-            # A CPU index works for cache layers on any device (models spread with device_map).
-            index = torch.tensor([k * width + b for k in keep for b in range(new_width)])
-            cache.batch_select_indices(index)  # copies the kept rows; the old tensors are freed
-            adapter.select_rows(index)
-            on_mask = index.to(mask.device)
-            mask, next_position = mask[on_mask], next_position[on_mask]
-            token_ids = token_ids[torch.tensor(keep, device=token_ids.device)]
-            if new_width != width:
-                stats["cache_bytes_after_drop"] = cache_nbytes(cache)
-            active, width = [active[k] for k in keep], new_width
+        logits = run.decode_step(tokens, small_batch)
+    return run.recorder.result(setup.tokenizer, run.stats)
 
-        step_ids = token_ids.to(mask.device)
-        if width > 1:
-            step_ids = step_ids.repeat_interleave(width)
-        columns += 1
+
+class _Run:
+    """One decoding run: the rows, the KV cache, the attention mask and the positions.
+
+    Request ``i`` owns its real row and, while its steps are steered, its noised row right
+    after it (``paired``); a request leaves the batch when it finishes, and its noised row as
+    soon as the recipe stops steering it (see ``steering.py``).
+    """
+
+    def __init__(self, setup: Setup, steering, return_logits: bool):
+        self.setup, self.steering, self.return_logits = setup, steering, return_logits
+        self.adapter = setup.adapter
+        self.recorder = Recorder(len(setup.requests), return_logits)
+        self.sequences = self.recorder.sequences
+        self.phases = [steering.phase(i, []) for i in range(len(setup.requests))]
+        self.stats = {}
+
+    # ----- prefill --------------------------------------------------------------------------
+    def prefill(self, share_prefix: bool, min_shared_prefix: int, prefill_tokens: int | None) -> torch.Tensor:
+        """Encode every prompt (both branches when any request is steered); return the logits of
+        the last prompt position, one row per cache row."""
+        setup, adapter = self.setup, self.adapter
+        model = adapter.model
+        width = 2 if any(phase == STEER for phase in self.phases) else 1
+        # Sharing the prefix costs one more (small) forward; it pays once it saves enough tokens.
+        shared_tokens = sum(r.prefix_len for r in setup.requests) if share_prefix else 0
+        layout = _layout(setup, width, share_prefix and shared_tokens >= max(1, min_shared_prefix))
+        positions, self.next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask,
+                                                                 layout.vision)
+        rows, columns = layout.attention_mask.shape
+        # Room for every answer, and for the columns of tokens a recipe drops after steering.
+        room = max(r.max_new_tokens for r in setup.requests) + self.steering.extra_columns
+        cache = new_cache(model, capacity=columns + room)
+        check_window(cache, columns + room)
+        self.stats.update(prefix_columns=layout.prefix, prompt_columns=columns, forward_calls=0)
+        # One attention mask for the whole run: the prompt's, then ones for every generated
+        # token; each forward sees a view of its first columns (no per-step concatenation).
+        mask = torch.cat([layout.attention_mask, layout.attention_mask.new_ones(rows, room)], dim=1)
+
+        # In chunks of whole requests (see _requests_per_chunk): the shared prefix on the real
+        # rows (no logits needed), its cache rows repeated for both branches, then the rest.
+        p, n = layout.prefix, len(setup.requests)
+        per_chunk = _requests_per_chunk(prefill_tokens, n, width, columns, layout.input_ids.device)
+        if per_chunk < n and not is_reserved(cache):
+            per_chunk = n
+        parts, part_logits = [], []
+        for first in range(0, n, per_chunk):
+            last = min(n, first + per_chunk)
+            part = cache if per_chunk == n else new_cache(model, capacity=columns + room)
+            # Each chunk shares its prefix only where that pays for the extra forward.
+            chunk_prefix = sum(r.prefix_len for r in setup.requests[first:last])
+            q = p if chunk_prefix >= max(1, min_shared_prefix) else 0
+            if q:
+                self.stats["shared_prefix_tokens"] = self.stats.get("shared_prefix_tokens", 0) + chunk_prefix
+                real_rows = slice(first * width, last * width, width)
+                adapter.forward(layout.input_ids[real_rows, :q], mask[real_rows, :q],
+                                adapter.slice_positions(positions, real_rows, slice(None, q)), part, logits=False)
+                self.stats["forward_calls"] += 1
+                part.batch_repeat_interleave(width)
+            chunk_rows = slice(first * width, last * width)
+            vision = layout.vision if per_chunk == n else adapter.concat_vision(layout.vision_parts[chunk_rows])
+            part_logits.append(adapter.forward(
+                layout.input_ids[chunk_rows, q:], mask[chunk_rows, :columns],
+                adapter.slice_positions(positions, chunk_rows, slice(q, None)), part, vision=vision))
+            self.stats["forward_calls"] += 1
+            parts.append(part)
+        if len(parts) > 1:
+            cache = merge_rows(model, parts, columns + room)
+            self.stats["prefill_chunks"] = len(parts)
+        self.cache, self.mask, self.columns, self.prompt_columns = cache, mask, columns, columns
+        self.active = list(range(n))  # requests still generating, in row order
+        self.paired = [width == 2] * n
+        return torch.cat(part_logits) if len(part_logits) > 1 else part_logits[0]
+
+    # ----- one step -------------------------------------------------------------------------
+    def _real_rows(self) -> list[int]:
+        rows, row = [], 0
+        for paired in self.paired:
+            rows.append(row)
+            row += 2 if paired else 1
+        return rows
+
+    def choose(self, logits: torch.Tensor) -> list[int]:
+        """The next token of every active request (appended to its sequence), by phase:
+        steered requests from their paired rows, forced ones from the recipe, plain ones from
+        their real row."""
+        steering, recorder = self.steering, self.recorder
+        real_rows = self._real_rows()
+        tokens: list[int | None] = [None] * len(self.active)
+        for k, i in enumerate(self.active):
+            if self.phases[i] != PLAIN:
+                steering.observe(i, self.sequences[i], logits[real_rows[k]])
+        steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER]
+        if steered:
+            rows = torch.tensor([real_rows[k] for k in steered], device=logits.device)
+            real, noised = logits[rows], logits[rows + 1]
+            out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences,
+                                 self.return_logits)
+            for n, k in enumerate(steered):
+                tokens[k] = int(out.tokens[n])
+                recorder.add(self.active[k], tokens[k], real[n], noised[n],
+                             out.logits[n] if self.return_logits else None,
+                             mass=(out.mass_before[n], out.mass_after[n]), action=out.actions[n],
+                             phrase=out.phrases[n])
+        for k, i in enumerate(self.active):
+            if self.phases[i] == FORCED:
+                tokens[k] = steering.forced_token(i, self.sequences[i])
+                recorder.add(i, tokens[k], logits[real_rows[k]] if self.return_logits else None,
+                             mass=(float("nan"), float("nan")), action="forced")
+        plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN]
+        if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
+            self._choose_plain(plain, logits, tokens)
+        else:
+            self._choose_plain(plain, [logits[real_rows[k]] for k in plain], tokens)
+
+        # Phases move on; a request whose steering just ended may drop some of its tokens.
+        for k, i in enumerate(self.active):
+            was = self.phases[i]
+            self.phases[i] = steering.phase(i, self.sequences[i])
+            if was != PLAIN and self.phases[i] == PLAIN and not self._out_of_room(i):
+                keep = steering.after_steering(i, self.sequences[i])
+                if keep is not None:
+                    tokens[k] = self._truncate(k, i, keep, real_rows[k])
+        return tokens
+
+    def _choose_plain(self, plain: list[int], rows, tokens: list) -> None:
+        """Plain tokens for the requests at positions ``plain`` (``rows``: their logits, a list
+        of ``[V]`` rows or one ``[len(plain), V]`` tensor), grouped by sampling params."""
+        groups: dict = {}
+        for k, row in zip(plain, rows):
+            groups.setdefault(self.steering.plain_params(self.active[k]), []).append((k, row))
+        for params, members in groups.items():
+            batch = rows if len(groups) == 1 and isinstance(rows, torch.Tensor) else torch.stack(
+                [row for _, row in members])
+            # The logits are ours; ban in place unless they are kept for the caller.
+            chosen = self.setup.choose(batch, in_place=not self.return_logits, params=params).tolist()
+            for (k, row), token in zip(members, chosen):
+                tokens[k] = token
+                if self.return_logits:
+                    self.recorder.add(self.active[k], token, row)
+                else:
+                    self.sequences[self.active[k]].append(token)
+
+    def _truncate(self, k: int, request: int, keep: int, row: int) -> int:
+        """Keep the first ``keep`` tokens of ``request`` and choose its next one again.
+
+        The dropped tokens' columns are masked out of its rows and its next position moves
+        back, so the model sees exactly the kept prefix; the next token comes from the real
+        logits saved when that prefix ended (the token in hand was never fed)."""
+        dropped = len(self.sequences[request]) - keep
+        start = self.columns - self.prompt_columns  # the column of this step's token, past the prompt
+        rows = slice(row, row + (2 if self.paired[k] else 1))
+        self.mask[rows, self.prompt_columns + keep:self.prompt_columns + start] = 0
+        self.next_position[rows] -= dropped - 1
+        self.recorder.truncate(request, keep)
+        self.stats.setdefault("dropped_after_steering", {})[request] = dropped
+        tokens: list = [None] * len(self.active)
+        self._choose_plain([k], [self.steering.saved_logits(request, keep).clone()], tokens)
+        return tokens[k]
+
+    def _out_of_room(self, request: int) -> bool:
+        """Whether ``request`` ended with an EOS token or used its whole token budget."""
+        tokens = self.sequences[request]
+        return len(tokens) >= self.setup.requests[request].max_new_tokens or (
+            bool(tokens) and tokens[-1] in self.setup.eos_ids)
+
+    def drop_rows(self) -> bool:
+        """Drop finished requests, and noised rows no longer steered; ``False`` when none is left."""
+        setup, steering = self.setup, self.steering
+        keep = []
+        for k, i in enumerate(self.active):
+            tokens = self.sequences[i]
+            finished = len(tokens) >= steering.max_new_tokens(i, tokens) or (
+                bool(tokens) and tokens[-1] in setup.eos_ids)
+            if not finished:
+                keep.append(k)
+        if not keep:
+            return False
+        paired = [self.paired[k] and self.phases[self.active[k]] == STEER for k in keep]
+        if len(keep) == len(self.active) and paired == [self.paired[k] for k in keep]:
+            self._step_rows = None
+            return True
+        drops_noised = sum(paired) < sum(self.paired[k] for k in keep)
+        if drops_noised and "cache_bytes_two_branch" not in self.stats:
+            self.stats["cache_bytes_two_branch"] = cache_nbytes(self.cache)
+        real_rows = self._real_rows()
+        # A CPU index works for cache layers on any device (models spread with device_map).
+        index = torch.tensor([real_rows[k] + b for k, p in zip(keep, paired) for b in range(2 if p else 1)])
+        self.cache.batch_select_indices(index)  # copies the kept rows; the old tensors are freed
+        self.adapter.select_rows(index)
+        on_mask = index.to(self.mask.device)
+        self.mask, self.next_position = self.mask[on_mask], self.next_position[on_mask]
+        if drops_noised and not any(paired):
+            self.stats["cache_bytes_after_drop"] = cache_nbytes(self.cache)
+        self._step_rows = keep
+        self.active, self.paired = [self.active[k] for k in keep], paired
+        return True
+
+    def decode_step(self, tokens: list[int], small_batch: bool) -> torch.Tensor:
+        """Feed every row its request's token; return the next logits, one row per cache row."""
+        if self._step_rows is not None:
+            tokens = [tokens[k] for k in self._step_rows]
+        per_row = [t for t, p in zip(tokens, self.paired) for _ in range(2 if p else 1)]
+        step_ids = torch.tensor(per_row, dtype=torch.int64, device=self.mask.device)
+        self.columns += 1
         # Steered steps run 2B rows: make one weight read serve them all (see small_batch.py).
-        with small_batch_linear(model, enabled=small_batch and width == 2):
-            logits = adapter.forward(step_ids[:, None], mask[:, :columns], adapter.step_positions(next_position),
-                                     cache)
-        stats["forward_calls"] += 1
-        next_position = next_position + 1
-    return recorder.result(setup.tokenizer, stats)
+        with small_batch_linear(self.adapter.model, enabled=small_batch and any(self.paired)):
+            logits = self.adapter.forward(step_ids[:, None], self.mask[:, :self.columns],
+                                          self.adapter.step_positions(self.next_position), self.cache)
+        self.stats["forward_calls"] += 1
+        self.next_position = self.next_position + 1
+        return logits
 
 
 #: The most prompt tokens (rows x columns) one prefill forward takes on the CPU by default.

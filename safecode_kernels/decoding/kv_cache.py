@@ -20,7 +20,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_class():
     from transformers.cache_utils import DynamicLayer
 

@@ -11,7 +11,7 @@ from ..params import SteeringParams
 
 
 class SafeCoDeLogitsProcessor:
-    """Modulate the real branch's scores with the noised branch's (SPEC §1) for the first
+    """Modulate the real branch's scores with the noised branch's (design §1) for the first
     ``steer_steps`` calls; later calls pass the scores through unchanged.
 
     The noised logits come from ``noised_logits_fn(input_ids) -> [B, V]`` when given, else

@@ -1,4 +1,4 @@
-"""The noised view of an image (SPEC §1): Gaussian noise in [0, 1] pixel space, clipped, uint8."""
+"""The noised view of an image (docs/design.md §1): Gaussian noise in [0, 1] pixel space, clipped, uint8."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Checking a batch of (image, prompt, verdict) requests and encoding both branches of each.
 
 Every decoder (the fused one, the naive loop, the two-cache loop) goes through
-:func:`prepare`, so all three see identical token ids, pixels and settings.
+:func:`prepare`, so all three see identical token ids, pixels and settings. What it returns,
+a :class:`~.token_policy.Setup`, also decides each step's tokens: see :mod:`.token_policy`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from ..ops.step import safecode_step
 from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
+from ..validation import check_int, check_requests
 from ..verdict import Verdict
 from .adapters import ModelAdapter, get_adapter
-from ..validation import check_int, check_requests
 from .noise import noised_views
+from .token_policy import Setup
 
 
 @dataclasses.dataclass
@@ -34,69 +35,6 @@ class EncodedRequest:
     max_new_tokens: int
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything a decoding loop needs, checked once."""
-
-    adapter: ModelAdapter
-    tokenizer: object
-    requests: list[EncodedRequest]
-    refusal: RefusalVocabulary
-    steer_params: SteeringParams  # the contrast, bias and sampling of steered steps
-    plain_params: SteeringParams  # sampling only, for the unsteered steps
-    steer_steps: int
-    eos_ids: frozenset[int]
-    pad_id: int
-    generator: torch.Generator
-    backend: str
-    banned_ids: torch.Tensor  # the image/video placeholders: never generated
-
-    def _banned_on(self, device) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_banned_by_device", {})
-        ids = cache.get(device)
-        if ids is None:
-            ids = cache[device] = self.banned_ids.to(device)
-        return ids
-
-    def _ban(self, real: torch.Tensor, noised: torch.Tensor):
-        # A generated placeholder would be taken for an image slot by any later full forward.
-        # -inf in the real row and 0 in the noised row keep the contrast -inf (not NaN).
-        ids = self._banned_on(real.device)
-        return real.index_fill(1, ids, float("-inf")), noised.index_fill(1, ids, 0.0)
-
-    def done(self, request: int, tokens: list[int]) -> bool:
-        """Whether request ``request`` has finished after generating ``tokens``."""
-        return len(tokens) >= self.requests[request].max_new_tokens or (bool(tokens) and tokens[-1] in self.eos_ids)
-
-    def steer(self, real: torch.Tensor, noised: torch.Tensor, requests: list[int], return_logits: bool):
-        """One steered step for the rows of ``requests``: the fused op on the paired logits."""
-        verdicts = torch.tensor([int(self.requests[i].verdict) for i in requests], dtype=torch.int8,
-                                device=real.device)
-        real, noised = self._ban(real, noised)
-        return safecode_step(real, noised, verdicts, self.refusal, self.steer_params, self.generator,
-                             self.backend, return_logits=return_logits, return_stats=True)
-
-    def choose(self, real: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """An unsteered step: greedy or sampled tokens from the real logits alone (the step op
-        with a zero contrast and no bias, so both phases sample the same way).
-
-        Greedy steps take the argmax of the banned logits directly, which is what the step op
-        computes for a zero contrast (ties: lowest index); a row whose best value is not finite
-        (NaN, +inf, or every token banned) goes to the step op, which raises its error.
-        ``in_place``: the placeholders may be banned in ``real`` itself.
-        """
-        if self.plain_params.is_greedy:
-            ids = self._banned_on(real.device)
-            banned = real.index_fill_(1, ids, float("-inf")) if in_place else real.index_fill(1, ids, float("-inf"))
-            tokens = banned.argmax(-1)
-            if bool(torch.isfinite(banned.gather(1, tokens[:, None])).all()):
-                return tokens
-        verdicts = torch.zeros(real.shape[0], dtype=torch.int8, device=real.device)
-        real, zeros = self._ban(real, torch.zeros_like(real))
-        return safecode_step(real, zeros, verdicts, self.refusal, self.plain_params,
-                             self.generator, self.backend).tokens
-
-
 def prepare(
     model, processor, images, prompts, verdicts, *,
     params: SteeringParams | None = None, steer_steps: int = 5, noise_std: float = 0.1, seed: int = 0,
@@ -104,7 +42,7 @@ def prepare(
     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     noised_images=None, system_prompt: str | Sequence[str | None] | None = None, chat_template: bool | None = None,
     eos_token_id=None, generator: torch.Generator | None = None, backend: str = "auto",
-    adapter: ModelAdapter | None = None,
+    adapter: ModelAdapter | None = None, system_prompt_role: str = "system", text_before_image: bool = False,
 ) -> Setup:
     """Check the inputs, build the prompts and noised images, and encode both branches."""
     adapter = adapter or get_adapter(model, processor)
@@ -113,6 +51,8 @@ def prepare(
     check_int("max_new_tokens", max_new_tokens, 1)
     if max_new_tokens_unsafe is not None:
         check_int("max_new_tokens_unsafe", max_new_tokens_unsafe, 1)
+    if system_prompt_role not in ("system", "user"):
+        raise ValueError(f"system_prompt_role must be 'system' or 'user', got {system_prompt_role!r}")
     if isinstance(system_prompt, (list, tuple)) and len(system_prompt) != len(images):
         raise ValueError(f"got {len(system_prompt)} system prompts for {len(images)} requests")
     if noised_images is not None:
@@ -126,7 +66,8 @@ def prepare(
     for i, (image, noised, prompt, verdict) in enumerate(zip(images, noised_images, prompts, verdicts)):
         limit = max_new_tokens_unsafe if (verdict == Verdict.UNSAFE and max_new_tokens_unsafe) else max_new_tokens
         system = system_prompt[i] if isinstance(system_prompt, (list, tuple)) else system_prompt
-        text = build_prompt(adapter, processor, prompt, system, chat_template, i)
+        text = build_prompt(adapter, processor, prompt, system, chat_template, i, system_prompt_role,
+                            text_before_image)
         requests.append(_encode(adapter, processor, i, text, image, noised, verdict, limit))
 
     params = params if params is not None else SteeringParams()
@@ -142,22 +83,30 @@ def prepare(
         steer_params=params.replace(**sampling),
         plain_params=SteeringParams(alpha=0.0, alpha_safe=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0, **sampling),
         steer_steps=steer_steps,
-        eos_ids=_eos_ids(eos_token_id, model, tokenizer),
-        pad_id=_pad_id(tokenizer),
+        eos_ids=eos_ids(eos_token_id, model, tokenizer),
+        pad_id=pad_id(tokenizer),
         generator=generator if generator is not None else torch.Generator().manual_seed(seed),
         backend=backend,
         banned_ids=torch.tensor(adapter.placeholder_ids, dtype=torch.int64),
     )
 
 
-def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_template=None, index: int = 0) -> str:
+def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_template=None, index: int = 0,
+                 system_prompt_role: str = "system", text_before_image: bool = False) -> str:
     """The full prompt text of one request, with the image placeholder exactly once (or not
     at all, for processors that put the image tokens in front of the text themselves).
 
     With a chat template (the processor's, used by default when it has one) ``prompt`` is the
-    user's text and the template places the image; without one (``chat_template=False`` or a
-    processor without a template) ``prompt`` is used as is and must contain the placeholder.
+    user's text and the template places the image (before the text, or after it with
+    ``text_before_image``); without one (``chat_template=False`` or a processor without a
+    template) ``prompt`` is used as is and must contain the placeholder. ``system_prompt``
+    goes into a system message (``system_prompt_role="system"``) or opens the user's text
+    (``"user"``, joined with a space unless it ends in whitespace, as the released code joins
+    its first-person instruction and the request).
     """
+    if system_prompt is not None and system_prompt_role == "user":
+        sep = "" if system_prompt[-1:].isspace() else " "
+        prompt, system_prompt = f"{system_prompt}{sep}{prompt}", None
     template = getattr(processor, "chat_template", None) or getattr(
         getattr(processor, "tokenizer", None), "chat_template", None)
     use_template = bool(template) if chat_template is None else chat_template
@@ -167,7 +116,8 @@ def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_templ
         messages = []
         if system_prompt is not None:
             messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        content = [{"type": "image"}, {"type": "text", "text": prompt}]
+        messages.append({"role": "user", "content": content[::-1] if text_before_image else content})
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:
         text = prompt if system_prompt is None else f"{system_prompt}\n{prompt}"
@@ -266,7 +216,9 @@ def resolve_refusal(refusal, processor) -> RefusalVocabulary:
     return RefusalVocabulary(refusal)
 
 
-def _eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
+def eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
+    """The ids that end a request: ``eos_token_id`` (an int or several), else the model's
+    generation config's, else the tokenizer's; none at all is an empty set."""
     if eos_token_id is None:
         generation_config = getattr(model, "generation_config", None)
         eos_token_id = getattr(generation_config, "eos_token_id", None)
@@ -279,7 +231,8 @@ def _eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in eos_token_id)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS token, else 0."""
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):

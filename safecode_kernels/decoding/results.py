@@ -10,12 +10,18 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class SteeringRecord:
     """One steered step of one request: the chosen token and the refusal-set probability mass
-    under ``softmax(z)`` before and after the verdict's bias (what the steering did)."""
+    under ``softmax(z)`` before and after the verdict's modulation (what the steering did)."""
 
     step: int
     token: int
     refusal_mass_before: float
     refusal_mass_after: float
+    #: What the recipe did: ``"bias"`` (the paper's additive bias), ``"forced"`` (a token of a
+    #: refusal phrase, released recipe; the masses are NaN after the phrase's first token),
+    #: ``"suppressed"`` or ``"boosted"`` (the released recipe's scaling of refusal tokens).
+    action: str = "bias"
+    #: The forced refusal phrase (released recipe, unsafe verdict), else ``None``.
+    phrase: str | None = None
 
 
 @dataclasses.dataclass
@@ -51,15 +57,24 @@ class Recorder:
         self.keep_logits = keep_logits
         self._logits = [[[] for _ in range(batch)] for _ in range(3)]
 
-    def add(self, request: int, token: int, real=None, noised=None, steered=None, mass=None) -> None:
+    def add(self, request: int, token: int, real=None, noised=None, steered=None, mass=None, action: str = "bias",
+            phrase: str | None = None) -> None:
         step = len(self.sequences[request])
         self.sequences[request].append(int(token))
         if mass is not None:
-            self.steering[request].append(SteeringRecord(step, int(token), float(mass[0]), float(mass[1])))
+            self.steering[request].append(
+                SteeringRecord(step, int(token), float(mass[0]), float(mass[1]), action, phrase))
         if self.keep_logits:
             for store, row in zip(self._logits, (real, noised, steered)):
                 if row is not None:
                     store[request].append(row.detach().float().cpu())
+
+    def truncate(self, request: int, keep: int) -> None:
+        """Forget every token of ``request`` from position ``keep`` on (and its records)."""
+        del self.sequences[request][keep:]
+        self.steering[request] = [r for r in self.steering[request] if r.step < keep]
+        for store in self._logits:
+            del store[request][keep:]
 
     def result(self, tokenizer, stats: dict) -> GenerationResult:
         texts = tokenizer.batch_decode(self.sequences, skip_special_tokens=True)

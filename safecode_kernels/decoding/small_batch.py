@@ -1,7 +1,7 @@
 """One weight read for both branches on the CPU: a small-batch path for ``nn.Linear``.
 
 A steered decoding step runs ``2B`` rows (both branches of every request) through the model
-so that one read of the weights serves both branches (SPEC §3.4). On the CPU, PyTorch's
+so that one read of the weights serves both branches (design §3.4). On the CPU, PyTorch's
 ``F.linear`` (MKL ``sgemm`` with the weight transposed) does not do that for fewer than four
 rows: it computes row by row, reading the weights once per row. Measured on the benchmark
 machine (AMD EPYC, 1 thread, fp32, weights not in cache), milliseconds per call:

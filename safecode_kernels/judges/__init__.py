@@ -1,4 +1,4 @@
-"""Judges (SPEC §4): where the scene-level verdict of each request comes from.
+"""Judges (docs/design.md §4): where the scene-level verdict of each request comes from.
 
 Every judge has ``judge(images, prompts) -> list[Judgement]`` (one per request, in order):
 
@@ -11,6 +11,10 @@ Every judge has ``judge(images, prompts) -> list[Judgement]`` (one per request, 
 An answer that names no verdict follows a policy: ``"safe"`` by default (as in the authors'
 released code), or ``"unsafe"``, ``"none"``, ``"raise"``.
 
+``SelfJudge`` and ``OpenAIJudge`` also offer ``flow="released"``, the two-call flow of the
+authors' released code (a caption call, then a text-only few-shot verdict call); its texts are
+in :mod:`safecode_kernels.judges.released_flow`.
+
 Example::
 
     from safecode_kernels.judges import SelfJudge
@@ -18,11 +22,9 @@ Example::
     result = decoder.generate(images, prompts, [j.verdict for j in judgements])
 """
 
-from .base import (POLICIES, Judge, JudgeError, Judgement, UnparseableVerdict, judgement_from_answer,
-                   parse_verdict)
+from .base import POLICIES, Judge, JudgeError, Judgement, UnparseableVerdict, judgement_from_answer, parse_verdict
 from .fixed import FixedJudge
-from .openai import (JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout, OpenAIJudge,
-                     image_data_url)
+from .openai import JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout, OpenAIJudge, image_data_url
 from .self_judge import SelfJudge
 
 __all__ = [

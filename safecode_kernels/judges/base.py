@@ -1,4 +1,4 @@
-"""The judge protocol (SPEC §4): ``judge(images, prompts) -> list[Judgement]``, and verdict parsing."""
+"""The judge protocol (design §4): ``judge(images, prompts) -> list[Judgement]``, and verdict parsing."""
 
 from __future__ import annotations
 

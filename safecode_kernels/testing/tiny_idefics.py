@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from .tiny_models import finish, text_config
 
 from .tiny import CORPUS
 from .tiny import tiny_tokenizer as train_tokenizer
+from .tiny_models import finish, text_config
 
 IDEFICS_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"]
 # Idefics3 marks each tile with its place in the grid (up to 6x6) and the overview with <global-img>.
@@ -57,7 +57,7 @@ def _finish(model, tokenizer):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_idefics2():
     """Idefics2: NaViT-style SigLIP (patches of 8 at any resolution, ``pixel_attention_mask``) +
     perceiver resampler (4 latents per sub-image) + Mistral. Splitting always gives 4 quarters
@@ -89,7 +89,7 @@ def tiny_idefics2():
     return _finish(Idefics2ForConditionalGeneration(config), tokenizer), processor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_idefics3():
     """Idefics3: SigLIP on 28x28 tiles (patches of 7, pixel shuffle by 2: 4 image tokens per tile)
     + Llama. Images keep their size (no resize) and are cut into a grid of tiles plus an

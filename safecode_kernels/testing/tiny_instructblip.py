@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from .tiny_models import finish, text_config
 
 from .tiny import CORPUS
 from .tiny import tiny_tokenizer as train_tokenizer
+from .tiny_models import finish, text_config
 
 #: Query tokens of the Q-Former = image tokens the processor puts in front of the text.
 NUM_QUERY_TOKENS = 4
@@ -22,15 +22,19 @@ def tokenizers():
     return train_tokenizer(320, special, CORPUS), train_tokenizer(300, special, CORPUS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_instructblip(decoder_only: bool = True):
     """InstructBLIP: ViT (28x28, patch 14) + a 1-layer Q-Former with 4 queries + Llama.
 
     ``decoder_only=False`` builds the Flan-T5 variant (a T5 language model), which the
     decoder must refuse.
     """
-    from transformers import (BlipImageProcessorPil, InstructBlipConfig, InstructBlipForConditionalGeneration,
-                              InstructBlipProcessor)
+    from transformers import (
+        BlipImageProcessorPil,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
 
     tokenizer, qformer_tokenizer = tokenizers()
     image_processor = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})

@@ -5,20 +5,24 @@ from __future__ import annotations
 import functools
 
 import torch
-from .tiny_models import finish, text_config, tiny_tokenizer
 
 from .tiny import LLAVA_TEMPLATE
+from .tiny_models import finish, text_config, tiny_tokenizer
 
 #: Tiles of 28x28 pixels (2x2 image tokens each); a square image takes the 2x2-tile grid, a
 #: 2:1 image the 1x2 or 2x1 grid, so the image-token count follows the aspect ratio.
 PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_llava_next():
     """LLaVA-NeXT: CLIP tiles of 28x28 + Llama; the number of image tokens depends on the image's shape."""
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor)
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
 
     tokenizer = tiny_tokenizer()
     config = LlavaNextConfig(

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised multimodal models and processors built offline (SPEC §7), and
+"""Tiny, randomly initialised multimodal models and processors built offline (design §7), and
 the request batches the decoding tests share.
 
 Each builder returns ``(model, processor)`` in fp32 eval mode. The models are tiny (hidden 32,
@@ -10,34 +10,18 @@ files, all listed in :data:`BUILDERS` (which the ``family`` fixture runs every t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerFast
 
 from safecode_kernels.params import SteeringParams
-from .tiny import llava_processor
-from .tiny import tiny_tokenizer as train_tokenizer
 
-SPECIAL_TOKENS = [
-    "<unk>", "<s>", "</s>", "<pad>", "<image>",
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-]
-
-_CORPUS = [
-    "I'm sorry, but I cannot help with that request.",
-    "I can't assist with this. As an AI, I am unable to provide that.",
-    "Sure! The image shows a cat sitting on a red chair next to a window.",
-    "USER: describe the picture ASSISTANT: a dog runs in the park under the sun.",
-    "system user assistant You are a helpful assistant. What is in this image?",
-    "Unfortunately I must decline. It is not safe, dangerous, harmful or illegal.",
-    "How do I make a cake? Mix flour, sugar, eggs and bake it for thirty minutes.",
-    "Tell me about the weapon in the photo. The knife on the table is for cooking.",
-]
+from .tiny import TESTS, build_llava
+from .tiny import family_tokenizer as tiny_tokenizer  # the one tokenizer of every family here
 
 # Image first when there is no system message: the case without a shared text prefix.
 QWEN_TEMPLATE = (
@@ -46,12 +30,6 @@ QWEN_TEMPLATE = (
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (~300 tokens) trained in code, with every special token used here."""
-    return train_tokenizer(320, SPECIAL_TOKENS, _CORPUS)
 
 
 def _vocab_size() -> int:
@@ -73,25 +51,12 @@ def text_config(**extra) -> dict:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_llava(image_size: int = 28, patch_size: int = 14):
-    """LLaVA-1.5: CLIP vision tower + Llama; ``(image_size / patch_size)**2`` image tokens."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    tokenizer = tiny_tokenizer()
-    config = LlavaConfig(
-        vision_config=dict(
-            model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, image_size=image_size, patch_size=patch_size, projection_dim=32,
-        ),
-        text_config=dict(model_type="llama", **text_config()),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    model = finish(LlavaForConditionalGeneration(config))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model, llava_processor(tokenizer, image_size, patch_size)
+    """LLaVA-1.5: CLIP vision tower + Llama; ``(image_size / patch_size)**2`` image tokens
+    (:data:`.tiny.TESTS`, built by the one LLaVA builder, :func:`.tiny.build_llava`)."""
+    model, processor = build_llava(dataclasses.replace(TESTS, image_size=image_size, patch_size=patch_size))
+    return finish(model), processor
 
 
 def qwen_image_only_processor(base):
@@ -138,7 +103,7 @@ def tiny_qwen(config_class, model_class, processor_class, text: dict, vision: di
     return model, processor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_qwen2_vl():
     """Qwen2-VL with M-RoPE; 4 image tokens for a 56x56 image."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
@@ -152,7 +117,7 @@ def tiny_qwen2_vl():
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_qwen2_5_vl():
     """Qwen2.5-VL (window attention in the vision tower); 4 image tokens for a 56x56 image."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+
 from .tiny_models import tiny_qwen
 
 
@@ -18,7 +19,7 @@ def qwen3_vl_classes():
     return tuple(getattr(transformers, name) for name in names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_qwen3_vl():
     """Qwen3-VL: patches of 16, interleaved M-RoPE, DeepStack features added to the first text
     layers; 4 image tokens for a 64x64 image."""

@@ -1,12 +1,12 @@
-"""Running the three decoders on the same requests and comparing them (SPEC §3's bar)."""
+"""Running the three decoders on the same requests and comparing them (docs/design.md §3.10's bar)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safecode_kernels.testing.tiny_models import BACKEND, PARAMS
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate, two_cache_safecode_generate
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS
 
 STEER = 3
 MAX_NEW = 6

@@ -1,4 +1,5 @@
-"""Fixtures of the decoding tests; the tiny models and request batches live in safecode_kernels/testing/tiny_models.py."""
+"""Fixtures of the decoding tests; the tiny models and request batches live in
+safecode_kernels/testing/tiny_models.py."""
 
 from __future__ import annotations
 

@@ -7,12 +7,10 @@ import types
 import pytest
 import torch
 import transformers
-from safecode_kernels.testing.tiny_models import batch, tiny_qwen2_vl
 
-from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, supported_models
-from safecode_kernels.decoding import adapters
+from safecode_kernels.decoding import SafeCoDeDecoder, adapters, get_adapter, supported_models
 from safecode_kernels.decoding.requests import prepare
-
+from safecode_kernels.testing.tiny_models import batch, tiny_qwen2_vl
 
 ADAPTER_OF = {
     "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter",

@@ -1,4 +1,4 @@
-"""The fused two-branch decoder against the naive oracle and the two-cache loop (SPEC §3)."""
+"""The fused two-branch decoder against the naive oracle and the two-cache loop (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import weakref
 import pytest
 import torch
 from transformers import DynamicCache
-from tests.decoding.compare import MAX_NEW, STEER, assert_same, run_all
-from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, naive_safecode_generate, safecode_generate
 from safecode_kernels.decoding import decoder as decoder_module
 from safecode_kernels.decoding.noise import noised_views
 from safecode_kernels.decoding.requests import build_prompt
 from safecode_kernels.refusal import RefusalVocabulary
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
+from tests.decoding.compare import MAX_NEW, STEER, assert_same, run_all
 
 
 @pytest.mark.parametrize("prefix", ["shared", "none", "mixed"])

@@ -8,8 +8,6 @@ import weakref
 
 import pytest
 import torch
-from tests.decoding.compare import MAX_NEW, STEER, assert_same
-from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
@@ -18,6 +16,8 @@ from safecode_kernels.decoding.kv_cache import is_reserved, merge_rows, reserved
 from safecode_kernels.decoding.requests import prepare
 from safecode_kernels.decoding.small_batch import small_batch_linear
 from safecode_kernels.ops.step_inputs import StepError
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch, has_text_prefix
+from tests.decoding.compare import MAX_NEW, STEER, assert_same
 
 
 def _settings(refusal, **extra):
@@ -161,7 +161,7 @@ def test_small_batch_linear_equals_linear(bias):
         assert patched == 1 and "forward" in layer.__dict__
         got = [layer(x) for x in inputs]
     assert "forward" not in layer.__dict__
-    for x, a, b in zip(inputs, got, expected):
+    for a, b in zip(got, expected):
         assert a.shape == b.shape and a.is_contiguous()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError), small_batch_linear(model):

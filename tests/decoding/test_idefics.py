@@ -7,15 +7,15 @@ import copy
 
 import pytest
 import torch
-from tests.decoding.compare import assert_same, run_all
-from safecode_kernels.testing.tiny_idefics import tiny_idefics2, tiny_idefics3
-from safecode_kernels.testing.tiny_models import random_image, refusal_ids
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter
 from safecode_kernels.decoding.kv_cache import is_reserved, reserved_cache
 from safecode_kernels.decoding.requests import prepare
 from safecode_kernels.refusal import RefusalVocabulary
+from safecode_kernels.testing.tiny_idefics import tiny_idefics2, tiny_idefics3
+from safecode_kernels.testing.tiny_models import random_image, refusal_ids
+from tests.decoding.compare import assert_same, run_all
 
 BUILDERS = {"idefics2": tiny_idefics2, "idefics3": tiny_idefics3}
 PROMPTS = ["What is in this image?", "Hi", "Tell me about the weapon in the photo, please.", "Is it safe?"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.decoding.compare import MAX_NEW, STEER
-from safecode_kernels.testing.tiny_instructblip import NUM_QUERY_TOKENS, tiny_instructblip
-from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter
 from safecode_kernels.decoding.requests import prepare
+from safecode_kernels.testing.tiny_instructblip import NUM_QUERY_TOKENS, tiny_instructblip
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
+from tests.decoding.compare import MAX_NEW, STEER
 
 
 def setup_of(prefix="shared"):

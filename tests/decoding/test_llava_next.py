@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.decoding.compare import assert_same, run_all
-from safecode_kernels.testing.tiny_llava_next import tiny_llava_next
-from safecode_kernels.testing.tiny_models import random_image, refusal_ids
 
 from safecode_kernels.decoding import get_adapter
 from safecode_kernels.decoding.requests import _encode, build_prompt, prepare
 from safecode_kernels.refusal import RefusalVocabulary
+from safecode_kernels.testing.tiny_llava_next import tiny_llava_next
+from safecode_kernels.testing.tiny_models import random_image, refusal_ids
 from safecode_kernels.verdict import Verdict
+from tests.decoding.compare import assert_same, run_all
 
 # Width x height: a square image takes 4 tiles + the overview, a 2:1 one 2 tiles + the overview.
 SHAPES = [(56, 56), (56, 28), (28, 56)]

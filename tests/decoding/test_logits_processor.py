@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
 from transformers import LogitsProcessorList
 
 from safecode_kernels import safecode_step
@@ -12,6 +11,7 @@ from safecode_kernels.decoding import SafeCoDeDecoder, SafeCoDeLogitsProcessor, 
 from safecode_kernels.decoding.noise import noised_views
 from safecode_kernels.decoding.requests import build_prompt
 from safecode_kernels.refusal import RefusalVocabulary
+from safecode_kernels.testing.tiny_models import BACKEND, PARAMS, batch
 
 
 def test_modulates_the_first_steps_only():

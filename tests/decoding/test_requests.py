@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from safecode_kernels.testing.tiny_models import BACKEND, batch, random_image
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
+from safecode_kernels.testing.tiny_models import BACKEND, batch, random_image
 
 
 @pytest.fixture
@@ -98,3 +98,25 @@ def test_naive_loop_checks_the_same(tiny):
     images, prompts, verdicts, _ = batch(processor)
     with pytest.raises(ValueError, match="unknown verdict"):
         naive_safecode_generate(model, processor, images, prompts, ["bad"] * 3, refusal=refusal)
+
+
+def test_prompt_layout_options():
+    """The instruction in the user's turn and the text before the image (the released code's
+    layout) against the chat template rendered by hand."""
+    from safecode_kernels.decoding.requests import build_prompt
+    from safecode_kernels.testing.tiny_models import tiny_llava
+
+    model, processor = tiny_llava()
+    decoder = SafeCoDeDecoder(model, processor)
+
+    def template(content):
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    image = {"type": "image"}
+    text = build_prompt(decoder.adapter, processor, "Hi", "Be kind.", system_prompt_role="user")
+    assert text == template([image, {"type": "text", "text": "Be kind. Hi"}])
+    text = build_prompt(decoder.adapter, processor, "Hi", "Query: ", system_prompt_role="user", text_before_image=True)
+    assert text == template([{"type": "text", "text": "Query: Hi"}, image])
+    with pytest.raises(ValueError, match="system_prompt_role must be 'system' or 'user'"):
+        generate(decoder, system_prompt_role="assistant")

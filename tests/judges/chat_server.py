@@ -115,7 +115,7 @@ class ChatServer:
         with self._lock:
             self.actions.extend(actions)
 
-    def start(self) -> "ChatServer":
+    def start(self) -> ChatServer:
         self._thread.start()
         return self
 

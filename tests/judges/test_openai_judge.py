@@ -11,8 +11,15 @@ import pytest
 from PIL import Image
 
 from safecode_kernels import Verdict
-from safecode_kernels.judges import (JudgeConnectionError, JudgeError, JudgeHTTPError, JudgeResponseError,
-                                     JudgeTimeout, OpenAIJudge, UnparseableVerdict)
+from safecode_kernels.judges import (
+    JudgeConnectionError,
+    JudgeError,
+    JudgeHTTPError,
+    JudgeResponseError,
+    JudgeTimeout,
+    OpenAIJudge,
+    UnparseableVerdict,
+)
 from safecode_kernels.testing.tiny import random_image
 
 KEY = "sk-test-very-secret-0123456789"
@@ -48,7 +55,7 @@ def test_batch(chat_server, monkeypatch):
         text, image = body["messages"][-1]["content"]
         assert text["type"] == "text" and image["type"] == "image_url"
         by_prompt[next(p for p in prompts if p in text["text"])] = decode_data_url(image["image_url"]["url"])
-    for prompt, image in zip(prompts, images):  # every image went with its own prompt, losslessly
+    for prompt, image in zip(prompts, images, strict=True):  # every image went with its own prompt, losslessly
         assert by_prompt[prompt].size == image.size
         assert by_prompt[prompt].convert("RGB").tobytes() == image.tobytes()
 

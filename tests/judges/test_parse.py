@@ -1,12 +1,18 @@
-"""Verdict parsing and the unparseable-answer policy (SPEC §4)."""
+"""Verdict parsing and the unparseable-answer policy (docs/design.md §4)."""
 
 from __future__ import annotations
 
 import pytest
 
 from safecode_kernels import Verdict
-from safecode_kernels.judges import (FixedJudge, Judge, Judgement, UnparseableVerdict, judgement_from_answer,
-                                     parse_verdict)
+from safecode_kernels.judges import (
+    FixedJudge,
+    Judge,
+    Judgement,
+    UnparseableVerdict,
+    judgement_from_answer,
+    parse_verdict,
+)
 from safecode_kernels.judges.openai import split_answer
 from safecode_kernels.testing.tiny import random_image
 

@@ -1,4 +1,4 @@
-"""SelfJudge: the loaded model captions the image, then answers safe/unsafe (SPEC §4)."""
+"""SelfJudge: the loaded model captions the image, then answers safe/unsafe (docs/design.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""End-to-end decoding benchmark (SPEC §6, issue 6).
+"""End-to-end decoding benchmark (docs/design.md §6, issue 6).
 
 On one model, the same requests and the same noised images (drawn from the same seed by
 every decoder), it times
@@ -47,7 +47,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -218,7 +217,7 @@ def measure_case(work: Workload, case: Case, settings: Settings, log=print) -> d
             if name == "noised_prefill":
                 seconds, cpu_seconds = work.noised_prefill()
             else:
-                seconds, cpu_seconds, outputs[name] = _timed(lambda: work.run(name, n))
+                seconds, cpu_seconds, outputs[name] = _timed(lambda name=name: work.run(name, n))
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
             log(f"  {case.name:38s} {name:15s} {seconds:8.3f} s (CPU {cpu_seconds:.3f} s)")
@@ -271,7 +270,7 @@ def goals(results: Sequence[dict]) -> list[dict]:
         q, c = r["ratios"], r["cpu_ratios"]
         label = f"B={r['batch']} {'system prompt' if r['system_prompt'] else 'no system prompt'}"
 
-        def add(goal, key, need, at_least=True):
+        def add(goal, key, need, at_least=True, q=q, c=c):
             rows.append(dict(goal=goal, value=q[key], cpu_value=c[key],
                              met=q[key] >= need if at_least else q[key] <= need,
                              met_cpu=c[key] >= need if at_least else c[key] <= need))
@@ -468,7 +467,7 @@ def warm_up(model, processor, settings: Settings, log=print) -> None:
     allocator growth and thread pools."""
     warm = Workload(model, processor, 1, None, settings)
     for name in DECODERS:
-        seconds, _, _ = _timed(lambda: warm.run(name, 2))
+        seconds, _, _ = _timed(lambda name=name: warm.run(name, 2))
         log(f"  warm-up {name}: {seconds:.2f} s")
     warm.noised_prefill()
 
@@ -490,7 +489,8 @@ def _run(settings: Settings, log) -> dict:
                 r = results[-1]["ratios"]
                 c = results[-1]["cpu_ratios"]
                 log(f"  -> fused vs naive {r['fused_speedup_vs_naive']:.2f}x (CPU {c['fused_speedup_vs_naive']:.2f}x), "
-                    f"vs two-cache {r['fused_speedup_vs_two_cache']:.2f}x (CPU {c['fused_speedup_vs_two_cache']:.2f}x), "
+                    f"vs two-cache {r['fused_speedup_vs_two_cache']:.2f}x "
+                    f"(CPU {c['fused_speedup_vs_two_cache']:.2f}x), "
                     f"/ lower bound {r['fused_vs_lower_bound']:.2f} (CPU {c['fused_vs_lower_bound']:.2f}), "
                     f"/ plain {r['fused_vs_plain']:.2f}")
     return make_report(settings, results, lengths)

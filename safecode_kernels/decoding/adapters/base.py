@@ -20,6 +20,8 @@ class ModelAdapter:
     """
 
     model_types: tuple[str, ...] = ()
+    # The family's name in per-family settings (the released recipe's length caps).
+    family: str = ""
     model_class_names: tuple[str, ...] = ()
     # Processor outputs that are text, not pixels.
     text_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")

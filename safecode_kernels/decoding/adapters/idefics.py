@@ -26,6 +26,7 @@ from .base import ModelAdapter
 
 class IdeficsAdapter(ModelAdapter):
     model_types = ("idefics2", "idefics3")
+    family = "idefics"
     model_class_names = ("Idefics2ForConditionalGeneration", "Idefics3ForConditionalGeneration")
     # Sub-image count and size vary per image; zeros are what the processor pads with, and
     # what the model drops (all-zero sub-images) or masks (padded pixels).

@@ -25,6 +25,7 @@ from .base import ModelAdapter
 
 class InstructBlipAdapter(ModelAdapter):
     model_types = ("instructblip",)
+    family = "instructblip"
     model_class_names = ("InstructBlipForConditionalGeneration",)
     padded_keys = ("qformer_input_ids", "qformer_attention_mask")
     placeholder_in_prompt = False

@@ -12,4 +12,5 @@ from .base import ModelAdapter
 
 class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
+    family = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)

@@ -16,5 +16,6 @@ from .base import ModelAdapter
 
 class LlavaNextAdapter(ModelAdapter):
     model_types = ("llava_next",)
+    family = "llava"
     model_class_names = ("LlavaNextForConditionalGeneration",)
     padded_keys = ("pixel_values",)  # tiles beyond image_sizes' count are never read

@@ -17,6 +17,7 @@ from .base import ModelAdapter
 
 class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    family = "qwen"
     model_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration")
 

@@ -1,4 +1,4 @@
-"""The naive SafeCoDe loop: the correctness oracle and the slowest baseline (SPEC §3, §6).
+"""The naive SafeCoDe loop: the correctness oracle and the slowest baseline (docs/design.md §3, §6).
 
 One request at a time, no batching, no padding, no KV cache, no prefix sharing: every step
 runs full forward passes over the whole sequence (real then noised while steering, real

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from safecode_kernels.app.benchmarking import decode as bench
-from safecode_kernels.app.benchmarking.models import BENCH, TINY, bench_requests, build_llava, build_tokenizer, system_prompt
+from safecode_kernels.app.benchmarking.models import (
+    BENCH,
+    TINY,
+    bench_requests,
+    build_llava,
+    build_tokenizer,
+    system_prompt,
+)
 
 
 @pytest.fixture(scope="module")

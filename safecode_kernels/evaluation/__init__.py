@@ -1,0 +1,1 @@
+"""Evaluation on safety benchmarks: loaders, the generation run, scoring."""

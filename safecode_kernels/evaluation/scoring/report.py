@@ -1,0 +1,160 @@
+"""Reports of a scored run (``report.json``, ``report.md``, ``report.png``) and side-by-side comparisons.
+
+``report.json`` holds: ``benchmark``, ``run`` (the run folder's name), ``methods`` (the generation
+methods in the run), ``scorer`` (``"llm"`` or ``"refusal-strings"``), ``judge`` (the judge's model
+name, or ``None``), ``generations`` (lines read), ``n`` (samples scored, unparsed included),
+``unparsed`` (ids whose judge answer named no label), ``errors`` (generations that failed, not
+scored), ``label_counts`` and ``metrics`` (see :mod:`.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+_MISSING = "–"
+
+
+def flatten_metrics(metrics: Mapping, prefix: str = "") -> dict:
+    """Nested metric dicts as one level, keys joined by dots: ``{"attack_rate_by_kind": {"SD": 0.5}}``
+    gives ``{"attack_rate_by_kind.SD": 0.5}``. Order is kept."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _MISSING
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(report: Mapping, max_ids: int = 50) -> str:
+    """``report.md``'s text: a summary line, the metrics table, and the unparsed ids (the first
+    ``max_ids``; ``report.json`` lists them all)."""
+    judge = f" (judge `{report['judge']}`)" if report.get("judge") else ""
+    methods = ", ".join(report.get("methods") or []) or _MISSING
+    lines = [
+        f"# {report['benchmark']}: {report.get('run', '')}",
+        "",
+        f"Scorer: {report['scorer']}{judge}. Methods: {methods}. Scored: {report['n']}; "
+        f"unparsed: {len(report['unparsed'])}; generation errors: {report['errors']}.",
+        "",
+    ]
+    lines += _table(["metric", "value"], ([k, _fmt(v)] for k, v in flatten_metrics(report["metrics"]).items()))
+    if report.get("label_counts"):
+        lines += ["", "Labels: " + ", ".join(f"{k}: {v}" for k, v in report["label_counts"].items()) + "."]
+    unparsed = report["unparsed"]
+    if unparsed:
+        shown = ", ".join(f"`{i}`" for i in unparsed[:max_ids])
+        more = f" and {len(unparsed) - max_ids} more (see report.json)" if len(unparsed) > max_ids else ""
+        lines += ["", f"Unparsed judge answers (left out of every metric): {shown}{more}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metrics(report: Mapping, path) -> Path | None:
+    """Draw the report's metrics as a horizontal bar chart (0 to 1) into ``path`` (PNG).
+
+    Returns the path, or ``None`` (with a warning) when matplotlib is not installed. Uses the Agg
+    canvas directly: no pyplot, no global backend switch, safe in threads."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed: {path} not drawn (pip install matplotlib)", stacklevel=2)
+        return None
+    values = [(k, v) for k, v in flatten_metrics(report["metrics"]).items() if isinstance(v, (int, float))]
+    figure = Figure(figsize=(7.5, 1.2 + 0.32 * max(1, len(values))))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    names = [k for k, _ in values][::-1]  # first metric on top
+    bars = axes.barh(names, [v for _, v in values][::-1], color="#4c72b0")
+    axes.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
+    axes.set_xlim(0, 1.12)
+    axes.tick_params(axis="y", labelsize=8)
+    axes.set_title(f"{report['benchmark']}: {report.get('run', '')} ({report['scorer']}, n={report['n']})", fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A reader never sees half a report, and a crash leaves the old one.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(directory, report: Mapping) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and (matplotlib permitting) ``report.png`` into
+    ``directory``; returns ``{"json": path, "md": path, "png": path or None}``."""
+    directory = Path(directory)
+    paths = {"json": directory / REPORT_JSON, "md": directory / REPORT_MD}
+    _write_atomic(paths["json"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(paths["md"], render_markdown(report))
+    paths["png"] = plot_metrics(report, directory / REPORT_PNG)
+    return paths
+
+
+def read_report(directory) -> dict:
+    """``DIR/report.json`` as a dict; ``FileNotFoundError`` naming it when absent (run ``score`` first)."""
+    path = Path(directory) / REPORT_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: score the run first (safecode-kernels score {directory})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _column_names(dirs: list[Path]) -> list[str]:
+    names = [d.resolve().name or str(d) for d in dirs]
+    if len(set(names)) < len(names):  # same folder names in different places: show more of the path
+        names = [str(d) for d in dirs]
+    return names
+
+
+def compare(dirs) -> str:
+    """A markdown table of several scored runs side by side (e.g. base vs SafeCoDe).
+
+    One column per run, named by its folder; rows ``benchmark``, ``scorer``, ``n``, ``unparsed``,
+    ``errors``, then one per metric (nested ones flattened as ``attack_rate_by_kind.SD``), in order of
+    first appearance; a metric a run lacks shows ``–``. Reads each ``DIR/report.json``; raises
+    ``FileNotFoundError`` naming a missing one, ``ValueError`` for no runs.
+    """
+    dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
+    if not dirs:
+        raise ValueError("compare needs at least one run folder")
+    reports = [read_report(d) for d in dirs]
+    flats = [flatten_metrics(r["metrics"]) for r in reports]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    rows = [["benchmark"] + [r["benchmark"] for r in reports],
+            ["scorer"] + [r["scorer"] for r in reports],
+            ["n"] + [str(r["n"]) for r in reports],
+            ["unparsed"] + [str(len(r["unparsed"])) for r in reports],
+            ["errors"] + [str(r["errors"]) for r in reports]]
+    rows += [[k] + [_fmt(flat.get(k)) for flat in flats] for k in keys]
+    return "\n".join(_table(["metric"] + _column_names(dirs), rows)) + "\n"
+
+
+__all__ = ["REPORT_JSON", "REPORT_MD", "REPORT_PNG", "compare", "flatten_metrics", "plot_metrics", "read_report",
+           "render_markdown", "write_report"]
