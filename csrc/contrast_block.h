@@ -62,7 +62,7 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const BFloat16* p) {
 
 template <typename T>
 __attribute__((target("avx2,f16c"))) BlockStats contrast_block_avx2(const T* real, const T* noised, int64_t n,
-                                                                   const Contrast& c, float* out) {
+                                                                    const Contrast& c, float* out) {
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 finite_max = _mm256_set1_ps(FLT_MAX);
   const __m256 w = _mm256_set1_ps(c.w), alpha = _mm256_set1_ps(c.alpha), cutoff = _mm256_set1_ps(c.cutoff);
@@ -70,8 +70,9 @@ __attribute__((target("avx2,f16c"))) BlockStats contrast_block_avx2(const T* rea
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 r = load8(real + i), q = load8(noised + i);
-    const __m256 banned = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(r, neg_inf, _CMP_EQ_OQ), _mm256_cmp_ps(q, neg_inf, _CMP_EQ_OQ)),
-                                       _mm256_cmp_ps(r, cutoff, _CMP_LT_OQ));
+    const __m256 banned =
+        _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(r, neg_inf, _CMP_EQ_OQ), _mm256_cmp_ps(q, neg_inf, _CMP_EQ_OQ)),
+                     _mm256_cmp_ps(r, cutoff, _CMP_LT_OQ));
     const __m256 diff = _mm256_sub_ps(_mm256_mul_ps(w, r), _mm256_mul_ps(alpha, q));
     const __m256 z = _mm256_blendv_ps(diff, neg_inf, banned);
     // NLE_UQ: true for NaN and for anything above FLT_MAX, i.e. +inf.

@@ -37,15 +37,25 @@ template <typename T>
 inline float load_as_float(const T* p, int64_t i);
 
 template <>
-inline float load_as_float<float>(const float* p, int64_t i) { return p[i]; }
+inline float load_as_float<float>(const float* p, int64_t i) {
+  return p[i];
+}
 
-struct Half { uint16_t bits; };
-struct BFloat16 { uint16_t bits; };
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
 
 template <>
-inline float load_as_float<Half>(const Half* p, int64_t i) { return f16_to_float(p[i].bits); }
+inline float load_as_float<Half>(const Half* p, int64_t i) {
+  return f16_to_float(p[i].bits);
+}
 
 template <>
-inline float load_as_float<BFloat16>(const BFloat16* p, int64_t i) { return bf16_to_float(p[i].bits); }
+inline float load_as_float<BFloat16>(const BFloat16* p, int64_t i) {
+  return bf16_to_float(p[i].bits);
+}
 
 }  // namespace safecode

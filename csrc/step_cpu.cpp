@@ -1,4 +1,4 @@
-// The fused SafeCoDe step op on the CPU. See step_cpu.h for the contract and SPEC §2 for
+// The fused SafeCoDe step op on the CPU. See step_cpu.h for the contract and docs/design.md §2 for
 // the math. Structure:
 //   1. scan: one streaming pass over both input rows, block by block. Each block's
 //      contrast goes through a vectorised loop (with the row statistics reduced in
@@ -44,8 +44,8 @@ namespace safecode {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kBlock = 512;          // tokens per vectorised block (fits L1 as fp32)
-constexpr int64_t kMinChunk = 16384;     // smallest vocabulary chunk worth a thread
+constexpr int64_t kBlock = 512;                  // tokens per vectorised block (fits L1 as fp32)
+constexpr int64_t kMinChunk = 16384;             // smallest vocabulary chunk worth a thread
 constexpr size_t kKeepScratchBytes = 64u << 20;  // scratch kept between calls up to this size
 
 // Row-constant inputs: the contrast and the refusal bias of the row's verdict.
@@ -69,8 +69,8 @@ struct Partial {
   void merge(const Partial& o) {
     bad |= o.bad;
     max_all = std::max(max_all, o.max_all);
-    if (o.plain_max > plain_max || (o.plain_max == plain_max && o.plain_arg >= 0 &&
-                                    (plain_arg < 0 || o.plain_arg < plain_arg))) {
+    if (o.plain_max > plain_max ||
+        (o.plain_max == plain_max && o.plain_arg >= 0 && (plain_arg < 0 || o.plain_arg < plain_arg))) {
       plain_max = o.plain_max;
       plain_arg = o.plain_arg;
     }
@@ -109,9 +109,8 @@ SAFECODE_CLONES float exp_sum(const float* z, int64_t n, float shift, float inv_
 // refusal id >= begin (ids are sorted), `refusal_end` past the last id.
 
 template <typename T>
-void scan_chunk(const T* real, const T* noised, const int64_t* refusal, const int64_t* refusal_end,
-                int64_t begin, int64_t end, const Contrast& contrast, bool want_sum, float* z_row,
-                Partial& part) {
+void scan_chunk(const T* real, const T* noised, const int64_t* refusal, const int64_t* refusal_end, int64_t begin,
+                int64_t end, const Contrast& contrast, bool want_sum, float* z_row, Partial& part) {
   alignas(64) float local[kBlock];
   float saved[kBlock];
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
@@ -329,9 +328,9 @@ RowSetup row_setup(const StepParams& p, const StepBuffers& b, int64_t row, float
   const int8_t v = b.verdict[row];
   RowSetup s;
   s.contrast.w = p.real_weight;
-  s.contrast.alpha = v == -1 ? p.alpha_safe : p.alpha_unsafe;
+  s.contrast.alpha = v == kVerdictSafe ? p.alpha_safe : p.alpha_unsafe;
   s.contrast.cutoff = p.log_plausibility > -kInf ? p.log_plausibility + real_max : -kInf;
-  s.bias = v == 1 ? p.bias_unsafe : (v == -1 ? p.bias_safe : 0.0f);
+  s.bias = v == kVerdictUnsafe ? p.bias_unsafe : (v == kVerdictSafe ? p.bias_safe : 0.0f);
   return s;
 }
 
@@ -346,8 +345,8 @@ float row_max(const T* x, int64_t n) {
 }
 
 template <typename T>
-void finish_row(const StepParams& p, const StepBuffers& b, int64_t row, const RowSetup& s,
-                Partial& part, float* z_row, Sampler* sampler, std::vector<RefusalValue>& refusal) {
+void finish_row(const StepParams& p, const StepBuffers& b, int64_t row, const RowSetup& s, Partial& part, float* z_row,
+                Sampler* sampler, std::vector<RefusalValue>& refusal) {
   int32_t& status = b.status[row];
   status = kRowOk;
   const Rows<T> rows;
@@ -355,7 +354,10 @@ void finish_row(const StepParams& p, const StepBuffers& b, int64_t row, const Ro
     status = classify_bad_row(rows.real(b, row), rows.noised(b, row), b.vocab);
     return;
   }
-  if (part.max_all == -kInf) { status = kAllBannedContrast; return; }
+  if (part.max_all == -kInf) {
+    status = kAllBannedContrast;
+    return;
+  }
 
   // The refusal tokens, exactly: their value before and after the bias.
   const bool bias_all = p.scope_all || p.sensitive_top_k >= b.vocab;
@@ -363,8 +365,8 @@ void finish_row(const StepParams& p, const StepBuffers& b, int64_t row, const Ro
   bool overflow = false;
   for (int64_t j = 0; j < b.num_refusal; ++j) {
     const int64_t v = b.refusal_ids[j];
-    const float before = z_row ? z_row[v]
-                               : s.contrast(load_as_float(rows.real(b, row), v), load_as_float(rows.noised(b, row), v));
+    const float before =
+        z_row ? z_row[v] : s.contrast(load_as_float(rows.real(b, row), v), load_as_float(rows.noised(b, row), v));
     const bool target = bias_all || part.sensitive.contains(before, v);
     const float after = target ? before + s.bias : before;
     overflow |= !(after <= FLT_MAX);
@@ -380,8 +382,14 @@ void finish_row(const StepParams& p, const StepBuffers& b, int64_t row, const Ro
       best_index = r.index;
     }
   }
-  if (overflow) { status = kOverflowBias; return; }
-  if (!(best > -kInf)) { status = kAllBannedBias; return; }
+  if (overflow) {
+    status = kOverflowBias;
+    return;
+  }
+  if (!(best > -kInf)) {
+    status = kAllBannedBias;
+    return;
+  }
 
   if (b.mass_before) {
     b.mass_before[row] = refusal_mass(part, refusal, false);
@@ -462,9 +470,9 @@ void run(const StepParams& p, const StepBuffers& b) {
         const RowSetup s = row_setup(p, b, row, real_max[row]);
         float* z_row = z_all ? z_all + row * vocab : nullptr;
         const int64_t* ids_end = b.refusal_ids + b.num_refusal;
-      const int64_t* first_id = std::lower_bound(b.refusal_ids, ids_end, begin);
-      scan_chunk(rows.real(b, row), rows.noised(b, row), first_id, ids_end, begin, end, s.contrast,
-                 want_sum, z_row, part);
+        const int64_t* first_id = std::lower_bound(b.refusal_ids, ids_end, begin);
+        scan_chunk(rows.real(b, row), rows.noised(b, row), first_id, ids_end, begin, end, s.contrast, want_sum, z_row,
+                   part);
       } catch (...) {
 #pragma omp atomic write
         failed = 1;
@@ -493,8 +501,7 @@ void check(bool ok, const std::string& what) {
 }
 
 void validate(const StepParams& p, const StepBuffers& b) {
-  check(b.real && b.noised && b.verdict && b.tokens && b.status,
-        "safecode_step_cpu: a required buffer is null");
+  check(b.real && b.noised && b.verdict && b.tokens && b.status, "safecode_step_cpu: a required buffer is null");
   check(b.batch > 0, "batch must be > 0");
   check(b.vocab > 0, "vocab must be > 0 (the vocabulary is empty)");
   // Inputs are only read, so rows may overlap (an expanded tensor has row stride 0).
@@ -504,19 +511,20 @@ void validate(const StepParams& p, const StepBuffers& b) {
   check(b.num_refusal >= 0 && (b.num_refusal == 0 || b.refusal_ids), "refusal ids missing");
   for (int64_t j = 0; j < b.num_refusal; ++j) {
     const int64_t v = b.refusal_ids[j];
-    check(v >= 0 && v < b.vocab, "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " +
-                                     std::to_string(b.vocab) + ")");
+    check(v >= 0 && v < b.vocab,
+          "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(b.vocab) + ")");
     check(j == 0 || v > b.refusal_ids[j - 1], "refusal ids must be sorted and unique");
   }
   for (int64_t row = 0; row < b.batch; ++row) {
     const int8_t v = b.verdict[row];
-    check(v == 1 || v == 0 || v == -1, "unknown verdict value " + std::to_string(v) + " in row " +
-                                           std::to_string(row) + ": expected +1, -1 or 0");
+    check(v == kVerdictUnsafe || v == kVerdictNone || v == kVerdictSafe,
+          "unknown verdict value " + std::to_string(v) + " in row " + std::to_string(row) + ": expected +1, -1 or 0");
   }
   check(std::isfinite(p.real_weight) && p.real_weight > 0.0f, "real_weight must be finite and > 0");
   check(std::isfinite(p.alpha_unsafe) && p.alpha_unsafe >= 0.0f, "alpha must be finite and >= 0");
   check(std::isfinite(p.alpha_safe) && p.alpha_safe >= 0.0f, "alpha_safe must be finite and >= 0");
-  check(!std::isnan(p.log_plausibility) && p.log_plausibility <= 0.0f, "log_plausibility must be <= 0 (beta in (0, 1])");
+  check(!std::isnan(p.log_plausibility) && p.log_plausibility <= 0.0f,
+        "log_plausibility must be <= 0 (beta in (0, 1])");
   check(p.sensitive_top_k >= 0, "sensitive_top_k must be >= 0");
   check(!std::isnan(p.bias_unsafe) && p.bias_unsafe < kInf, "the unsafe bias must be a number below +inf");
   check(!std::isnan(p.bias_safe) && p.bias_safe < kInf, "the safe bias must be a number below +inf");

@@ -1,5 +1,5 @@
 // A bounded selection of the k best (value, index) candidates. "Best" is the total order
-// of SPEC §2: larger value first, and the lower index first among equal values.
+// of docs/design.md §2.2: larger value first, and the lower index first among equal values.
 #pragma once
 
 #include <algorithm>

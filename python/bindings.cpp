@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "step_cpu.h"
 
@@ -36,8 +37,8 @@ void* vector_ptr(const py::buffer& b, const char* name, int64_t n, py::ssize_t i
   py::buffer_info info = view(b, name, writable);
   require(info.ndim == 1, std::string(name) + " must be 1-D");
   require(info.itemsize == itemsize, std::string(name) + " has the wrong item size");
-  require(info.shape[0] == n, std::string(name) + " has length " + std::to_string(info.shape[0]) +
-                                  ", expected " + std::to_string(n));
+  require(info.shape[0] == n,
+          std::string(name) + " has length " + std::to_string(info.shape[0]) + ", expected " + std::to_string(n));
   require(n <= 1 || info.strides[0] == itemsize, std::string(name) + " must be contiguous");
   return info.ptr;
 }
@@ -54,21 +55,57 @@ Matrix matrix(const py::buffer& b, const char* name, py::ssize_t itemsize, bool 
   require(info.itemsize == itemsize, std::string(name) + " has item size " + std::to_string(info.itemsize) +
                                          ", expected " + std::to_string(itemsize));
   require(info.shape[1] <= 1 || info.strides[1] == itemsize, std::string(name) + " must have unit vocabulary stride");
-  require(info.strides[0] % itemsize == 0 && info.strides[0] >= 0, std::string(name) + " has an unsupported row stride");
+  require(info.strides[0] % itemsize == 0 && info.strides[0] >= 0,
+          std::string(name) + " has an unsupported row stride");
   return Matrix{info.ptr, info.shape[0], info.shape[1], info.strides[0] / itemsize};
 }
 
+// The names Python passes for the logits' dtype (ops/step_cpu.py), exported as _C.DTYPES.
+const std::pair<const char*, safecode::DType> kDTypes[] = {
+    {"float32", safecode::DType::kFloat32},
+    {"float16", safecode::DType::kFloat16},
+    {"bfloat16", safecode::DType::kBFloat16},
+};
+
 safecode::DType parse_dtype(const std::string& name) {
-  if (name == "float32") return safecode::DType::kFloat32;
-  if (name == "float16") return safecode::DType::kFloat16;
-  if (name == "bfloat16") return safecode::DType::kBFloat16;
+  for (const auto& [known, dtype] : kDTypes)
+    if (name == known) return dtype;
   throw py::type_error("unsupported dtype " + name + ": expected float32, float16 or bfloat16");
 }
 
-void step(const py::buffer& real, const py::buffer& noised, const std::string& dtype, const py::buffer& verdict,
-          const py::buffer& refusal_ids, const py::buffer& tokens,
-          const py::buffer& status, const safecode::StepParams& params, std::optional<py::buffer> logits,
-          std::optional<py::buffer> mass_before, std::optional<py::buffer> mass_after, int num_threads) {
+// The codes of step_cpu.h by the names of safecode_kernels/ops/codes.py, so that a test can
+// check that both sides agree (tests/ops/test_codes.py).
+py::dict row_status_codes() {
+  py::dict d;
+  d["OK"] = static_cast<int>(safecode::kRowOk);
+  d["REAL_NOT_FINITE"] = static_cast<int>(safecode::kRealNotFinite);
+  d["NOISED_NOT_FINITE"] = static_cast<int>(safecode::kNoisedNotFinite);
+  d["ALL_BANNED_CONTRAST"] = static_cast<int>(safecode::kAllBannedContrast);
+  d["OVERFLOW_CONTRAST"] = static_cast<int>(safecode::kOverflowContrast);
+  d["ALL_BANNED_BIAS"] = static_cast<int>(safecode::kAllBannedBias);
+  d["OVERFLOW_BIAS"] = static_cast<int>(safecode::kOverflowBias);
+  return d;
+}
+
+py::dict verdict_codes() {
+  py::dict d;
+  d["UNSAFE"] = static_cast<int>(safecode::kVerdictUnsafe);
+  d["SAFE"] = static_cast<int>(safecode::kVerdictSafe);
+  d["NONE"] = static_cast<int>(safecode::kVerdictNone);
+  return d;
+}
+
+py::dict dtype_codes() {
+  py::dict d;
+  for (const auto& [name, dtype] : kDTypes) d[name] = static_cast<int>(dtype);
+  return d;
+}
+
+// Returns the number of rows whose status is not kRowOk (0: nothing to check in Python).
+int64_t step(const py::buffer& real, const py::buffer& noised, const std::string& dtype, const py::buffer& verdict,
+             const py::buffer& refusal_ids, const py::buffer& tokens, const py::buffer& status,
+             const safecode::StepParams& params, std::optional<py::buffer> logits,
+             std::optional<py::buffer> mass_before, std::optional<py::buffer> mass_after, int num_threads) {
   safecode::StepBuffers b;
   b.dtype = parse_dtype(dtype);
   const py::ssize_t itemsize = b.dtype == safecode::DType::kFloat32 ? 4 : 2;
@@ -103,6 +140,17 @@ void step(const py::buffer& real, const py::buffer& noised, const std::string& d
   b.num_threads = num_threads;
   py::gil_scoped_release release;  // the kernel touches no Python object
   safecode::safecode_step_cpu(params, b);
+  int64_t problems = 0;
+  for (int64_t row = 0; row < b.batch; ++row) problems += b.status[row] != safecode::kRowOk;
+  return problems;
+}
+
+int openmp_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 0;
+#endif
 }
 
 }  // namespace
@@ -125,17 +173,15 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("top_p", &safecode::StepParams::top_p)
       .def_readwrite("seed", &safecode::StepParams::seed);
 
-  m.def("step", &step, py::arg("real"), py::arg("noised"), py::arg("dtype"), py::arg("verdict"),
-        py::arg("refusal_ids"), py::arg("tokens"), py::arg("status"),
-        py::arg("params"), py::arg("logits") = py::none(), py::arg("mass_before") = py::none(),
-        py::arg("mass_after") = py::none(), py::arg("num_threads") = 0,
-        "One fused SafeCoDe step over a batch; writes tokens, status and the optional outputs.");
+  m.def("step", &step, py::arg("real"), py::arg("noised"), py::arg("dtype"), py::arg("verdict"), py::arg("refusal_ids"),
+        py::arg("tokens"), py::arg("status"), py::arg("params"), py::arg("logits") = py::none(),
+        py::arg("mass_before") = py::none(), py::arg("mass_after") = py::none(), py::arg("num_threads") = 0,
+        "One fused SafeCoDe step over a batch; writes tokens, status and the optional outputs, and returns "
+        "the number of rows whose status is not OK.");
 
-  m.def("openmp_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 0;
-#endif
-  }, "OpenMP's default thread count, or 0 when built without OpenMP.");
+  m.attr("ROW_STATUS") = row_status_codes();
+  m.attr("VERDICT") = verdict_codes();
+  m.attr("DTYPES") = dtype_codes();
+
+  m.def("openmp_threads", &openmp_threads, "OpenMP's default thread count, or 0 when built without OpenMP.");
 }

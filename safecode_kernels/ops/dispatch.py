@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 BACKENDS = ("torch", "cpu", "triton")
+
+logger = logging.getLogger("safecode_kernels")
+# (backend, reason) pairs already logged: each fallback is explained once per process.
+_LOGGED_FALLBACKS: set[tuple[str, str]] = set()
 
 
 def backend_status() -> dict[str, str | None]:
@@ -53,7 +58,26 @@ def _auto(device: torch.device) -> str:
     from . import step_cpu, step_triton
 
     if device.type == "cpu":
-        return "cpu" if step_cpu.unavailable_reason() is None else "torch"
-    if device.type == "cuda" and step_triton.unavailable_reason(device) is None:
-        return "triton"
+        reason = step_cpu.unavailable_reason()
+        if reason is None:
+            return "cpu"
+        _log_fallback("cpu", device, reason)
+        return "torch"
+    if device.type == "cuda":
+        reason = step_triton.unavailable_reason(device)
+        if reason is None:
+            return "triton"
+        _log_fallback("triton", device, reason)
     return "torch"
+
+
+def _log_fallback(faster: str, device: torch.device, reason: str) -> None:
+    """Say once per (backend, reason) why ``auto`` runs the slower torch reference."""
+    key = (faster, reason)
+    if key in _LOGGED_FALLBACKS:
+        return
+    _LOGGED_FALLBACKS.add(key)
+    logger.warning(
+        "safecode_step: backend 'auto' falls back to the slower 'torch' backend for %s tensors: "
+        "the '%s' backend is unavailable: %s", device.type, faster, reason,
+    )

@@ -1,4 +1,4 @@
-"""``safecode_step``: one steered decoding step for a batch (SPEC §2), on any backend."""
+"""``safecode_step``: one steered decoding step for a batch (docs/design.md §2), on any backend."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import dataclasses
 
 import torch
 
-from .dispatch import resolve_backend
 from ..params import SteeringParams
-from .step_inputs import prepare_step_inputs
+from ..refusal import RefusalVocabulary
+from ..verdict import as_verdict_tensor
+from .step_inputs import check_logits, refusal_mask_and_ids, seed_from
+from .step_op import OP_NAME, op_scalars, run_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +47,16 @@ def safecode_step(
         verdict: int8 ``[B]`` (+1 unsafe, -1 safe, 0 none) or a sequence of
             ``"unsafe" | "safe" | "none"`` / :class:`Verdict`.
         refusal: a :class:`RefusalVocabulary`, sorted unique int64 ids, or a bool mask ``[V]``.
-        params: :class:`SteeringParams` (defaults: the authors' released settings, greedy).
+        params: :class:`SteeringParams` (default: SafeCoDe as the paper describes it, with the released
+            code's alpha, alpha_safe and k; greedy).
         generator: seed or ``torch.Generator`` for sampling; ``None`` uses torch's default.
         backend: ``"auto" | "torch" | "cpu" | "triton"``; ``SAFECODE_BACKEND`` overrides ``auto``.
         return_logits: also return the modulated logits ``[B, V]`` (fp32).
         return_stats: also return the refusal mass before and after the bias.
+
+    Under ``torch.compile`` this is one call of the registered op ``safecode_kernels::step``
+    (:mod:`.step_op`; ``fullgraph=True`` works). There, pass ``generator`` as an int seed or
+    ``None`` (a ``torch.Generator`` costs a graph break); the outputs carry no gradient there.
 
     Example::
 
@@ -62,7 +69,50 @@ def safecode_step(
     """
     if params is None:
         params = SteeringParams()
-    inputs = prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator)
-    run = resolve_backend(backend, inputs.logits_real.device)
-    tokens, logits, stats = run(inputs, return_logits, return_stats)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: one call of the registered op (no graph break).
+        return _call_op(logits_real, logits_noised, verdict, refusal, params, generator, backend,
+                        return_logits, return_stats)
+    # Eager: the op's implementation without the dispatcher's per-call overhead; one event
+    # named after the op in profiles, as the compiled call is.
+    args = (logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats)
+    if torch.autograd._profiler_enabled():
+        with torch.profiler.record_function(OP_NAME):
+            tokens, logits, stats = run_step(*args)
+    else:
+        tokens, logits, stats = run_step(*args)
     return StepOutput(tokens=tokens, logits=logits, refusal_mass=stats)
+
+
+def _call_op(logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats):
+    """``safecode_step`` as torch.compile traces it: the Python-level arguments become
+    tensors and scalars, and the op checks the data (only what is known while tracing is
+    checked here, with the errors of the eager path)."""
+    check_logits(logits_real, logits_noised)
+    if not isinstance(params, SteeringParams):
+        raise TypeError(f"params must be a SteeringParams, got {type(params).__name__}")
+    batch, vocab = logits_real.shape
+    device = logits_real.device
+    if not isinstance(verdict, torch.Tensor):
+        verdict = as_verdict_tensor(verdict, batch, device)
+    if isinstance(refusal, RefusalVocabulary):
+        # Its ids are sorted, unique and >= 0; the op checks them against V and builds the mask.
+        refusal = refusal.ids.to(device)
+    elif isinstance(refusal, (list, tuple)):
+        refusal = torch.tensor(refusal, dtype=torch.int64)
+    elif not isinstance(refusal, torch.Tensor):
+        refusal_mask_and_ids(refusal, vocab, device)  # raises the eager path's TypeError
+    # -1: the op draws a seed from torch's default generator (an explicit torch.Generator
+    # cannot cross into the op: it costs a graph break; pass an int seed instead).
+    seed = -1 if params.is_greedy or generator is None else seed_from(generator)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    tokens, logits, mass = torch.ops.safecode_kernels.step(
+        logits_real, logits_noised, verdict, refusal, *op_scalars(params), seed, backend,
+        bool(return_logits), bool(return_stats),
+    )
+    return StepOutput(
+        tokens=tokens,
+        logits=logits if return_logits else None,
+        refusal_mass=(mass[0], mass[1]) if return_stats else None,
+    )

@@ -24,13 +24,15 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def unavailable_reason() -> str | None:
     """``None`` when the C++ extension is importable, else why not."""
     if _C is None:
-        return f"the C++ extension safecode_kernels._C is not built ({_IMPORT_ERROR}); reinstall with `pip install -e .`"
+        return (f"the C++ extension safecode_kernels._C is not built ({_IMPORT_ERROR}); "
+                "reinstall with `pip install -e .`")
     return None
 
 
 def _buffer(t: torch.Tensor):
     # numpy has no bfloat16: hand its bits over as int16; the kernel is told the dtype.
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
@@ -61,7 +63,7 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     logits = torch.empty(batch, vocab, dtype=torch.float32) if return_logits else None
     before = torch.empty(batch, dtype=torch.float32) if return_stats else None
     after = torch.empty(batch, dtype=torch.float32) if return_stats else None
-    _C.step(
+    problems = _C.step(
         _buffer(inp.logits_real), _buffer(inp.logits_noised), _DTYPE_NAMES[inp.logits_real.dtype],
         _buffer(inp.verdict), _buffer(inp.refusal_ids),
         tokens.numpy(), status.numpy(), _kernel_params(inp),
@@ -70,5 +72,6 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
         mass_after=None if after is None else after.numpy(),
         num_threads=torch.get_num_threads(),
     )
-    raise_for_row_status(status)
+    if problems:
+        raise_for_row_status(status)
     return tokens, logits, ((before, after) if return_stats else None)

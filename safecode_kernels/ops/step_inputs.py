@@ -1,4 +1,4 @@
-"""Checks and normalises the inputs of the step op, once, for every backend (SPEC §2)."""
+"""Checks and normalises the inputs of the step op, once, for every backend (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
 from ..verdict import as_verdict_tensor
+from .codes import RowStatus
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,14 +41,14 @@ class StepError(ValueError):
     """A row of the step's input that has no valid answer (NaN, +inf, every token banned)."""
 
 
-# Row problems, in the order every backend checks them; the codes are those of csrc/step_cpu.h.
+# Row problems, in the order every backend checks them (codes.RowStatus).
 ROW_PROBLEMS = {
-    1: "logits_real row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
-    2: "logits_noised row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
-    3: "row {row}: every token is banned after the contrast",
-    4: "row {row}: the contrast overflows float32 (logits too large)",
-    5: "row {row}: every token is banned after the refusal bias",
-    6: "row {row}: the refusal bias overflows float32 (logits too large)",
+    RowStatus.REAL_NOT_FINITE: "logits_real row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
+    RowStatus.NOISED_NOT_FINITE: "logits_noised row {row} contains NaN or +inf (only -inf, meaning banned, is allowed)",
+    RowStatus.ALL_BANNED_CONTRAST: "row {row}: every token is banned after the contrast",
+    RowStatus.OVERFLOW_CONTRAST: "row {row}: the contrast overflows float32 (logits too large)",
+    RowStatus.ALL_BANNED_BIAS: "row {row}: every token is banned after the refusal bias",
+    RowStatus.OVERFLOW_BIAS: "row {row}: the refusal bias overflows float32 (logits too large)",
 }
 
 
@@ -62,7 +63,7 @@ def raise_for_row_status(status: torch.Tensor) -> None:
 
 
 def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator) -> StepInputs:
-    _check_logits(logits_real, logits_noised)
+    check_logits(logits_real, logits_noised)
     if not isinstance(params, SteeringParams):
         raise TypeError(f"params must be a SteeringParams, got {type(params).__name__}")
     batch, vocab = logits_real.shape
@@ -77,7 +78,7 @@ def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, ge
     )
 
 
-def _check_logits(real, noised) -> None:
+def check_logits(real, noised) -> None:
     for name, t in (("logits_real", real), ("logits_noised", noised)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -1,4 +1,4 @@
-"""The ``torch`` backend of the step op: the readable reference of SPEC §2, op by op.
+"""The ``torch`` backend of the step op: the readable reference of docs/design.md §2, op by op.
 
 It is also the naive baseline that the benchmarks compare against, so it is written the
 way a careful PyTorch user would write it: vectorised over the batch, no Python loops
@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .codes import RowStatus, Verdict
 from .step_inputs import ROW_PROBLEMS, StepError, StepInputs
 
 NEG_INF = float("-inf")
@@ -21,28 +22,28 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
     p = inp.params
     zr = inp.logits_real.float()
     zn = inp.logits_noised.float()
-    _check_rows(zr, 1)
-    _check_rows(zn, 2)
+    _check_rows(zr, RowStatus.REAL_NOT_FINITE)
+    _check_rows(zn, RowStatus.NOISED_NOT_FINITE)
 
     # 1. Contrast. A -inf in either branch bans the token (it would give inf - inf otherwise).
-    safe = (inp.verdict == -1).unsqueeze(1)
+    safe = (inp.verdict == Verdict.SAFE).unsqueeze(1)
     alpha = torch.where(safe, p.alpha_safe, p.alpha).to(zr.dtype)
     banned = (zr == NEG_INF) | (zn == NEG_INF)
     if p.plausibility > 0.0:
         cutoff = math.log(p.plausibility) + zr.amax(dim=1, keepdim=True)
         banned |= zr < cutoff
     z = (p.real_weight * zr - alpha * zn).masked_fill(banned, NEG_INF)
-    _check_modulated(z, banned_code=3)
+    _check_modulated(z, RowStatus.ALL_BANNED_CONTRAST, RowStatus.OVERFLOW_CONTRAST)
 
     # 2-3. Sensitive set and verdict-conditioned refusal bias.
     target = inp.refusal_mask.unsqueeze(0)
     if p.scope == "sensitive":
         target = target & top_k_mask(z, p.sensitive_top_k)
     bias = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
-    bias = bias.masked_fill((inp.verdict == 1).unsqueeze(1), p.bias_unsafe)
+    bias = bias.masked_fill((inp.verdict == Verdict.UNSAFE).unsqueeze(1), p.bias_unsafe)
     bias = bias.masked_fill(safe, p.bias_safe)
     modulated = torch.where(target, z + bias, z)
-    _check_modulated(modulated, banned_code=5)
+    _check_modulated(modulated, RowStatus.ALL_BANNED_BIAS, RowStatus.OVERFLOW_BIAS)
 
     stats = None
     if return_stats:
@@ -93,18 +94,18 @@ def _refusal_mass(z: torch.Tensor, refusal_mask: torch.Tensor) -> torch.Tensor:
     return (z.softmax(dim=1) * refusal_mask).sum(dim=1)
 
 
-def _check_rows(x: torch.Tensor, code: int) -> None:
+def _check_rows(x: torch.Tensor, code: RowStatus) -> None:
     # One reduction per input finds both NaN (max propagates it) and +inf.
     row_max = x.amax(dim=1)
     _raise_first(torch.isnan(row_max) | (row_max == float("inf")), code)
 
 
-def _check_modulated(z: torch.Tensor, banned_code: int) -> None:
+def _check_modulated(z: torch.Tensor, all_banned: RowStatus, overflow: RowStatus) -> None:
     row_max = z.amax(dim=1)
-    _raise_first(row_max == NEG_INF, banned_code)
-    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), banned_code + 1)
+    _raise_first(row_max == NEG_INF, all_banned)
+    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), overflow)
 
 
-def _raise_first(bad: torch.Tensor, code: int) -> None:
+def _raise_first(bad: torch.Tensor, code: RowStatus) -> None:
     if bool(bad.any()):
         raise StepError(ROW_PROBLEMS[code].format(row=int(bad.nonzero()[0, 0])))

@@ -1,4 +1,4 @@
-"""The ``triton`` backend of the step op (SPEC §2): the launcher of the fused kernels.
+"""The ``triton`` backend of the step op (docs/design.md §2): the launcher of the fused kernels.
 
 The kernels live in :mod:`.step_triton_kernels`; this module picks block sizes (heuristics
 by V and B; no autotuning), carves the small partial-result buffers out of one allocation
@@ -43,15 +43,13 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import sys
 
 import torch
 
+from .codes import FALLBACK_FLAG, STATUS_MASK, SensitiveSet, sensitive_set
 from .step_inputs import StepInputs, raise_for_row_status
-
-# The merge kernel's per-row word: a status code of step_inputs.ROW_PROBLEMS in the low
-# byte, and this flag for rows the candidates could not decide (recomputed exactly).
-FALLBACK_FLAG = 256
 
 # Lanes of the merge kernel (candidates of all blocks + refusal tokens): what top-p without
 # top-k fills (it sorts them), and the most any configuration may use (larger k are decided
@@ -69,8 +67,10 @@ def _interpreted() -> bool:
     defined (on first use; a status query does not define them)."""
     kernels = sys.modules.get(f"{__package__}.step_triton_kernels")
     if kernels is None:
-        from triton import knobs
-
+        try:
+            from triton import knobs
+        except ImportError:  # triton < 3.4 reads the variable itself
+            return os.environ.get("TRITON_INTERPRET", "0") == "1"
         return bool(knobs.runtime.interpret)
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -115,7 +115,7 @@ class _Plan:
     c_pad: int
     x_pad: int  # lanes of the merge kernel: candidate slots + refusal tokens
     idx_bits: int
-    sens: int  # 0 none, 1 every token, 2 top-k_sens
+    sens: SensitiveSet  # which refusal tokens get the bias
     greedy: bool
     gumbel: bool
     top_k: bool
@@ -126,7 +126,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -137,19 +137,14 @@ def _plan(inp: StepInputs) -> _Plan:
     p = inp.params
     batch, vocab = inp.batch, inp.vocab
     greedy = p.is_greedy
-    if p.scope == "all" or p.sensitive_top_k >= vocab:
-        sens = 1
-    elif p.sensitive_top_k == 0:
-        sens = 0
-    else:
-        sens = 2
+    sens = sensitive_set(p.scope, p.sensitive_top_k, vocab)
     top_k = not greedy and 0 < p.top_k < vocab
     top_p = not greedy and p.top_p < 1.0
     gumbel = not greedy and not (top_k or top_p)
 
     # Candidates each block must send: the sensitive set's k and sampling's top_k; for top-p
     # alone, as many as fill the merge's TOP_P_LANES lanes (see below).
-    need = max(p.sensitive_top_k if sens == 2 else 0, p.top_k if top_k else 0)
+    need = max(p.sensitive_top_k if sens == SensitiveSet.TOP_K else 0, p.top_k if top_k else 0)
     nucleus = top_p and not top_k
     n_ref = inp.refusal_ids.numel()
 
@@ -205,6 +200,38 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
     """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
     from . import step_triton_kernels as kernels
 
+    launches, tokens, out, mass, status = _launches(inp, return_logits, return_stats)
+    with _on(inp.logits_real.device):
+        for launch in launches:
+            getattr(kernels, launch.kernel)[launch.grid](**launch.args, **launch.options)
+
+    logits = out if return_logits else None
+    stats = (mass[0], mass[1]) if return_stats else None
+    # The one host-device sync of the step: the per-row status words (errors, fallback rows).
+    words = status.cpu()
+    if bool(words.any()):
+        raise_for_row_status(words & STATUS_MASK)
+        fallback = (words & FALLBACK_FLAG).nonzero().flatten()
+        if fallback.numel():
+            tokens, logits, stats = _fallback_rows(inp, fallback.to(status.device), tokens, logits, stats,
+                                                   return_logits, return_stats)
+    return tokens, logits, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One kernel launch: ``step_triton_kernels.<kernel>[grid](**args, **options)``."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    args: dict  # every argument of the kernel, by name (constexprs included)
+    options: dict  # num_warps and compiler options
+
+
+def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
+    """The launches of one step and the buffers they write: ``(launches, tokens, out, mass,
+    status)``. Nothing runs here: tests/ops/test_triton_compile.py compiles these very
+    launches for sm_90 on a machine without a GPU."""
     p = inp.params
     plan = _plan(inp)
     batch, vocab = inp.batch, inp.vocab
@@ -245,55 +272,108 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
     # variant); distinct seeds stay distinct Philox keys.
     seed = (inp.seed or 0) + (1 << 62)
     temperature = float(p.temperature) if p.temperature > 0 else 1.0
-    log_beta = math.log(p.plausibility) if plaus else 0.0
     nb_pad = max(2, _next_pow2(plan.n_blocks))
     # Contraction into FMAs would change the rounding of w*zr - a*zn against torch.
-    launch = dict(enable_fp_fusion=False)
-    contrast = (float(p.real_weight), float(p.alpha), float(p.alpha_safe), log_beta)
+    no_fma = dict(enable_fp_fusion=False)
 
+    # Pointers: [B, V] logits rows have unit vocabulary stride and any row stride. Unused
+    # scratch pointers are small stand-ins that the kernels never touch (see _scratch).
+    # Partials are [B, NB] (NB = vocabulary blocks), candidates [B, NB, C_PAD].
+    inputs = dict(
+        zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
+        zn_ptr=zn,  # [B, V] same dtype: logits_noised
+        stride_r=zr.stride(0),
+        stride_n=zn.stride(0),
+        verdict_ptr=inp.verdict,  # [B] int8: codes.Verdict
+    )
+    contrast = dict(
+        V=vocab,
+        NB=plan.n_blocks,
+        plaus=int(plaus),
+        real_weight=float(p.real_weight),
+        alpha=float(p.alpha),
+        alpha_safe=float(p.alpha_safe),
+        log_beta=math.log(p.plausibility) if plaus else 0.0,
+    )
+    partials = dict(
+        flags_ptr=w["block_flags"],  # [B, NB] int32: BLOCK_* bits
+        best_val_ptr=w["best_val"],  # [B, NB] fp32: greedy best value (ARGMAX / GREEDY)
+        best_idx_ptr=w["best_idx"],  # [B, NB] int32: its token
+        zmax_ptr=w["zmax"],  # [B, NB] fp32: max of z over non-refusal tokens (SUMEXP / STATS)
+        zsum_ptr=w["zsum"],  # [B, NB] fp32: sum of exp(z - zmax)
+        gumbel_val_ptr=w["gumbel_val"],  # [B, NB] fp32: Gumbel-max best score (GUMBEL)
+        gumbel_idx_ptr=w["gumbel_idx"],  # [B, NB] int32: its token
+        umax_ptr=w["umax"],  # [B, NB] fp32: max of z / T (USUM: top-p without top-k)
+        usum_ptr=w["usum"],  # [B, NB] fp32: sum of exp(z / T - umax)
+        cand_val_ptr=w["cand_val"],  # [B, NB, C_PAD] fp32: top-k_cand candidates' z (CANDS)
+        cand_idx_ptr=w["cand_idx"],  # [B, NB, C_PAD] int32: their tokens
+        cand_count_ptr=w["cand_count"],  # [B, NB] int32: candidates sent per block
+        tail_ptr=w["tail"],  # [B, NB] int64: rank key of the last kept candidate, or -1
+    )
+    flags = dict(WRITE_LOGITS=bool(return_logits), GUMBEL=plan.gumbel, CANDS=cands)
     grid = (plan.n_blocks, batch)
-    with _on(device):
-        if plaus:
-            kernels.row_max_kernel[grid](zr, zr.stride(0), w["rowmax"], vocab, plan.n_blocks,
-                                         BLOCK=plan.block, num_warps=plan.block_warps)
-        kernels.step_block_kernel[grid](
-            zr, zn, zr.stride(0), zn.stride(0), inp.verdict, refmask, w["rowmax"],
-            out, out.stride(0),
-            w["block_flags"], w["best_val"], w["best_idx"], w["zmax"], w["zsum"],
-            w["gumbel_val"], w["gumbel_idx"], w["umax"], w["usum"],
-            w["cand_val"], w["cand_idx"], w["cand_count"], w["tail"],
-            vocab, plan.n_blocks, int(plaus), *contrast, temperature, seed, plan.k_cand, plan.idx_bits,
-            BLOCK=plan.block, NB_PAD=nb_pad, C_PAD=plan.c_pad,
-            WRITE_LOGITS=bool(return_logits), ARGMAX=plan.greedy, SUMEXP=bool(return_stats),
-            GUMBEL=plan.gumbel, USUM=usum, CANDS=cands,
-            num_warps=plan.block_warps, **launch,
-        )
-        kernels.step_merge_kernel[(batch,)](
-            zr, zn, zr.stride(0), zn.stride(0), inp.verdict, ref_ids, n_ref, w["rowmax"],
-            out, out.stride(0),
-            w["block_flags"], w["best_val"], w["best_idx"], w["zmax"], w["zsum"],
-            w["gumbel_val"], w["gumbel_idx"], w["umax"], w["usum"],
-            w["cand_val"], w["cand_idx"], w["cand_count"], w["tail"],
-            tokens, mass[0], mass[1], w["status"],
-            vocab, plan.n_blocks, int(plaus), *contrast, p.bias_unsafe, p.bias_safe, temperature,
-            float(p.top_p), seed, plan.sens, min(p.sensitive_top_k, vocab), min(p.top_k, vocab), plan.idx_bits,
-            NB_PAD=nb_pad, X_PAD=plan.x_pad, C_PAD=plan.c_pad,
-            WRITE_LOGITS=bool(return_logits), STATS=bool(return_stats), GREEDY=plan.greedy,
-            GUMBEL=plan.gumbel, CANDS=cands, TOPK=plan.top_k, TOPP=plan.top_p,
-            num_warps=plan.merge_warps, **launch,
-        )
-
-    logits = out if return_logits else None
-    stats = (mass[0], mass[1]) if return_stats else None
-    # The one host-device sync of the step: the per-row status words (errors, fallback rows).
-    words = w["status"].cpu()
-    if bool(words.any()):
-        raise_for_row_status(words & (FALLBACK_FLAG - 1))
-        fallback = (words & FALLBACK_FLAG).nonzero().flatten()
-        if fallback.numel():
-            tokens, logits, stats = _fallback_rows(inp, fallback.to(device), tokens, logits, stats,
-                                                   return_logits, return_stats)
-    return tokens, logits, stats
+    launches = []
+    if plaus:
+        launches.append(_Launch("row_max_kernel", grid, dict(
+            zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
+            stride_r=zr.stride(0),
+            part_ptr=w["rowmax"],  # [B, NB] fp32 out: the block maxima
+            V=vocab,
+            NB=plan.n_blocks,
+            BLOCK=plan.block,
+        ), dict(num_warps=plan.block_warps)))
+    launches.append(_Launch("step_block_kernel", grid, dict(
+        **inputs,
+        refmask_ptr=refmask,  # [V] uint8: the refusal mask
+        rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
+        out_ptr=out,  # [B, V] fp32 out: the modulated logits (WRITE_LOGITS), else [1, 1]
+        stride_o=out.stride(0),
+        **partials,
+        **contrast,
+        temperature=temperature,
+        seed=seed,
+        k_cand=plan.k_cand,
+        idx_bits=plan.idx_bits,
+        BLOCK=plan.block,
+        NB_PAD=nb_pad,
+        C_PAD=plan.c_pad,
+        ARGMAX=plan.greedy,
+        SUMEXP=bool(return_stats),
+        USUM=usum,
+        **flags,
+    ), dict(num_warps=plan.block_warps, **no_fma)))
+    launches.append(_Launch("step_merge_kernel", (batch,), dict(
+        **inputs,
+        ref_ids_ptr=ref_ids,  # [R] int64: sorted refusal ids ([1] zeros when R = 0)
+        R=n_ref,
+        rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
+        out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (WRITE_LOGITS)
+        stride_o=out.stride(0),
+        **partials,
+        tokens_ptr=tokens,  # [B] int64 out: the chosen tokens
+        before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (STATS)
+        after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (STATS)
+        status_ptr=w["status"],  # [B] int32 out: codes.RowStatus | FALLBACK_FLAG
+        **contrast,
+        bias_unsafe=p.bias_unsafe,
+        bias_safe=p.bias_safe,
+        temperature=temperature,
+        top_p=float(p.top_p),
+        seed=seed,
+        sens=int(plan.sens),
+        k_sens=min(p.sensitive_top_k, vocab),
+        top_k=min(p.top_k, vocab),
+        idx_bits=plan.idx_bits,
+        NB_PAD=nb_pad,
+        X_PAD=plan.x_pad,
+        C_PAD=plan.c_pad,
+        STATS=bool(return_stats),
+        GREEDY=plan.greedy,
+        TOPK=plan.top_k,
+        TOPP=plan.top_p,
+        **flags,
+    ), dict(num_warps=plan.merge_warps, **no_fma)))
+    return launches, tokens, out, mass, w["status"]
 
 
 def _on(device: torch.device):

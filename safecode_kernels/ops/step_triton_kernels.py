@@ -1,4 +1,4 @@
-"""Triton kernels of the fused step op (SPEC §2). The launcher is :mod:`.step_triton`.
+"""Triton kernels of the fused step op (docs/design.md §2). The launcher is :mod:`.step_triton`.
 
 Three kernels, one step:
 
@@ -29,6 +29,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .codes import FALLBACK_FLAG as _FALLBACK_FLAG
+from .codes import RowStatus, SensitiveSet, Verdict
+
 # Per-block flag bits (written by step_block_kernel).
 BLOCK_ZR_BAD = tl.constexpr(1)  # NaN or +inf in logits_real
 BLOCK_ZN_BAD = tl.constexpr(2)  # NaN or +inf in logits_noised
@@ -36,12 +39,22 @@ BLOCK_Z_BAD = tl.constexpr(4)  # the contrast gave NaN or +inf
 BLOCK_LIVE = tl.constexpr(8)  # some token (refusal or not) has z > -inf
 BLOCK_LIVE_OTHER = tl.constexpr(16)  # some non-refusal token has z > -inf
 
-# The merge kernel writes one word per row: the row's status code (0 fine, else the first
-# problem in the reference's check order, as in step_inputs.ROW_PROBLEMS: 1 NaN/+inf in
-# logits_real, 2 in logits_noised, 3 all banned after the contrast, 4 contrast overflow,
-# 5 all banned after the bias, 6 bias overflow), plus FALLBACK_FLAG when the candidates could
-# not decide the row exactly.
-FALLBACK_FLAG = tl.constexpr(256)
+# The codes of codes.py, as the constexprs a kernel can read. The merge kernel writes one
+# word per row: the row's RowStatus (the first problem in the reference's check order), plus
+# FALLBACK_FLAG when the candidates could not decide the row exactly.
+STATUS_OK = tl.constexpr(int(RowStatus.OK))
+STATUS_REAL_NOT_FINITE = tl.constexpr(int(RowStatus.REAL_NOT_FINITE))
+STATUS_NOISED_NOT_FINITE = tl.constexpr(int(RowStatus.NOISED_NOT_FINITE))
+STATUS_ALL_BANNED_CONTRAST = tl.constexpr(int(RowStatus.ALL_BANNED_CONTRAST))
+STATUS_OVERFLOW_CONTRAST = tl.constexpr(int(RowStatus.OVERFLOW_CONTRAST))
+STATUS_ALL_BANNED_BIAS = tl.constexpr(int(RowStatus.ALL_BANNED_BIAS))
+STATUS_OVERFLOW_BIAS = tl.constexpr(int(RowStatus.OVERFLOW_BIAS))
+FALLBACK_FLAG = tl.constexpr(int(_FALLBACK_FLAG))
+VERDICT_UNSAFE = tl.constexpr(int(Verdict.UNSAFE))
+VERDICT_SAFE = tl.constexpr(int(Verdict.SAFE))
+SENS_NONE = tl.constexpr(int(SensitiveSet.NONE))
+SENS_ALL = tl.constexpr(int(SensitiveSet.ALL))
+SENS_TOP_K = tl.constexpr(int(SensitiveSet.TOP_K))
 
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
@@ -57,13 +70,14 @@ def _ordered_key(x):
     ``-0.0`` maps to the key of ``+0.0``: torch treats them as a tie (broken by index)."""
     x = tl.where(x == 0.0, 0.0, x)
     bits = x.to(tl.uint32, bitcast=True)
-    return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    # x ^ 0xFFFFFFFF rather than ~x: some Triton interpreters reject ~ of unsigned tensors with numpy 2.
+    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit
 def _key_to_float(key):
     """Inverse of :func:`_ordered_key`."""
-    bits = tl.where((key >> 31) != 0, key ^ 0x80000000, ~key)
+    bits = tl.where((key >> 31) != 0, key ^ 0x80000000, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -146,12 +160,12 @@ def _gumbel_block(seed, row, start, BLOCK: tl.constexpr):
 @triton.jit
 def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta,
               NB_PAD: tl.constexpr):
-    """``z = w * zr - alpha_verdict * zn``, -inf where banned (SPEC §2 step 1), in fp32.
+    """``z = w * zr - alpha_verdict * zn``, -inf where banned (docs/design.md §2.2 step 1), in fp32.
 
     With ``plaus`` (0 or 1) the row's max comes from row_max_kernel's partials; without, the
     masked load gives -inf and the cutoff bans nothing."""
     verdict = tl.load(verdict_ptr + row)
-    a = tl.where(verdict == -1, alpha_safe, alpha)
+    a = tl.where(verdict == VERDICT_SAFE, alpha_safe, alpha)
     blocks = tl.arange(0, NB_PAD)
     parts = tl.load(rowmax_ptr + row.to(tl.int64) * NB + blocks, mask=blocks < NB * plaus, other=NEG_INF)
     cutoff = log_beta + tl.max(parts, axis=0)
@@ -311,7 +325,7 @@ def step_merge_kernel(
 ):
     """One row: merge the block partials, handle the refusal tokens, choose the token.
 
-    ``sens``: 0 no sensitive set, 1 every token is sensitive, 2 the top-``k_sens`` set.
+    ``sens``: a :class:`~.codes.SensitiveSet` (NONE, ALL, or TOP_K: the top-``k_sens`` set).
     Sampling: ``GUMBEL`` (temperature only) or ``TOPK`` / ``TOPP`` over the candidates.
     """
     row = tl.program_id(0)
@@ -350,14 +364,14 @@ def step_merge_kernel(
 
     # 2-3. Sensitive set and refusal bias.
     verdict = tl.load(verdict_ptr + row)
-    bias = tl.where(verdict == 1, bias_unsafe, tl.where(verdict == -1, bias_safe, 0.0))
-    if sens == 2:
+    bias = tl.where(verdict == VERDICT_UNSAFE, bias_unsafe, tl.where(verdict == VERDICT_SAFE, bias_safe, 0.0))
+    if sens == SENS_TOP_K:
         key = _rank_key(xz, xidx, idx_bits)
         kth = _kth_largest_key(key, k_sens)
         target = is_ref & (key >= kth) & (key >= 0)
         fallback |= (kth < t_star).to(tl.int32)
     else:
-        target = is_ref & (sens == 1)
+        target = is_ref & (sens == SENS_ALL)
     xzb = tl.where(target, xz + bias, xz)
     if WRITE_LOGITS:
         tl.store(out_ptr + row64 * stride_o + ref_idx, xzb, mask=is_ref)
@@ -365,13 +379,14 @@ def step_merge_kernel(
     # The row's status, in the reference's check order.
     live_after = _any_bit(bflags, BLOCK_LIVE_OTHER) | tl.max((is_ref & (xzb > NEG_INF)).to(tl.int32), axis=0)
     over_contrast = _any_bit(bflags, BLOCK_Z_BAD)
+    over_bias = tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0)
     status = tl.where(
-        _any_bit(bflags, BLOCK_ZR_BAD) != 0, 1, tl.where(
-            _any_bit(bflags, BLOCK_ZN_BAD) != 0, 2, tl.where(
-                (_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0), 3, tl.where(
-                    over_contrast != 0, 4, tl.where(
-                        live_after == 0, 5, tl.where(
-                            tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0) != 0, 6, 0))))))
+        _any_bit(bflags, BLOCK_ZR_BAD) != 0, STATUS_REAL_NOT_FINITE, tl.where(
+            _any_bit(bflags, BLOCK_ZN_BAD) != 0, STATUS_NOISED_NOT_FINITE, tl.where(
+                (_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0), STATUS_ALL_BANNED_CONTRAST, tl.where(
+                    over_contrast != 0, STATUS_OVERFLOW_CONTRAST, tl.where(
+                        live_after == 0, STATUS_ALL_BANNED_BIAS, tl.where(
+                            over_bias != 0, STATUS_OVERFLOW_BIAS, STATUS_OK))))))
 
     if STATS:
         zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)

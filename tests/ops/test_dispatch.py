@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import safecode_kernels as sk
-from safecode_kernels.ops.dispatch import BACKENDS, backend_status, resolve_backend
 from safecode_kernels.ops import step_cpu, step_torch
+from safecode_kernels.ops.dispatch import BACKENDS, backend_status, resolve_backend
 
 CPU = torch.device("cpu")
 requires_cpu = pytest.mark.skipif(backend_status()["cpu"] is not None, reason="cpu backend unavailable")
@@ -128,3 +130,52 @@ def test_auto_runs_the_cpu_kernel(monkeypatch):
     forced = sk.safecode_step(*inputs)
     assert calls == ["cpu", "torch"]
     assert torch.equal(auto.tokens, forced.tokens)
+
+
+@pytest.fixture
+def fallback_log(monkeypatch, caplog):
+    """Captures the 'safecode_kernels' logger, with no fallback logged yet in this process."""
+    from safecode_kernels.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_LOGGED_FALLBACKS", set())
+    caplog.set_level(logging.INFO, logger="safecode_kernels")
+    return lambda: [r for r in caplog.records if r.name == "safecode_kernels"]
+
+
+def test_auto_fallback_without_the_extension_is_logged_once(monkeypatch, fallback_log):
+    monkeypatch.setattr(step_cpu, "_C", None)
+    monkeypatch.setattr(step_cpu, "_IMPORT_ERROR", "No module named 'safecode_kernels._C'", raising=False)
+    for _ in range(3):
+        assert resolve_backend("auto", CPU) is step_torch.step_torch
+    sk.safecode_step(*_inputs())
+    records = fallback_log()
+    assert len(records) == 1
+    record = records[0]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "'torch'" in message and "'cpu' backend is unavailable" in message and "not built" in message
+
+
+def test_auto_fallback_on_cuda_without_triton_is_logged_once(monkeypatch, fallback_log):
+    from safecode_kernels.ops import step_triton
+
+    monkeypatch.setattr(step_triton, "unavailable_reason",
+                        lambda device=None: "triton is not installed (No module named 'triton')")
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda) is step_torch.step_torch
+    assert resolve_backend("auto", cuda) is step_torch.step_torch
+    records = fallback_log()
+    assert len(records) == 1
+    assert "'triton' backend is unavailable: triton is not installed" in records[0].getMessage()
+    assert "cuda tensors" in records[0].getMessage()
+
+
+def test_no_log_when_nothing_falls_back(monkeypatch, fallback_log):
+    resolve_backend("torch", CPU)  # asked for explicitly
+    resolve_backend("auto", torch.device("meta"))  # torch is the only backend there
+    monkeypatch.setenv("SAFECODE_BACKEND", "torch")
+    resolve_backend("auto", CPU)
+    if backend_status()["cpu"] is None:
+        monkeypatch.delenv("SAFECODE_BACKEND")
+        resolve_backend("auto", CPU)
+    assert fallback_log() == []

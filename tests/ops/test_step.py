@@ -1,4 +1,4 @@
-"""The step op (SPEC §2): every backend against the ``torch`` reference, the sampled
+"""The step op (docs/design.md §2): every backend against the ``torch`` reference, the sampled
 distribution, seeds, strided inputs, and every documented error.
 
 The Triton backend has its own test file; this one covers ``cpu`` (and ``torch`` itself
@@ -62,7 +62,7 @@ def _base_inputs(batch: int, vocab: int, dtype_name: str, seed: int):
 
 
 def contrast(real, noised, verdict, params: sk.SteeringParams) -> torch.Tensor:
-    """``z`` of SPEC §2 step 1, written independently of the library (fp32)."""
+    """``z`` of docs/design.md §2.2 step 1, written independently of the library (fp32)."""
     zr, zn = real.float(), noised.float()
     alpha = torch.where(verdict.unsqueeze(1) == -1, params.alpha_safe, params.alpha).float()
     z = params.real_weight * zr - alpha * zn
@@ -170,7 +170,7 @@ def allowed_mask(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 
 def exact_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """The sampling distribution of SPEC §2 step 4 in float64 (ties: lower index first)."""
+    """The sampling distribution of design §2.2 step 4 in float64 (ties: lower index first)."""
     x = logits.double() / temperature
     vocab = x.shape[-1]
     values, order = torch.sort(x, dim=-1, descending=True, stable=True)
@@ -223,7 +223,7 @@ def pairwise_cases(dims: dict, cost) -> list[dict]:
     candidates = list(itertools.product(*(range(len(v)) for v in values)))
     cases = []
     while uncovered:
-        def score(c):
+        def score(c, uncovered=uncovered):
             case = {n: values[d][c[d]] for d, n in enumerate(names)}
             return sum((i, c[i], j, c[j]) in uncovered for i, j in pairs), -cost(case)
 
@@ -441,7 +441,8 @@ def assert_drawn_from(tokens: torch.Tensor, probs: torch.Tensor) -> None:
     deviation = (counts - n * probs).abs()
     worst = int(torch.argmax(deviation - bound))
     assert bool((deviation <= bound).all()), (
-        f"token {worst}: {int(counts[worst])} draws of {n}, expected {n * float(probs[worst]):.1f} ± {float(bound[worst]):.1f}"
+        f"token {worst}: {int(counts[worst])} draws of {n}, "
+        f"expected {n * float(probs[worst]):.1f} ± {float(bound[worst]):.1f}"
     )
     try:
         from scipy.stats import chi2
@@ -579,7 +580,8 @@ def test_seed_determinism(backend, mode):
     real, noised, verdict, refusal = _seed_inputs()
     params = make_params(mode=mode, vocab=256)
     params = params.replace(temperature=2.0)  # a flat distribution: different seeds must differ
-    run = functools.partial(step, backend, real, noised, verdict, refusal, params, return_logits=False, return_stats=False)
+    run = functools.partial(step, backend, real, noised, verdict, refusal, params, return_logits=False,
+                            return_stats=False)
     a, b = run(generator=42).tokens, run(generator=42).tokens
     assert torch.equal(a, b), "same int seed, different tokens"
     assert not torch.equal(a, run(generator=43).tokens), "different seeds gave identical tokens in all 32 rows"
@@ -692,7 +694,7 @@ def test_broadcast_rows(backend):
 
 
 # ------------------------------------------------------------------------------------------
-# Errors (SPEC §2: clear ValueError / TypeError, never a wrong answer or a crash)
+# Errors (docs/design.md §2.2: clear ValueError / TypeError, never a wrong answer or a crash)
 
 
 def _valid(batch=3, vocab=10):

@@ -1,4 +1,4 @@
-"""The ``triton`` backend of the step op against the ``torch`` reference (SPEC §2).
+"""The ``triton`` backend of the step op against the ``torch`` reference (docs/design.md §2).
 
 Without a GPU these tests run on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``,
 set by ``conftest.py``), which costs milliseconds per program: small vocabularies, a handful
@@ -274,7 +274,7 @@ def test_same_seed_same_tokens():
     real, noised = make_logits(6, 300, torch.float16, seed=4, refusal=refusal)
     real, noised = real / 8, noised / 8  # flat, so that different seeds give different tokens
     for params in (SteeringParams(temperature=1.0, scope="all"), SteeringParams(temperature=1.0, top_k=50, top_p=0.9)):
-        def run(generator):
+        def run(generator, params=params):
             return sk.safecode_step(real, noised, verdicts(6), refusal, params, generator=generator,
                                     backend="triton").tokens
 
