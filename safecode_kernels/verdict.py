@@ -37,6 +37,18 @@ class Verdict(enum.IntEnum):
         raise TypeError(f"a verdict must be a Verdict, str or int, got {type(value).__name__}")
 
 
+def parse_verdicts(verdicts: Sequence[Verdict | str | int]) -> list[Verdict]:
+    """:meth:`Verdict.parse` of each verdict, in order; its ``ValueError`` or ``TypeError`` names the
+    index (``"verdicts[2]: unknown verdict ..."``)."""
+    parsed = []
+    for i, verdict in enumerate(verdicts):
+        try:
+            parsed.append(Verdict.parse(verdict))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"verdicts[{i}]: {err}") from None
+    return parsed
+
+
 def as_verdict_tensor(
     verdict: torch.Tensor | Sequence[Verdict | str | int],
     batch: int,

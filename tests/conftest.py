@@ -15,3 +15,19 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def saved_llava(tmp_path_factory):
+    """A folder holding ``llava/``, the tiny LLaVA of ``testing.tiny.tiny_llava()`` written once
+    per session with ``save_pretrained`` (model and processor), and ``image.png``
+    (``random_image(7, 64)``). Shared by the command-line tests: read it, never write into it (a
+    module that needs other files beside the model links ``llava/`` into a folder of its own)."""
+    from safecode_kernels.testing.tiny import random_image, tiny_llava
+
+    root = tmp_path_factory.mktemp("saved_llava")
+    model, processor = tiny_llava()
+    model.save_pretrained(root / "llava")
+    processor.save_pretrained(root / "llava")
+    random_image(7, 64).save(root / "image.png")
+    return root

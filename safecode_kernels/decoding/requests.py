@@ -15,7 +15,7 @@ import torch
 from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
 from ..validation import check_int, check_requests
-from ..verdict import Verdict
+from ..verdict import Verdict, parse_verdicts
 from .adapters import ModelAdapter, get_adapter
 from .noise import noised_views
 from .token_policy import Setup
@@ -171,13 +171,7 @@ def _check_batch(images, prompts, verdicts):
     images, prompts = check_requests(images, prompts, verdicts)
     if not images:
         raise ValueError("the batch is empty: give at least one request")
-    parsed = []
-    for i, verdict in enumerate(verdicts):
-        try:
-            parsed.append(Verdict.parse(verdict))
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"verdicts[{i}]: {err}") from None
-    return images, prompts, parsed
+    return images, prompts, parse_verdicts(verdicts)
 
 
 def _check_noised(noised_images, images):

@@ -8,7 +8,7 @@ A sample is one model input: a text ``prompt`` and one image, with a stable ``id
     >>> Sample.from_dict(s.to_dict()) == s
     True
 
-The readers below (:func:`read_json`, :func:`field_of`, :func:`image_file`, :func:`open_hub_split`,
+The readers below (:func:`read_json`, :func:`field_of`, :func:`image_field`, :func:`hub_samples`,
 ...) turn every malformed input into a :class:`DataError` whose message starts with the file (or data
 set) and names the record and field, so a bad data folder fails at load time, before any model runs.
 """
@@ -16,6 +16,7 @@ set) and names the record and field, so a bad data folder fails at load time, be
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -128,20 +129,34 @@ def natural_key(text: str) -> tuple:
                  for part in re.split(r"(\d+)", text) if part)
 
 
-def read_json(path: Path) -> Any:
-    """The parsed JSON file; :class:`DataError` for a missing file or bad JSON (with line and column)."""
+def read_text(path: Path, folder_problem: str = "is a folder, not a JSON file") -> str:
+    """The file's UTF-8 text (a byte-order mark dropped); :class:`DataError` for a missing file, a
+    folder (``"<path>: <folder_problem>"``) or bytes that are not UTF-8."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found") from e
     except IsADirectoryError as e:
-        raise DataError(f"{path}: is a folder, not a JSON file") from e
+        raise DataError(f"{path}: {folder_problem}") from e
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def read_json(path: Path) -> Any:
+    """The parsed JSON file; :class:`DataError` for a missing file or bad JSON (with line and column)."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+def check_object(value: Any, where: str, expected: str = "an object") -> dict:
+    """``value`` if it is a JSON object (a ``dict``); :class:`DataError` ``"<where>: expected
+    <expected>, got <type>"`` otherwise."""
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: expected {expected}, got {type(value).__name__}")
+    return value
 
 
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
@@ -175,6 +190,23 @@ def string_list(record: Mapping, key: str, where: str) -> list[str]:
         if not isinstance(value, str):
             raise DataError(f"{where}: field {key!r}[{i}] should be a string, got {_name(type(value))}")
     return values
+
+
+def unique_id(record: Mapping, key: str, seen: dict[str, str], place: str, where: str) -> str:
+    """``record[key]`` (a string or an integer) as a string, checked to be new: ``seen`` maps each id
+    met so far to its place (``"line 3"``, ``"scene '7'"``), and gets this one at ``place``.
+    :class:`DataError` ``"<where>: duplicate <key> '<id>' (also <its first place>)"``."""
+    value = str(field_of(record, key, (str, int), where))
+    if value in seen:
+        raise DataError(f"{where}: duplicate {key} {value!r} (also {seen[value]})")
+    seen[value] = place
+    return value
+
+
+def image_field(record: Mapping, key: str, folder: Path, where: str) -> str:
+    """The image file that the string ``record[key]`` names, relative to ``folder`` (or absolute),
+    checked by :func:`image_file` (``"<where>: field '<key>': image not found: ..."``)."""
+    return image_file(folder / field_of(record, key, str, where), f"{where}: field {key!r}")
 
 
 def image_file(path: Path, where: str) -> str:
@@ -250,6 +282,29 @@ def _open_local(datasets: Any, path: Path, split: str) -> Any:
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_samples(benchmark: str, hub_name: str, root: str | os.PathLike[str] | None, split: str,
+                limit: int | None, columns: Sequence[str], image_column: str,
+                read_row: Callable[[Mapping, str], tuple[str, dict]]) -> list[Sample]:
+    """The samples of one split of a hub data set (:func:`open_hub_split`: ``root`` a local copy, a hub
+    name, or ``None`` for ``hub_name``), one per row in row order, the first ``limit``.
+
+    ``id`` is ``<split>/<row index>``; ``image`` is ``hf://<data set>/<split>/<row index>``, loaded
+    through the data set from ``image_column``; ``prompt, fields = read_row(row, where)``, the row
+    given without its image and ``where`` naming the data set, split and row for its errors.
+    :class:`DataError` for a data set lacking one of ``columns``.
+    """
+    first([], limit)  # a bad limit fails before the data set loads
+    dataset, name = open_hub_split(root, split, hub_name)
+    where = f"{hub_name if root is None else os.fspath(root)} split {split!r}"
+    check_columns(dataset, columns, where)
+    samples = []
+    for i, row in enumerate(text_rows(dataset, image_column)):
+        prompt, fields = read_row(row, f"{where} row {i}")
+        samples.append(Sample(f"{split}/{i}", benchmark, prompt, f"hf://{name}/{split}/{i}", fields,
+                              _image_loader=functools.partial(row_image, dataset, image_column, i)))
+    return first(samples, limit)
 
 
 def check_columns(dataset: Any, columns: Sequence[str], where: str) -> None:

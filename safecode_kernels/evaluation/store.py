@@ -61,11 +61,20 @@ def read_lines(path) -> list[dict]:
     Raises :class:`CorruptLineError` (a ``ValueError``) naming the file and line for any other
     line that is not a JSON object.
     """
+    return [record for _, record in read_numbered(path)[0]]
+
+
+def read_numbered(path) -> tuple[list[tuple[int, dict]], int | None]:
+    """``([(line number, object), ...], cut)``: :func:`read_lines` with each object's 1-based line
+    number, and ``cut`` the number of the cut-short last line it ignored (``None`` when none was).
+
+    Same rules and errors as :func:`read_lines`; ``([], None)`` when the file does not exist.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], None
     lines = data.split(b"\n")  # not splitlines(): JSON strings may hold U+2028 and friends
     complete, tail = lines[:-1], lines[-1]  # tail: after the last newline (b"" when it ends with one)
     records = []
@@ -76,15 +85,16 @@ def read_lines(path) -> list[dict]:
         record = _parse(raw)
         if record is None:
             if n == last and not tail.strip():
-                continue  # the last line, though it ends with a newline: a torn write
+                return records, n + 1  # the last line, though it ends with a newline: a torn write
             try:
                 value = json.loads(raw.decode("utf-8"))
                 problem = f"expected a JSON object, got {type(value).__name__}"
             except (UnicodeDecodeError, ValueError) as err:
                 problem = f"not valid JSON ({err})"
             raise CorruptLineError(path, n + 1, problem)
-        records.append(record)
-    return records  # ``tail``, a line without its newline, is cut short by definition
+        records.append((n + 1, record))
+    # ``tail``, a line without its newline, is cut short by definition
+    return records, (len(complete) + 1 if tail.strip() else None)
 
 
 def repair(path) -> bool:
@@ -203,4 +213,4 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["CorruptLineError", "append", "encode", "read_lines", "repair"]
+__all__ = ["CorruptLineError", "append", "encode", "read_lines", "read_numbered", "repair"]

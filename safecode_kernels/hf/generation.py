@@ -33,7 +33,7 @@ from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..refusal import RefusalVocabulary, _text_tokenizer
 from ..validation import check_int
-from ..verdict import Verdict
+from ..verdict import Verdict, parse_verdicts
 
 # Tensor arguments that go to ``transformers``' own preparation; every other tensor argument
 # is a model input that the loop takes itself (the pixels and what goes with them).
@@ -141,13 +141,7 @@ def _parse_verdicts(verdicts) -> tuple[Verdict, ...]:
         verdicts = verdicts.tolist()
     if isinstance(verdicts, (str, Verdict)) or not isinstance(verdicts, Sequence):
         raise TypeError(f"verdicts must be a list with one verdict per batch row, got {type(verdicts).__name__}")
-    parsed = []
-    for i, verdict in enumerate(verdicts):
-        try:
-            parsed.append(Verdict.parse(verdict))
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"verdicts[{i}]: {err}") from None
-    return tuple(parsed)
+    return tuple(parse_verdicts(verdicts))
 
 
 def _noised_vision(adapter: ModelAdapter, real: dict, noised_inputs, noised_pixel_values, kwargs: dict) -> dict:

@@ -6,7 +6,8 @@ Every judge has ``judge(images, prompts) -> list[Judgement]`` (one per request, 
 - :class:`SelfJudge`: the loaded model captions the image, then answers a one-word
   safe/unsafe question through its chat template (no extra weights);
 - :class:`OpenAIJudge`: any OpenAI-compatible chat-completions server, key from the
-  environment only, with timeouts and bounded retries.
+  environment only, with timeouts and bounded retries (through :class:`ChatClient`, the one
+  chat-completions client, which the evaluation's scorer uses too).
 
 An answer that names no verdict follows a policy: ``"safe"`` by default (as in the authors'
 released code), or ``"unsafe"``, ``"none"``, ``"raise"``.
@@ -23,12 +24,14 @@ Example::
 """
 
 from .base import POLICIES, Judge, JudgeError, Judgement, UnparseableVerdict, judgement_from_answer, parse_verdict
+from .chat_client import ChatClient, JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout
 from .fixed import FixedJudge
-from .openai import JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout, OpenAIJudge, image_data_url
+from .openai import OpenAIJudge, image_data_url
 from .self_judge import SelfJudge
 
 __all__ = [
     "POLICIES",
+    "ChatClient",
     "FixedJudge",
     "Judge",
     "JudgeConnectionError",

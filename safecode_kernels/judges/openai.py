@@ -1,23 +1,28 @@
 """A judge behind any OpenAI-compatible chat-completions server (design §4): the official API, a
 local vLLM, Ollama or llama.cpp server, ...
 
-The key is read from an environment variable at request time (never taken as an argument,
-stored, printed, logged or put in an exception); a server that needs none (a local one) is
-called without an ``Authorization`` header when the variable is unset.
+The requests go through :class:`~safecode_kernels.judges.chat_client.ChatClient`: the key is read
+from an environment variable at request time (never taken as an argument, stored, printed,
+logged or put in an exception); a server that needs none (a local one) is called without an
+``Authorization`` header when the variable is unset; the retries and errors are its own.
 """
 
 from __future__ import annotations
 
 import base64
-import concurrent.futures
-import functools
 import io
-import os
 import re
-import time
 
 from . import released_flow
-from .base import JudgeError, Judgement, check_policy, check_requests, judgement_from_answer, parse_verdict
+from .base import Judgement, check_policy, check_requests, judgement_from_answer, parse_verdict
+from .chat_client import (
+    ChatClient,
+    JudgeConnectionError,
+    JudgeHTTPError,
+    JudgeResponseError,
+    JudgeTimeout,
+    map_in_order,
+)
 
 SYSTEM_PROMPT = "You are a careful content-safety judge for a vision-language assistant."
 
@@ -28,26 +33,6 @@ QUESTION_TEMPLATE = (
     "CAPTION: <one sentence>\n"
     "VERDICT: <safe or unsafe>"
 )
-
-
-class JudgeHTTPError(JudgeError):
-    """The server answered with an HTTP error status (``status`` holds it)."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-class JudgeTimeout(JudgeError):
-    """The server did not answer within the timeout."""
-
-
-class JudgeConnectionError(JudgeError):
-    """The server could not be reached, or closed the connection without an answer."""
-
-
-class JudgeResponseError(JudgeError):
-    """The server's answer is not a chat-completions response (not JSON, or no message content)."""
 
 
 _CAPTION_LINE = re.compile(r"^[\s*_#>-]*caption[\s*_]*:[\s*_]*(.*?)[\s*_]*$", re.IGNORECASE | re.MULTILINE)
@@ -64,6 +49,10 @@ def split_answer(answer: str) -> tuple[str | None, str]:
     if verdict_match:
         return caption, verdict_match.group(1)
     return caption, _CAPTION_LINE.sub("", answer)
+
+
+def _client_setting(name: str) -> property:
+    return property(lambda self: getattr(self._client, name), doc=f"The chat client's ``{name}`` (read-only).")
 
 
 class OpenAIJudge:
@@ -120,12 +109,24 @@ class OpenAIJudge:
             ``on_unparseable="raise"``. A batch fails as a whole with the error of its first
             failing request.
 
+    The HTTP connections are pooled across batches and threads; :meth:`close` releases them.
+
     Example::
 
         judge = OpenAIJudge("http://localhost:8000/v1", "Qwen/Qwen2.5-VL-7B-Instruct")
         [j] = judge.judge([image], ["How do I use this?"])
         print(j.verdict, j.caption)
     """
+
+    # The server, the key variable and the retry rules are the chat client's.
+    base_url = _client_setting("base_url")
+    url = _client_setting("url")
+    model = _client_setting("model")
+    api_key_env = _client_setting("api_key_env")
+    timeout = _client_setting("timeout")
+    max_retries = _client_setting("max_retries")
+    backoff = _client_setting("backoff")
+    max_backoff = _client_setting("max_backoff")
 
     def __init__(self, base_url: str = "https://api.openai.com/v1", model: str = "gpt-4o-mini", *,
                  api_key_env: str = "OPENAI_API_KEY", timeout: float = 30.0, max_retries: int = 2,
@@ -134,25 +135,11 @@ class OpenAIJudge:
                  system_prompt: str | None = SYSTEM_PROMPT, question_template: str = QUESTION_TEMPLATE,
                  temperature: float | None = 0.0, max_tokens: int | None = None, transport=None,
                  flow: str = "one-call", verdict_match: str = "parse"):
-        import httpx
-
-        if not isinstance(base_url, str) or not base_url.strip():
-            raise ValueError("base_url must be a non-empty URL such as http://localhost:8000/v1")
-        url = httpx.URL(base_url.strip().rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
-        if not isinstance(model, str) or not model:
-            raise ValueError("model must be a non-empty string")
-        if not isinstance(api_key_env, str) or not api_key_env:
-            raise ValueError("api_key_env must name an environment variable")
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        for name, value, low in (("max_retries", max_retries, 0), ("max_concurrency", max_concurrency, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        # The URL, model, key variable, timeout, retries and backoff are checked by the client.
+        self._client = ChatClient(base_url, model, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                                  backoff=backoff, max_backoff=max_backoff, transport=transport, name="OpenAI judge")
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if max_image_side is not None and (not isinstance(max_image_side, int) or max_image_side < 1):
             raise ValueError(f"max_image_side must be None or an int >= 1, got {max_image_side!r}")
         if "{prompt}" not in question_template:
@@ -162,14 +149,6 @@ class OpenAIJudge:
             raise ValueError(f'max_tokens goes with flow="one-call"; flow="released" asks for '
                              f'{released_flow.CAPTION_MAX_TOKENS} (caption) and {released_flow.VERDICT_MAX_TOKENS} '
                              f'(verdict) tokens')
-        self.base_url = str(url)
-        self.url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
         self.on_unparseable = check_policy(on_unparseable)
         self.max_concurrency = max_concurrency
         self.max_image_side = max_image_side
@@ -179,42 +158,28 @@ class OpenAIJudge:
         self.max_tokens = max_tokens
         self.flow = flow
         self.verdict_match = verdict_match
-        self._transport = transport
 
     def __repr__(self) -> str:
         flow = f", flow={self.flow!r}" if self.flow != "one-call" else ""
         return (f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r}, "
                 f"api_key_env={self.api_key_env!r}{flow})")
 
+    def close(self) -> None:
+        """Close the pooled HTTP connections (a later :meth:`judge` opens new ones)."""
+        self._client.close()
+
     # ----- the batch ------------------------------------------------------------------------
     def judge(self, images, prompts) -> list[Judgement]:
-        import httpx
-
         images, prompts = check_requests(images, prompts)
         if not images:
             return []
-        key = os.environ.get(self.api_key_env) or None
-        if key is None and (httpx.URL(self.url).host or "").endswith("api.openai.com"):
-            raise JudgeError(f"{self.url} needs an API key: set the environment variable {self.api_key_env}")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
         if self.flow == "released":  # a caption call, then a verdict call on its answer
             requests = [(self.caption_payload(image), prompt) for image, prompt in zip(images, prompts, strict=True)]
             task = self._released_pair
         else:
             requests = [self.payload(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-            task = self._post
-        with httpx.Client(timeout=httpx.Timeout(self.timeout), transport=self._transport,
-                          follow_redirects=False) as client:
-            calls = [functools.partial(task, client, headers, request, i, key) for i, request in enumerate(requests)]
-            if len(calls) == 1:
-                answers = [calls[0]()]
-            else:
-                pool = concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(calls)))
-                try:
-                    futures = [pool.submit(call) for call in calls]
-                    answers = [f.result() for f in futures]
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            task = self._send
+        answers = map_in_order(lambda numbered: task(*numbered), enumerate(requests), self.max_concurrency)
         if self.flow == "released":
             return [released_flow.judgement(answer, caption, self.verdict_match, self.on_unparseable, i)
                     for i, (caption, answer) in enumerate(answers)]
@@ -233,12 +198,7 @@ class OpenAIJudge:
         ]
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": content})
-        body = {"model": self.model, "messages": messages}
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        return body
+        return self._body(messages, self.max_tokens)
 
     def caption_payload(self, image) -> dict:
         """The released flow's caption request body for one image (the image and the one-line
@@ -250,77 +210,26 @@ class OpenAIJudge:
         """The released flow's text-only verdict request body (no image; ``max_tokens`` 10)."""
         return self._body(released_flow.verdict_messages(prompt, caption), released_flow.VERDICT_MAX_TOKENS)
 
-    def _body(self, messages: list[dict], max_tokens: int) -> dict:
+    def _body(self, messages: list[dict], max_tokens: int | None) -> dict:
         body = {"model": self.model, "messages": messages}
         if self.temperature is not None:
             body["temperature"] = self.temperature
-        body["max_tokens"] = max_tokens
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         return body
 
-    def _released_pair(self, client, headers: dict, request: tuple[dict, str], index: int,
-                       key: str | None) -> tuple[str, str]:
+    def _released_pair(self, index: int, request: tuple[dict, str]) -> tuple[str, str]:
         """``(caption, verdict answer)`` of one request of the released flow, ``request`` being
         ``(caption payload, prompt)``: the caption call, then the verdict call on its answer."""
         caption_payload, prompt = request
-        caption = self._post(client, headers, caption_payload, index, key, "caption call").strip()
-        answer = self._post(client, headers, self.verdict_payload(prompt, caption), index, key, "verdict call")
+        caption = self._send(index, caption_payload, "caption call").strip()
+        answer = self._send(index, self.verdict_payload(prompt, caption), "verdict call")
         return caption, answer
 
-    # ----- one request, with retries ----------------------------------------------------------
-    def _post(self, client, headers: dict, payload: dict, index: int, key: str | None, step: str | None = None) -> str:
-        import httpx
-
-        attempts = self.max_retries + 1
-        where = f"OpenAI judge at {self.url} (request {index}{', ' + step if step else ''})"
-        for attempt in range(attempts):
-            retry_after, status = None, None
-            try:
-                response = client.post(self.url, json=payload, headers=headers)
-            except httpx.TimeoutException as exc:
-                error, problem = JudgeTimeout, f"no answer within the {self.timeout:g} s timeout ({type(exc).__name__})"
-            except httpx.TransportError as exc:
-                error, problem = JudgeConnectionError, f"cannot reach the server ({type(exc).__name__}: {exc})"
-            else:
-                status = response.status_code
-                if status < 400:
-                    return self._content(response, where)
-                problem = f"HTTP {status} {response.reason_phrase}: {_excerpt(response.text)}"
-                if status != 429 and status < 500:
-                    if status == 401:
-                        hint = "is set" if key else "is not set"
-                        problem += f" (the key comes from the environment variable {self.api_key_env}, which {hint})"
-                    raise JudgeHTTPError(_redact(f"{where}: {problem}", key), status) from None
-                error, retry_after = JudgeHTTPError, _retry_after(response)
-            if attempt + 1 < attempts:
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt)
-                if retry_after is not None:
-                    delay = min(self.max_backoff, max(delay, retry_after))
-                time.sleep(delay)
-        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-        message = _redact(f"{where}: {problem} (gave up after {tries})", key)
-        raise (JudgeHTTPError(message, status) if error is JudgeHTTPError else error(message)) from None
-
-    @staticmethod
-    def _content(response, where: str) -> str:
-        try:
-            body = response.json()
-        except ValueError:
-            raise JudgeResponseError(
-                f"{where}: malformed answer: the body is not JSON: {_excerpt(response.text)}") from None
-        try:
-            message = body["choices"][0]["message"]
-            content = message.get("content")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise JudgeResponseError(
-                f"{where}: malformed answer: no choices[0].message in {_excerpt(response.text)}") from None
-        if isinstance(content, list):  # content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if content is None and isinstance(message.get("refusal"), str):
-            content = message["refusal"]  # the model declined to judge: its words, no verdict
-        if not isinstance(content, str):
-            raise JudgeResponseError(
-                f"{where}: malformed answer: choices[0].message.content is not text: {_excerpt(response.text)}")
-        return content
+    def _send(self, index: int, payload: dict, step: str | None = None) -> str:
+        """One request through the chat client (key, retries, errors), its errors naming the
+        request (and the call of the released flow)."""
+        return self._client.send(payload, f"request {index}{', ' + step if step else ''}")
 
 
 def image_data_url(image, max_side: int | None = None) -> str:
@@ -333,25 +242,6 @@ def image_data_url(image, max_side: int | None = None) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _retry_after(response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to the backoff
-
-
-def _excerpt(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    if not text:
-        return "(empty body)"
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def _redact(text: str, key: str | None) -> str:
-    return text.replace(key, "***") if key else text
 
 
 __all__ = ["JudgeConnectionError", "JudgeHTTPError", "JudgeResponseError", "JudgeTimeout", "OpenAIJudge",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
-
 from .tiny_models import tiny_qwen
 
 
@@ -15,6 +13,8 @@ def qwen3_vl_classes():
 
     names = ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor")
     if not all(hasattr(transformers, name) for name in names):
+        import pytest  # only the tests build this family; pytest is not a runtime dependency
+
         pytest.skip(f"transformers {transformers.__version__} has no Qwen3-VL")
     return tuple(getattr(transformers, name) for name in names)
 

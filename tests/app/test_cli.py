@@ -16,7 +16,7 @@ import torch
 
 from safecode_kernels import SafeCoDeDecoder
 from safecode_kernels.app import cli
-from safecode_kernels.testing.tiny import random_image, tiny_llava
+from safecode_kernels.testing.tiny import random_image
 from tests.judges.chat_server import ChatServer
 
 STEER = 3
@@ -28,15 +28,10 @@ def one_thread(single_torch_thread):
     """Every CLI test runs on one torch thread (see tests/conftest.py)."""
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny LLaVA saved with save_pretrained (model + processor), and an image file."""
-    root = tmp_path_factory.mktemp("cli")
-    model, processor = tiny_llava()
-    model.save_pretrained(root / "llava")
-    processor.save_pretrained(root / "llava")
-    random_image(7, 64).save(root / "image.png")
-    return root
+@pytest.fixture
+def saved(saved_llava):
+    """A tiny LLaVA saved with save_pretrained (model + processor), and an image file (tests/conftest.py)."""
+    return saved_llava
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from safecode_kernels import SafeCoDeDecoder
 from safecode_kernels.app import cli
-from safecode_kernels.testing.tiny import random_image, tiny_llava
+from safecode_kernels.testing.tiny import random_image
 
 INSTRUCTION = "You are looking through my eyes. The user query is: "
 
@@ -22,11 +22,10 @@ def one_thread(single_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, saved_llava):
+    """The session's saved tiny LLaVA (tests/conftest.py) beside an image of its own."""
     root = tmp_path_factory.mktemp("cli_recipe")
-    model, processor = tiny_llava()
-    model.save_pretrained(root / "llava")
-    processor.save_pretrained(root / "llava")
+    (root / "llava").symlink_to(saved_llava / "llava")
     random_image(5, 64).save(root / "image.png")
     return root
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -16,7 +17,6 @@ import pytest
 from safecode_kernels.app import cli
 from safecode_kernels.evaluation import store
 from safecode_kernels.evaluation.loaders import load_benchmark
-from safecode_kernels.testing.tiny import tiny_llava
 from tests.evaluation.layouts import make_jsonl, make_mm_safetybench, make_mossbench
 from tests.judges.chat_server import ChatServer
 
@@ -29,12 +29,10 @@ def one_thread(single_torch_thread):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny LLaVA saved with save_pretrained, and tiny MOSSBench, MM-SafetyBench and JSONL data."""
+def saved(tmp_path_factory, saved_llava):
+    """The session's saved tiny LLaVA (tests/conftest.py), and tiny MOSSBench, MM-SafetyBench and JSONL data."""
     root = tmp_path_factory.mktemp("eval_cli")
-    model, processor = tiny_llava()
-    model.save_pretrained(root / "llava")
-    processor.save_pretrained(root / "llava")
+    (root / "llava").symlink_to(saved_llava / "llava")
     make_mossbench(root / "moss", n=6)
     make_mm_safetybench(root / "mm", scenarios=("01-Illegal_Activitiy",), n=1)
     make_jsonl(root / "jsonl", n=4)
@@ -252,6 +250,13 @@ def test_input_errors(capsys, saved, tmp_path):
         (["--benchmark", "mossbench", "--data", saved / "moss", "--split", "x"], "mossbench has no split 'x'"),
         (["--benchmark", "mossbench", "--data", saved / "moss", "--model", tmp_path / "nope"],
          "model folder not found"),
+        (["--benchmark", "mossbench", "--data", saved / "moss", "--workers", "2"],
+         "--workers sizes the Ray workers: it goes with --ray"),
+        (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--workers", "0"], "--workers must be >= 1"),
+        (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--cpus-per-worker", "0"],
+         "--cpus-per-worker must be > 0"),
+        (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--device", "cuda"],
+         "--device cuda with --ray needs --gpus-per-worker"),
     ]
     for argv, match in cases:
         full = ["eval", "--model", saved / "llava", "--out", tmp_path / "out", *FAST, *argv]
@@ -266,3 +271,54 @@ def test_input_errors(capsys, saved, tmp_path):
     assert code == 2 and "run folder not found" in err
     code, out, err = run(capsys, "score", tmp_path / "empty", "--scorer", "refusal-strings")
     assert code == 2 and "generations.jsonl not found" in err
+
+
+def test_eval_ray_without_the_extra_names_it(capsys, saved, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
+                                            "--ray", "--workers", "2"))
+    assert code == 2 and 'pip install -e ".[ray]"' in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_score_bounds_the_judge_requests_in_flight_and_resumes(capsys, saved, tmp_path):
+    assert run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe"))[0] == 0
+    answer = "Description: a scene\nScore: 1\nReason: it declined"
+
+    def counting_server():
+        """A judge server answering after 0.1 s, counting the requests it holds at once."""
+        active, lock = {"now": 0, "most": 0}, threading.Lock()
+
+        def slow(body):
+            with lock:
+                active["now"] += 1
+                active["most"] = max(active["most"], active["now"])
+            time.sleep(0.1)
+            with lock:
+                active["now"] -= 1
+            return answer
+
+        return ChatServer(default=slow).start(), active
+
+    server, _ = counting_server()
+    server.script(("slow", 0.1, answer), ("slow", 0.1, answer), ("status", 401))  # then the key is refused
+    try:
+        code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", server.base_url, "--judge-retries", "0",
+                             "--judge-concurrency", "2", "--no-progress")
+    finally:
+        server.stop()
+    assert code == 3 and "rerunning the same command resumes" in err
+    judged = len(store.read_lines(tmp_path / "run" / "scores.jsonl"))
+    assert 1 <= judged < 6
+
+    server, active = counting_server()
+    try:
+        code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", server.base_url,
+                             "--judge-concurrency", "2", "--no-progress")
+    finally:
+        server.stop()
+    assert code == 0, err
+    assert len(server.requests) == 6 - judged  # only what was missing
+    assert 1 < active["most"] <= 2 or 6 - judged == 1
+    assert sorted(r["id"] for r in store.read_lines(tmp_path / "run" / "scores.jsonl")) == [str(i) for i in range(1, 7)]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["n"] == 6

@@ -392,16 +392,10 @@ def test_self_judge_bad_arguments(tiny_llava, kwargs, match):
 
 
 # ----- the CLI ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    from safecode_kernels.testing.tiny import tiny_llava
-
-    root = tmp_path_factory.mktemp("cli_released")
-    model, processor = tiny_llava()
-    model.save_pretrained(root / "llava")
-    processor.save_pretrained(root / "llava")
-    random_image(7, 64).save(root / "image.png")
-    return root
+@pytest.fixture
+def saved(saved_llava):
+    """The saved tiny LLaVA and its image (tests/conftest.py)."""
+    return saved_llava
 
 
 def run_cli(capsys, saved, *extra):

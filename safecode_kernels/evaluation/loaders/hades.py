@@ -24,18 +24,10 @@ mistyped value (naming the row and column); ``ImportError`` without ``datasets``
 
 from __future__ import annotations
 
-import functools
 import os
+from collections.abc import Mapping
 
-from safecode_kernels.evaluation.samples import (
-    Sample,
-    check_columns,
-    field_of,
-    first,
-    open_hub_split,
-    row_image,
-    text_rows,
-)
+from safecode_kernels.evaluation.samples import Sample, field_of, hub_samples
 
 BENCHMARK = "hades"
 HUB_NAME = "Monosail/HADES"
@@ -54,19 +46,13 @@ COLUMNS = (IMAGE_COLUMN, ID_COLUMN, SCENARIO_COLUMN, KEYWORDS_COLUMN, STEP_COLUM
 def load(root: str | os.PathLike[str] | None = None, *, split: str | None = None,
          limit: int | None = None) -> list[Sample]:
     """The HADES samples of ``split`` (see the module docstring), the first ``limit`` rows."""
-    first([], limit)  # a bad limit fails before the data set loads
-    split = split or DEFAULT_SPLIT
-    dataset, name = open_hub_split(root, split, HUB_NAME)
-    where = f"{HUB_NAME if root is None else os.fspath(root)} split {split!r}"
-    check_columns(dataset, COLUMNS, where)
-    samples = []
-    for i, row in enumerate(text_rows(dataset, IMAGE_COLUMN)):
-        at = f"{where} row {i}"
-        scenario = field_of(row, SCENARIO_COLUMN, str, at)
-        fields = {"category": scenario, "keywords": field_of(row, KEYWORDS_COLUMN, str, at),
-                  "keyword_type": field_of(row, CATEGORY_COLUMN, str, at), "step": field_of(row, STEP_COLUMN, int, at),
-                  "source_id": field_of(row, ID_COLUMN, str, at)}
-        samples.append(Sample(f"{split}/{i}", BENCHMARK, field_of(row, INSTRUCTION_COLUMN, str, at),
-                              f"hf://{name}/{split}/{i}", fields,
-                              _image_loader=functools.partial(row_image, dataset, IMAGE_COLUMN, i)))
-    return first(samples, limit)
+    return hub_samples(BENCHMARK, HUB_NAME, root, split or DEFAULT_SPLIT, limit, COLUMNS, IMAGE_COLUMN, _read_row)
+
+
+def _read_row(row: Mapping, at: str) -> tuple[str, dict]:
+    """``(prompt, fields)`` of one row."""
+    scenario = field_of(row, SCENARIO_COLUMN, str, at)
+    fields = {"category": scenario, "keywords": field_of(row, KEYWORDS_COLUMN, str, at),
+              "keyword_type": field_of(row, CATEGORY_COLUMN, str, at), "step": field_of(row, STEP_COLUMN, int, at),
+              "source_id": field_of(row, ID_COLUMN, str, at)}
+    return field_of(row, INSTRUCTION_COLUMN, str, at), fields

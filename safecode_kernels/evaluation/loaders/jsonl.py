@@ -20,7 +20,18 @@ from __future__ import annotations
 import json
 import os
 
-from safecode_kernels.evaluation.samples import DataError, Sample, check_split, field_of, first, image_file, root_path
+from safecode_kernels.evaluation.samples import (
+    DataError,
+    Sample,
+    check_object,
+    check_split,
+    field_of,
+    first,
+    image_field,
+    read_text,
+    root_path,
+    unique_id,
+)
 
 BENCHMARK = "jsonl"
 LABEL_TYPES = (str, int, float, bool, type(None))
@@ -30,16 +41,9 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
     """The samples of the JSONL file ``root`` (see the module docstring), the first ``limit`` in file order."""
     path = root_path(root, BENCHMARK)
     check_split(split, (), BENCHMARK)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: file not found") from e
-    except IsADirectoryError as e:
-        raise DataError(f"{path}: is a folder; pass the .jsonl file itself") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    text = read_text(path, "is a folder; pass the .jsonl file itself")
     samples: list[Sample] = []
-    lines: dict[str, int] = {}  # id -> line, to name both lines of a duplicate
+    lines: dict[str, str] = {}  # id -> its line, to name both lines of a duplicate
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -48,14 +52,10 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}, column {e.colno}: invalid JSON: {e.msg}") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        sample_id = str(field_of(record, "id", (str, int), where))
-        if sample_id in lines:
-            raise DataError(f"{where}: duplicate id {sample_id!r} (also line {lines[sample_id]})")
-        lines[sample_id] = number
+        check_object(record, where, "a JSON object")
+        sample_id = unique_id(record, "id", lines, f"line {number}", where)
         prompt = field_of(record, "prompt", str, where)
-        image = image_file(path.parent / field_of(record, "image", str, where), f"{where}: field 'image'")
+        image = image_field(record, "image", path.parent, where)
         fields = {"category": field_of(record, "category", (str, type(None)), where) if "category" in record else None,
                   "label": field_of(record, "label", LABEL_TYPES, where) if "label" in record else None}
         samples.append(Sample(sample_id, BENCHMARK, prompt, image, fields))

@@ -30,6 +30,7 @@ import os
 from safecode_kernels.evaluation.samples import (
     DataError,
     Sample,
+    check_object,
     check_split,
     field_of,
     first,
@@ -76,14 +77,10 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
     samples: list[Sample] = []
     for scenario in present:
         path = questions_dir / f"{scenario}.json"
-        questions = read_json(path)
-        if not isinstance(questions, dict):
-            raise DataError(f"{path}: expected an object of questions, got {type(questions).__name__}")
+        questions = check_object(read_json(path), str(path), "an object of questions")
         for qid in sorted(questions, key=natural_key):
             where = f"{path}: question {qid!r}"
-            question = questions[qid]
-            if not isinstance(question, dict):
-                raise DataError(f"{where}: expected an object, got {type(question).__name__}")
+            question = check_object(questions[qid], where)
             original = field_of(question, ORIGINAL_QUESTION, str, where)
             for kind in kinds:
                 prompt = field_of(question, KINDS[kind], str, where)

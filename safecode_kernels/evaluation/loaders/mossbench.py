@@ -27,13 +27,15 @@ import re
 from safecode_kernels.evaluation.samples import (
     DataError,
     Sample,
+    check_object,
     check_split,
     field_of,
     first,
-    image_file,
+    image_field,
     natural_key,
     read_json,
     root_path,
+    unique_id,
 )
 
 BENCHMARK = "mossbench"
@@ -47,21 +49,15 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
     root = root_path(root, BENCHMARK)
     check_split(split, (), BENCHMARK)
     path = root / INFO_FILE
-    scenes = read_json(path)
-    if not isinstance(scenes, dict):
-        raise DataError(f"{path}: expected an object of scenes, got {type(scenes).__name__}")
+    scenes = check_object(read_json(path), str(path), "an object of scenes")
     samples: list[Sample] = []
-    keys: dict[str, str] = {}  # pid -> scene key, to name both scenes of a duplicate
+    keys: dict[str, str] = {}  # pid -> its scene, to name both scenes of a duplicate
     for key, scene in scenes.items():
         where = f"{path}: scene {key!r}"
-        if not isinstance(scene, dict):
-            raise DataError(f"{where}: expected an object, got {type(scene).__name__}")
-        pid = str(field_of(scene, "pid", (str, int), where))
-        if pid in keys:
-            raise DataError(f"{where}: duplicate pid {pid!r} (also scene {keys[pid]!r})")
-        keys[pid] = key
+        check_object(scene, where)
+        pid = unique_id(scene, "pid", keys, f"scene {key!r}", where)
         question = field_of(scene, "question", str, where)
-        image = image_file(root / field_of(scene, "image", str, where), f"{where}: field 'image'")
+        image = image_field(scene, "image", root, where)
         over = field_of(field_of(scene, "metadata", dict, where), "over", str, f"{where}: metadata")
         samples.append(Sample(pid, BENCHMARK, question, image, {"type": _type_name(over, where)}))
     samples.sort(key=lambda s: natural_key(s.id))

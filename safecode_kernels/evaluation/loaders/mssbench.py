@@ -36,12 +36,12 @@ import os
 from pathlib import Path
 
 from safecode_kernels.evaluation.samples import (
-    DataError,
     Sample,
+    check_object,
     check_split,
     field_of,
     first,
-    image_file,
+    image_field,
     read_json,
     root_path,
     string_list,
@@ -78,9 +78,7 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
     root = root_path(root, BENCHMARK)
     check_split(split, SETTINGS, BENCHMARK)
     path = next((root / name for name in DATA_FILES if (root / name).is_file()), root / DATA_FILES[0])
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object with 'chat' and 'embodied', got {type(data).__name__}")
+    data = check_object(read_json(path), str(path), "an object with 'chat' and 'embodied'")
     samples: list[Sample] = []
     for setting in SETTINGS if split is None else (split,):
         for i, item in enumerate(field_of(data, setting, list, str(path))):
@@ -90,9 +88,8 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
 
 def _item_samples(root: Path, setting: str, index: int, item: object, where: str) -> list[Sample]:
     """Each query of one item with the safe image, then with the unsafe image."""
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: expected an object, got {type(item).__name__}")
-    images = {kind: image_file(root / setting / field_of(item, key, str, where), f"{where}: field {key!r}")
+    check_object(item, where)
+    images = {kind: image_field(item, key, root / setting, where)
               for kind, key in zip(KINDS, IMAGE_FIELDS[setting], strict=True)}
     category = item.get(CATEGORY_FIELDS[setting])
     category = category if isinstance(category, str) else None

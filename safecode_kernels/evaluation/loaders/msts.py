@@ -28,16 +28,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 
-from safecode_kernels.evaluation.samples import (
-    Sample,
-    check_columns,
-    field_of,
-    first,
-    open_hub_split,
-    row_image,
-    text_rows,
-)
+from safecode_kernels.evaluation.samples import Sample, field_of, hub_samples
 
 BENCHMARK = "msts"
 HUB_NAME = "felfri/MSTS"
@@ -58,21 +51,17 @@ COLUMNS = (PROMPT_COLUMN, IMAGE_COLUMN, CASE_ID_COLUMN, PROMPT_TYPE_COLUMN, CATE
 def load(root: str | os.PathLike[str] | None = None, *, split: str | None = None,
          limit: int | None = None) -> list[Sample]:
     """The MSTS samples of language ``split`` (see the module docstring), the first ``limit`` rows."""
-    first([], limit)  # a bad limit fails before the data set loads
     split = split or DEFAULT_SPLIT
-    dataset, name = open_hub_split(root, split, HUB_NAME)
-    where = f"{HUB_NAME if root is None else os.fspath(root)} split {split!r}"
-    check_columns(dataset, COLUMNS, where)
-    samples = []
-    for i, row in enumerate(text_rows(dataset, IMAGE_COLUMN)):
-        at = f"{where} row {i}"
-        optional = (str, type(None))  # only the top hazard category is required
-        fields = {"category": field_of(row, CATEGORY_COLUMN, str, at),
-                  "subcategory": field_of(row, SUBCATEGORY_COLUMN, optional, at),
-                  "subsubcategory": field_of(row, SUBSUBCATEGORY_COLUMN, optional, at),
-                  "language": split, "prompt_type": field_of(row, PROMPT_TYPE_COLUMN, str, at),
-                  "case_id": field_of(row, CASE_ID_COLUMN, str, at)}
-        samples.append(Sample(f"{split}/{i}", BENCHMARK, field_of(row, PROMPT_COLUMN, str, at),
-                              f"hf://{name}/{split}/{i}", fields,
-                              _image_loader=functools.partial(row_image, dataset, IMAGE_COLUMN, i)))
-    return first(samples, limit)
+    return hub_samples(BENCHMARK, HUB_NAME, root, split, limit, COLUMNS, IMAGE_COLUMN,
+                       functools.partial(_read_row, split))
+
+
+def _read_row(split: str, row: Mapping, at: str) -> tuple[str, dict]:
+    """``(prompt, fields)`` of one row of language ``split``."""
+    optional = (str, type(None))  # only the top hazard category is required
+    fields = {"category": field_of(row, CATEGORY_COLUMN, str, at),
+              "subcategory": field_of(row, SUBCATEGORY_COLUMN, optional, at),
+              "subsubcategory": field_of(row, SUBSUBCATEGORY_COLUMN, optional, at),
+              "language": split, "prompt_type": field_of(row, PROMPT_TYPE_COLUMN, str, at),
+              "case_id": field_of(row, CASE_ID_COLUMN, str, at)}
+    return field_of(row, PROMPT_COLUMN, str, at), fields

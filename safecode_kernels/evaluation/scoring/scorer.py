@@ -3,17 +3,19 @@
 Files in a run folder ``DIR``:
 
 - ``generations.jsonl`` (read): one generation per line (``id``, ``benchmark``, ``prompt``,
-  ``image``, ``method``, ``response``, optional ``error``, the benchmark's fields...). An
-  unparseable *last* line (a run cut short by a crash) is ignored with a warning; an unparseable
-  line anywhere else is an error naming its number. A later line with the same ``id`` supersedes
-  an earlier one (a retried generation). Lines with ``error`` set (or no text ``response``) are
-  not scored; the report counts them as ``errors``.
+  ``image``, ``method``, ``response``, optional ``error``, the benchmark's fields...), read by
+  :func:`safecode_kernels.evaluation.store.read_lines`'s rules: a cut-short *last* line (a run
+  cut short by a crash: no trailing newline, or not a JSON object) is ignored with a warning; a
+  bad line anywhere else is an error naming its number. A later line with the same ``id``
+  supersedes an earlier one (a retried generation). Lines with ``error`` set (or no text
+  ``response``) are not scored; the report counts them as ``errors``.
 - ``scores.jsonl`` (appended): one line per judged generation, ``{"id", "label", "answer",
   "scorer"}``; ``answer`` is the judge's raw answer (for ``refusal-strings``, the matched phrase or
   ``null``), ``label`` is ``null`` when the answer named no label. Ids already there are skipped,
   so an interrupted ``score`` resumes where it stopped (delete lines to have them judged again).
-  Each judgement is written, flushed and fsynced as it finishes: a crash loses at most the requests
-  in flight; a cut-short last line is dropped and redone.
+  Each judgement is appended (:func:`safecode_kernels.evaluation.store.append`: a whole line,
+  fsynced) as it finishes: a crash loses at most the requests in flight; a cut-short last line is
+  dropped and redone.
 - ``report.json``, ``report.md``, ``report.png``: see :mod:`.report`.
 """
 
@@ -21,14 +23,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from safecode_kernels.judges import image_data_url
 
+from .. import store
 from .metrics import compute_metrics, label_counts
 from .refusal_strings import refusal_label
 from .report import write_report
@@ -40,28 +41,7 @@ SCORERS = ("llm", "refusal-strings")
 MAX_IMAGE_SIDE = 1024
 
 
-# ----- JSONL ---------------------------------------------------------------------------------
-def read_jsonl(path) -> tuple[list[tuple[int, dict]], int | None]:
-    """``([(line number, object), ...], number of an ignored cut-short last line or None)``.
-
-    Blank lines are skipped. Raises ``ValueError`` naming the file and line for an unparseable
-    line that is not the last one, or for a line that is not a JSON object."""
-    path = Path(path)
-    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
-    entries = []
-    for k, (number, raw) in enumerate(lines):
-        try:
-            record = json.loads(raw.decode("utf-8"))  # per line: a cut can split a UTF-8 character
-        except (UnicodeDecodeError, ValueError) as exc:
-            if k == len(lines) - 1:
-                return entries, number
-            raise ValueError(f"{path}, line {number}: not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        entries.append((number, record))
-    return entries, None
-
-
+# ----- the files -----------------------------------------------------------------------------
 def load_generations(directory) -> tuple[str, list[dict]]:
     """``(benchmark, generations)`` of ``DIR/generations.jsonl`` (one per id, a later line winning).
 
@@ -70,7 +50,7 @@ def load_generations(directory) -> tuple[str, list[dict]]:
     path = Path(directory) / GENERATIONS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: generate the run first (safecode-kernels eval)")
-    entries, cut = read_jsonl(path)
+    entries, cut = store.read_numbered(path)
     if cut is not None:
         warnings.warn(f"{path}: ignoring the cut-short last line {cut}", stacklevel=2)
     benchmark, first, by_id = None, None, {}
@@ -104,45 +84,6 @@ def failed(generation: dict) -> bool:
     return generation.get("error") not in (None, "") or not isinstance(generation.get("response"), str)
 
 
-class _ScoresFile:
-    """``scores.jsonl`` opened for appending, after dropping a cut-short last line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._repair()
-        self._file = open(path, "a", encoding="utf-8")
-
-    def _repair(self) -> None:
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = len(data.rstrip())
-        if end == 0:
-            return
-        start = data.rfind(b"\n", 0, end) + 1
-        try:
-            json.loads(data[start:end].decode("utf-8"))
-            fixed = data if data.endswith(b"\n") else data + b"\n"
-        except (UnicodeDecodeError, ValueError):
-            fixed = data[:start]  # a crash cut this line short: drop it, its sample is judged again
-        if fixed != data:
-            with open(self.path, "wb") as f:
-                f.write(fixed)
-                f.flush()
-                os.fsync(f.fileno())
-
-    def write(self, record: dict, sync: bool = True) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        if sync:
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-
 def read_scores(directory, scorer: str | None = None) -> dict:
     """``id -> score record`` of ``DIR/scores.jsonl`` (empty when absent; a later line wins).
 
@@ -152,7 +93,7 @@ def read_scores(directory, scorer: str | None = None) -> dict:
     if not path.is_file():
         return {}
     scores = {}
-    for number, record in read_jsonl(path)[0]:
+    for number, record in store.read_numbered(path)[0]:
         if "id" not in record or "label" not in record:
             raise ValueError(f"{path}, line {number}: a score needs 'id' and 'label'")
         if scorer is not None and record.get("scorer", scorer) != scorer:
@@ -207,9 +148,9 @@ class _LlmJudging:
         return {"id": sample["id"], "label": rubric.parse(answer), "answer": answer, "scorer": "llm"}
 
 
-def _judge_all(work, pending: list[dict], out: _ScoresFile, done: dict, concurrency: int, bar) -> None:
-    """Run ``work`` on ``pending`` with at most ``concurrency`` in flight; write each record as it
-    finishes (from this thread only). The first error stops the loop and is raised."""
+def _judge_all(work, pending: list[dict], out: Path, done: dict, concurrency: int, bar) -> None:
+    """Run ``work`` on ``pending`` with at most ``concurrency`` in flight; append each record to
+    ``out`` as it finishes (from this thread only). The first error stops the loop and is raised."""
     samples = iter(pending)
     pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="safecode-score")
     inflight = {pool.submit(work, s): s for s in itertools.islice(samples, concurrency)}
@@ -222,9 +163,9 @@ def _judge_all(work, pending: list[dict], out: _ScoresFile, done: dict, concurre
                     record = future.result()
                 except Exception as exc:
                     if hasattr(exc, "add_note"):
-                        exc.add_note(f"while judging sample {sample['id']!r} (finished ones are in {out.path})")
+                        exc.add_note(f"while judging sample {sample['id']!r} (finished ones are in {out})")
                     raise
-                out.write(record)
+                store.append(out, [record])
                 done[record["id"]] = record
                 bar.update(1)
                 for nxt in itertools.islice(samples, 1):
@@ -299,22 +240,21 @@ def score(directory, judge=None, scorer: str = "llm", judge_template=None, concu
         work = _LlmJudging(judge, benchmark, template, image_loader, directory)
         work.check_images(pending)
     if pending:
-        out = _ScoresFile(directory / SCORES)
         bar = tqdm(total=len(pending), desc=f"scoring {benchmark}", unit="sample", file=sys.stderr,
                    disable=not progress, dynamic_ncols=True)
         try:
             if scorer == "llm":
-                _judge_all(work, pending, out, done, concurrency, bar)
+                _judge_all(work, pending, directory / SCORES, done, concurrency, bar)
             else:
-                for sample in pending:  # instant and repeatable: one fsync at the end is enough
+                records = []
+                for sample in pending:  # instant and repeatable: one append (one fsync) at the end
                     label, phrase = refusal_label(sample["response"])
-                    record = {"id": sample["id"], "label": label, "answer": phrase, "scorer": scorer}
-                    out.write(record, sync=False)
-                    done[sample["id"]] = record
+                    records.append({"id": sample["id"], "label": label, "answer": phrase, "scorer": scorer})
                     bar.update(1)
+                store.append(directory / SCORES, records)
+                done.update((record["id"], record) for record in records)
         finally:
             bar.close()
-            out.close()
 
     scored = [g for g in scoreable if g["id"] in done]
     labels = {g["id"]: done[g["id"]]["label"] for g in scored}
@@ -336,4 +276,4 @@ def score(directory, judge=None, scorer: str = "llm", judge_template=None, concu
     return report
 
 
-__all__ = ["GENERATIONS", "SCORERS", "SCORES", "failed", "load_generations", "read_jsonl", "read_scores", "score"]
+__all__ = ["GENERATIONS", "SCORERS", "SCORES", "failed", "load_generations", "read_scores", "score"]
