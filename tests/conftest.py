@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. Triton reads
+    # this when it defines a kernel, its own library functions included (at `import triton`), so
+    # it is set here, before any test module is collected: some import triton on the way (a
+    # backend status query). A GPU machine must not set it (the kernels would run interpreted).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

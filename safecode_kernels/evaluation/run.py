@@ -11,7 +11,8 @@ Files in the run folder ``out_dir``:
 
 The answers do not depend on how the samples are batched: each sample's noised image is drawn
 from its own generator, seeded from ``seed`` and the sample id, and decoding is greedy. A resumed
-run therefore writes the same answers as an uninterrupted one.
+run therefore writes the same answers as an uninterrupted one, and so does a run spread over Ray
+workers (:mod:`.ray_run`), which shares this module's checks, lock, batch runner and write loop.
 """
 
 from __future__ import annotations
@@ -47,11 +48,35 @@ RECIPES = ("paper", "released")
 VERDICTS = ("auto", "unsafe", "safe", "none")
 
 #: Keys of a generations line set by the run; a sample field may not use them.
-RECORD_KEYS = ("id", "benchmark", "prompt", "image", "method", "recipe", "verdict", "caption", "response",
-               "new_tokens", "seconds", "error")
+RECORD_KEYS = (
+    "id",
+    "benchmark",
+    "prompt",
+    "image",
+    "method",
+    "recipe",
+    "verdict",
+    "caption",
+    "response",
+    "new_tokens",
+    "seconds",
+    "error",
+    "worker",
+)
 #: Keys of ``run.json`` that :func:`run_eval` sets from its own arguments (``config`` may not).
-OWN_CONFIG_KEYS = ("method", "recipe", "verdict", "steer_steps", "noise_std", "seed", "max_new_tokens", "batch_size",
-                   "versions", "created", "updated")
+OWN_CONFIG_KEYS = (
+    "method",
+    "recipe",
+    "verdict",
+    "steer_steps",
+    "noise_std",
+    "seed",
+    "max_new_tokens",
+    "batch_size",
+    "versions",
+    "created",
+    "updated",
+)
 
 
 class RunAborted(RuntimeError):
@@ -72,11 +97,26 @@ def sample_seed(seed: int, sample: Sample) -> int:
     return zlib.crc32(f"{seed}\0{sample.benchmark}\0{sample.id}".encode())
 
 
-def run_eval(model, processor, samples: Sequence[Sample], out_dir, *, method: str = "safecode",
-             recipe: str = "paper", verdict: str = "auto", judge=None, batch_size: int = 8,
-             max_new_tokens: int | None = None, seed: int = 0, steer_steps: int = 5, noise_std: float = 0.1,
-             config: dict | None = None, progress: bool = True, retry_errors: bool = False,
-             max_consecutive_errors: int = 16) -> dict:
+def run_eval(
+    model,
+    processor,
+    samples: Sequence[Sample],
+    out_dir,
+    *,
+    method: str = "safecode",
+    recipe: str = "paper",
+    verdict: str = "auto",
+    judge=None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    steer_steps: int = 5,
+    noise_std: float = 0.1,
+    config: dict | None = None,
+    progress: bool = True,
+    retry_errors: bool = False,
+    max_consecutive_errors: int = 16,
+) -> dict:
     """Generate an answer for every sample not yet in ``out_dir/generations.jsonl``; append them.
 
     Args:
@@ -118,7 +158,8 @@ def run_eval(model, processor, samples: Sequence[Sample], out_dir, *, method: st
     Ctrl-C raises ``KeyboardInterrupt`` at once (what was written stays valid).
 
     Returns ``{"out_dir", "total", "already_done", "written", "errors", "saved", "remaining",
-    "interrupted", "seconds", "samples_per_second"}`` (``saved``: samples of ``samples`` with a line).
+    "interrupted", "seconds", "samples_per_second", "workers"}`` (``saved``: samples of ``samples``
+    with a line; ``workers``: the distinct Ray workers that wrote lines, 0 here).
 
     Raises:
         ValueError: bad arguments, duplicate ids, several benchmarks, a sample field named like a
@@ -129,29 +170,61 @@ def run_eval(model, processor, samples: Sequence[Sample], out_dir, *, method: st
             401/403/404/429/5xx); batches done before are saved.
     """
     samples = list(samples)
-    settings = _check_arguments(samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps,
-                                max_consecutive_errors, config)
+    settings = _check_arguments(
+        samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps, max_consecutive_errors, config
+    )
     if settings["verdict"] == "auto" and not callable(getattr(judge, "judge", None)):
-        raise ValueError("verdict 'auto' needs a judge with judge(images, prompts) (e.g. SelfJudge or OpenAIJudge); "
-                         "or give a fixed verdict")
-    decoder = _make_decoder(model, processor, method, recipe, settings["steer_steps"], noise_std, seed)
+        raise ValueError(
+            "verdict 'auto' needs a judge with judge(images, prompts) (e.g. SelfJudge or OpenAIJudge); "
+            "or give a fixed verdict"
+        )
+    runner = batch_runner(model, processor, settings, judge, noise_std)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / GENERATIONS_FILE
     with _folder_lock(out_dir):
-        lines = store.read_lines(path)
-        full = _full_config(samples, settings, judge, noise_std, batch_size, config)
-        check_and_write(out_dir, full, has_generations=bool(lines))
-        done = _done_ids(lines, retry_errors)
-        pending = [s for s in samples if s.id not in done]
-        runner = _BatchRunner(decoder, settings, judge, seed, noise_std, max_new_tokens)
-        return _loop(runner, samples, pending, path, batch_size, progress, max_consecutive_errors, out_dir)
+        pending = _open_run(
+            out_dir, samples, settings, _describe_judge(judge), noise_std, batch_size, config, retry_errors
+        )
+        batches = (runner.run(pending[first : first + batch_size]) for first in range(0, len(pending), batch_size))
+        return _loop(batches, samples, len(pending), out_dir, progress, max_consecutive_errors, settings["method"])
 
 
-def check_resume(out_dir, samples: Sequence[Sample], *, method: str = "safecode", recipe: str = "paper",
-                 verdict: str = "auto", judge=None, batch_size: int = 8, max_new_tokens: int | None = None,
-                 seed: int = 0, steer_steps: int = 5, noise_std: float = 0.1, config: dict | None = None,
-                 retry_errors: bool = False) -> int:
+def batch_runner(model, processor, settings: dict, judge=None, noise_std: float = 0.1) -> _BatchRunner:
+    """The object whose ``run(batch)`` turns a list of samples into their generations lines: the
+    decoder of ``settings`` (what :func:`_check_arguments` returns) on ``model``; ``judge`` is asked
+    with ``verdict="auto"``. :func:`run_eval` and each Ray worker (:mod:`.ray_run`) use it."""
+    decoder = _make_decoder(
+        model, processor, settings["method"], settings["recipe"], settings["steer_steps"], noise_std, settings["seed"]
+    )
+    return _BatchRunner(decoder, settings, judge, settings["seed"], noise_std, settings["max_new_tokens"])
+
+
+def _open_run(out_dir: Path, samples, settings, judge_name, noise_std, batch_size, config, retry_errors) -> list:
+    """With the folder locked: check ``run.json`` against this configuration and write it, then
+    return the samples not yet in ``generations.jsonl``, in order."""
+    lines = store.read_lines(out_dir / GENERATIONS_FILE)
+    full = _full_config(samples, settings, judge_name, noise_std, batch_size, config)
+    check_and_write(out_dir, full, has_generations=bool(lines))
+    done = _done_ids(lines, retry_errors)
+    return [s for s in samples if s.id not in done]
+
+
+def check_resume(
+    out_dir,
+    samples: Sequence[Sample],
+    *,
+    method: str = "safecode",
+    recipe: str = "paper",
+    verdict: str = "auto",
+    judge=None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    seed: int = 0,
+    steer_steps: int = 5,
+    noise_std: float = 0.1,
+    config: dict | None = None,
+    retry_errors: bool = False,
+) -> int:
     """Check, writing nothing, that :func:`run_eval` with these arguments may write into ``out_dir``
     (before an expensive model load); returns how many of ``samples`` are already done there.
 
@@ -160,32 +233,38 @@ def check_resume(out_dir, samples: Sequence[Sample], *, method: str = "safecode"
     unavailable recipe.
     """
     samples = list(samples)
-    settings = _check_arguments(samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps, 0,
-                                config)
+    settings = _check_arguments(
+        samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps, 0, config
+    )
     check_recipe(recipe)
     out_dir = Path(out_dir)
     lines = store.read_lines(out_dir / GENERATIONS_FILE)
     recorded = read_config(out_dir)
     if recorded is not None:
-        current = json.loads(json.dumps(_full_config(samples, settings, judge, noise_std, batch_size, config)))
+        current = json.loads(
+            json.dumps(_full_config(samples, settings, _describe_judge(judge), noise_std, batch_size, config))
+        )
         diff = differences(recorded, current)
         if diff:
             raise ConfigMismatch(out_dir / RUN_FILE, diff)
     elif lines:
-        raise ValueError(f"{out_dir / GENERATIONS_FILE} exists but {out_dir / RUN_FILE} does not, so its "
-                         "configuration is unknown: restore run.json or give another folder")
+        raise ValueError(
+            f"{out_dir / GENERATIONS_FILE} exists but {out_dir / RUN_FILE} does not, so its "
+            "configuration is unknown: restore run.json or give another folder"
+        )
     done = _done_ids(lines, retry_errors)
     return sum(s.id in done for s in samples)
 
 
-def _full_config(samples, settings, judge, noise_std, batch_size, config) -> dict:
-    """What ``run.json`` records: the caller's ``config`` and the run's own settings."""
+def _full_config(samples, settings, judge_name, noise_std, batch_size, config) -> dict:
+    """What ``run.json`` records: the caller's ``config`` and the run's own settings (``judge_name``:
+    what to record as the judge when ``config`` names none)."""
     full = {**(config or {}), **settings, "noise_std": noise_std, "batch_size": batch_size, "versions": versions()}
     full.setdefault("benchmark", samples[0].benchmark if samples else None)
     if settings["verdict"] != "auto":
         full["judge"] = None  # no judge is asked
     elif full.get("judge") is None:
-        full["judge"] = _describe_judge(judge)
+        full["judge"] = judge_name
     return full
 
 
@@ -194,22 +273,36 @@ def _done_ids(lines: list[dict], retry_errors: bool) -> set[str]:
 
 
 # ----- the loop -------------------------------------------------------------------------------
-def _loop(runner, samples, pending, path, batch_size, progress, max_consecutive_errors, out_dir) -> dict:
+def _loop(batches, samples, pending: int, out_dir: Path, progress, max_consecutive_errors, method: str) -> dict:
+    """Append each list of lines that ``batches`` yields to ``generations.jsonl`` (one synced write
+    per batch), counting errors and stopping at Ctrl-C; ``pending``: how many samples it will
+    yield. Returns the summary of :func:`run_eval`, with ``workers``: the distinct ``worker`` values
+    of the lines written (0 when the lines have none)."""
     from tqdm.auto import tqdm
 
-    already = len(samples) - len(pending)
+    path = out_dir / GENERATIONS_FILE
+    already = len(samples) - pending
     start = time.perf_counter()
     written = errors = consecutive = 0
-    bar = tqdm(total=len(samples), initial=already, unit="sample", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True, desc=f"eval {samples[0].benchmark if samples else ''} ({runner.method})")
+    workers = set()
+    bar = tqdm(
+        total=len(samples),
+        initial=already,
+        unit="sample",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc=f"eval {samples[0].benchmark if samples else ''} ({method})",
+    )
     interrupt = _Interrupt()
     try:
-        with interrupt:
-            for first in range(0, len(pending), batch_size):
-                records = runner.run(pending[first:first + batch_size])
+        with interrupt, contextlib.closing(batches):  # a generator: closing it stops the work behind it
+            for records in batches:
                 store.append(path, records)
                 written += len(records)
                 for record in records:
+                    if record.get("worker") is not None:
+                        workers.add(json.dumps(record["worker"], sort_keys=True))
                     if record["error"] is None:
                         consecutive = 0
                     else:
@@ -222,17 +315,27 @@ def _loop(runner, samples, pending, path, batch_size, progress, max_consecutive_
                     raise RunAborted(
                         f"{consecutive} samples in a row failed to generate (last: {records[-1]['error']}): "
                         f"the model or the settings are at fault, not one sample; their lines are in {path}: "
-                        "fix the cause, then rerun with --retry-errors (retry_errors=True)")
+                        "fix the cause, then rerun with --retry-errors (retry_errors=True)"
+                    )
                 if interrupt.requested:
                     break
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
     saved = already + written
-    return {"out_dir": str(out_dir), "total": len(samples), "already_done": already, "written": written,
-            "errors": errors, "saved": saved, "remaining": len(samples) - saved,
-            "interrupted": interrupt.requested and saved < len(samples), "seconds": elapsed,
-            "samples_per_second": written / elapsed if elapsed > 0 else None}
+    return {
+        "out_dir": str(out_dir),
+        "total": len(samples),
+        "already_done": already,
+        "written": written,
+        "errors": errors,
+        "saved": saved,
+        "remaining": len(samples) - saved,
+        "interrupted": interrupt.requested and saved < len(samples),
+        "seconds": elapsed,
+        "samples_per_second": written / elapsed if elapsed > 0 else None,
+        "workers": len(workers),
+    }
 
 
 class _BatchRunner:
@@ -278,8 +381,9 @@ class _BatchRunner:
             for sample, judgement in zip(group, judgements, strict=True):
                 out[sample.id] = (judgement.verdict.name.lower(), judgement.caption)
 
-        _whole_or_each(batch, attempt, lambda s, err: errors.__setitem__(s.id, _error("judge", err)),
-                       fatal=_judge_is_down)
+        _whole_or_each(
+            batch, attempt, lambda s, err: errors.__setitem__(s.id, _error("judge", err)), fatal=_judge_is_down
+        )
         return out
 
     # -- the decoder --
@@ -291,8 +395,9 @@ class _BatchRunner:
             kwargs = dict(self.generate_kwargs)
             if self.steer_steps > 0:
                 kwargs["noised_images"] = [noised[s.id] for s in group]
-            result = self.decoder.generate([images[s.id] for s in group], [s.prompt for s in group],
-                                           [judgements[s.id][0] for s in group], **kwargs)
+            result = self.decoder.generate(
+                [images[s.id] for s in group], [s.prompt for s in group], [judgements[s.id][0] for s in group], **kwargs
+            )
             for k, sample in enumerate(group):
                 out[sample.id] = (result.texts[k], len(result.sequences[k]))
 
@@ -300,13 +405,25 @@ class _BatchRunner:
         return out
 
     def _record(self, sample: Sample, judgement, result, error, seconds) -> dict:
-        verdict, caption = judgement if judgement is not None else (
-            self.verdict if self.verdict != "auto" else None, None)
+        verdict, caption = (
+            judgement if judgement is not None else (self.verdict if self.verdict != "auto" else None, None)
+        )
         response, new_tokens = result if result is not None else (None, None)
-        return {"id": sample.id, "benchmark": sample.benchmark, **sample.fields, "prompt": sample.prompt,
-                "image": sample.image, "method": self.method, "recipe": self.recipe, "verdict": verdict,
-                "caption": caption, "response": response, "new_tokens": new_tokens, "seconds": seconds,
-                "error": error}
+        return {
+            "id": sample.id,
+            "benchmark": sample.benchmark,
+            **sample.fields,
+            "prompt": sample.prompt,
+            "image": sample.image,
+            "method": self.method,
+            "recipe": self.recipe,
+            "verdict": verdict,
+            "caption": caption,
+            "response": response,
+            "new_tokens": new_tokens,
+            "seconds": seconds,
+            "error": error,
+        }
 
 
 class _JudgeProtocolError(RuntimeError):
@@ -362,19 +479,28 @@ def _judge_is_down(err: BaseException) -> bool:
 
 
 # ----- setup --------------------------------------------------------------------------------
-def _check_arguments(samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps,
-                     max_consecutive_errors, config) -> dict:
+def _check_arguments(
+    samples, method, recipe, verdict, batch_size, max_new_tokens, seed, steer_steps, max_consecutive_errors, config
+) -> dict:
     """Validate the arguments; returns the settings recorded in ``run.json``."""
-    for name, value, choices in (("method", method, METHODS), ("recipe", recipe, RECIPES),
-                                 ("verdict", verdict, VERDICTS)):
+    for name, value, choices in (
+        ("method", method, METHODS),
+        ("recipe", recipe, RECIPES),
+        ("verdict", verdict, VERDICTS),
+    ):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    for name, value, low in (("batch_size", batch_size, 1), ("steer_steps", steer_steps, 0), ("seed", seed, None),
-                             ("max_consecutive_errors", max_consecutive_errors, 0)):
+    for name, value, low in (
+        ("batch_size", batch_size, 1),
+        ("steer_steps", steer_steps, 0),
+        ("seed", seed, None),
+        ("max_consecutive_errors", max_consecutive_errors, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
             raise ValueError(f"{name} must be an int{f' >= {low}' if low is not None else ''}, got {value!r}")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be None (the recipe's default) or an int >= 1, got {max_new_tokens!r}")
     if method != "safecode":
         if verdict not in ("auto", "none"):
@@ -387,8 +513,14 @@ def _check_arguments(samples, method, recipe, verdict, batch_size, max_new_token
         if taken:
             raise ValueError(f"config may not set {', '.join(taken)}: run_eval records them from its arguments")
     _check_samples(samples)
-    return {"method": method, "recipe": recipe, "verdict": verdict,
-            "steer_steps": 0 if method == "base" else steer_steps, "seed": seed, "max_new_tokens": max_new_tokens}
+    return {
+        "method": method,
+        "recipe": recipe,
+        "verdict": verdict,
+        "steer_steps": 0 if method == "base" else steer_steps,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 def _check_samples(samples) -> None:
@@ -402,12 +534,15 @@ def _check_samples(samples) -> None:
         if benchmark is None:
             benchmark = sample.benchmark
         elif sample.benchmark != benchmark:
-            raise ValueError(f"samples[{k}] ({sample.id!r}) is from {sample.benchmark!r}, the first from "
-                             f"{benchmark!r}: run each benchmark into its own folder")
+            raise ValueError(
+                f"samples[{k}] ({sample.id!r}) is from {sample.benchmark!r}, the first from "
+                f"{benchmark!r}: run each benchmark into its own folder"
+            )
         clash = sorted(set(sample.fields) & set(RECORD_KEYS))
         if clash:
-            raise ValueError(f"sample {sample.id!r} has field(s) {', '.join(clash)} named like keys of the "
-                             "generations line")
+            raise ValueError(
+                f"sample {sample.id!r} has field(s) {', '.join(clash)} named like keys of the generations line"
+            )
 
 
 def _make_decoder(model, processor, method, recipe, steer_steps, noise_std, seed):
@@ -429,8 +564,10 @@ def check_recipe(recipe: str) -> None:
     from ..decoding import SafeCoDeDecoder
 
     if recipe != "paper" and "recipe" not in inspect.signature(SafeCoDeDecoder).parameters:
-        raise RecipeUnavailable(f"recipe {recipe!r} needs a SafeCoDeDecoder with a recipe argument; the installed "
-                                "safecode_kernels has none (update it, or use recipe 'paper')")
+        raise RecipeUnavailable(
+            f"recipe {recipe!r} needs a SafeCoDeDecoder with a recipe argument; the installed "
+            "safecode_kernels has none (update it, or use recipe 'paper')"
+        )
 
 
 def _describe_judge(judge) -> str | None:
@@ -484,8 +621,11 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping once the batch in flight is saved (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        print(
+            "\nCtrl-C: stopping once the batch in flight is saved (Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         if self._installed:
@@ -494,5 +634,16 @@ class _Interrupt:
         return False
 
 
-__all__ = ["METHODS", "RECIPES", "RECORD_KEYS", "VERDICTS", "RecipeUnavailable", "RunAborted", "RunLocked",
-           "check_recipe", "check_resume", "run_eval", "sample_seed"]
+__all__ = [
+    "METHODS",
+    "RECIPES",
+    "RECORD_KEYS",
+    "VERDICTS",
+    "RecipeUnavailable",
+    "RunAborted",
+    "RunLocked",
+    "check_recipe",
+    "check_resume",
+    "run_eval",
+    "sample_seed",
+]
