@@ -44,8 +44,9 @@ except ImportError:  # pragma: no cover - script mode needs no pytest
 
 
 def _settings() -> bench.Settings:
-    settings = bench.Settings(threads=int(os.environ.get("SAFECODE_BENCH_THREADS", "1")),
-                              reps=int(os.environ.get("SAFECODE_BENCH_REPS", "3")))
+    settings = bench.Settings(
+        threads=int(os.environ.get("SAFECODE_BENCH_THREADS", "1")), reps=int(os.environ.get("SAFECODE_BENCH_REPS", "3"))
+    )
     batches = os.environ.get("SAFECODE_BENCH_BATCHES")
     if batches:
         settings.batches = tuple(int(b) for b in batches.split(","))
@@ -55,8 +56,12 @@ def _settings() -> bench.Settings:
 
 
 SETTINGS = _settings()
-CASES = [bench.Case(phase, batch, system) for batch in SETTINGS.batches for system in SETTINGS.systems
-         for phase in SETTINGS.phases]
+CASES = [
+    bench.Case(phase, batch, system)
+    for batch in SETTINGS.batches
+    for system in SETTINGS.systems
+    for phase in SETTINGS.phases
+]
 TIMED = bench.TIMED  # the decoders and the noised-branch prefill
 
 if pytest is not None:
@@ -77,8 +82,9 @@ if pytest is not None:
         def workload(self, case: bench.Case) -> bench.Workload:
             key = (case.batch, case.system)
             if key not in self.workloads:
-                work = bench.Workload(self.model, self.processor, case.batch,
-                                      self.system_text if case.system else None, SETTINGS)
+                work = bench.Workload(
+                    self.model, self.processor, case.batch, self.system_text if case.system else None, SETTINGS
+                )
                 self.workloads[key] = work
                 self.lengths[f"B={case.batch} {'sys' if case.system else 'nosys'}"] = work.prompt_lengths()
             return self.workloads[key]
@@ -89,9 +95,15 @@ if pytest is not None:
                 got = self.measured.get(case.id, {})
                 if not all(name in got for name in TIMED):
                     continue  # some decoders deselected: no ratios for this case
-                results.append(bench.case_result(
-                    case, SETTINGS.tokens(case.phase), {name: got[name][0] for name in TIMED},
-                    {name: got[name][1] for name in TIMED}, {name: got[name][2] for name in bench.DECODERS}))
+                results.append(
+                    bench.case_result(
+                        case,
+                        SETTINGS.tokens(case.phase),
+                        {name: got[name][0] for name in TIMED},
+                        {name: got[name][1] for name in TIMED},
+                        {name: got[name][2] for name in bench.DECODERS},
+                    )
+                )
             return bench.make_report(SETTINGS, results, self.lengths) if results else None
 
     @pytest.fixture(scope="module")
@@ -129,6 +141,7 @@ if pytest is not None:
                 walls.append(time.perf_counter() - start)
                 cpus.append(time.process_time() - cpu)
                 outputs.append(out)
+
             return target
 
         rounds = SETTINGS.naive_reps if decoder == "naive" else SETTINGS.reps

@@ -82,9 +82,17 @@ def naive_loop(model, processor, samples, verdicts, out: Path, steer_steps: int,
                 image = file.convert("RGB")
             generator = torch.Generator().manual_seed(sample_seed(0, sample))
             noised = make_noised_image(image, NOISE_STD, generator=generator)
-            result = naive_safecode_generate(model, processor, [image], [sample.prompt], [verdicts[sample.prompt]],
-                                             steer_steps=steer_steps, max_new_tokens=max_new_tokens,
-                                             noised_images=[noised], do_sample=False)
+            result = naive_safecode_generate(
+                model,
+                processor,
+                [image],
+                [sample.prompt],
+                [verdicts[sample.prompt]],
+                steer_steps=steer_steps,
+                max_new_tokens=max_new_tokens,
+                noised_images=[noised],
+                do_sample=False,
+            )
             f.write(json.dumps({"id": sample.id, "response": result.texts[0]}) + "\n")
             f.flush()
             texts.append(result.texts[0])
@@ -92,8 +100,19 @@ def naive_loop(model, processor, samples, verdicts, out: Path, steer_steps: int,
 
 
 def harness(model, processor, samples, verdicts, out: Path, args) -> list[str]:
-    run_eval(model, processor, samples, out, verdict="auto", judge=KnownVerdicts(verdicts), batch_size=args.batch_size,
-             max_new_tokens=args.max_new_tokens, steer_steps=args.steer_steps, noise_std=NOISE_STD, progress=False)
+    run_eval(
+        model,
+        processor,
+        samples,
+        out,
+        verdict="auto",
+        judge=KnownVerdicts(verdicts),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        steer_steps=args.steer_steps,
+        noise_std=NOISE_STD,
+        progress=False,
+    )
     by_id = {line["id"]: line["response"] for line in map(json.loads, (out / "generations.jsonl").open())}
     return [by_id[s.id] for s in samples]
 
@@ -108,16 +127,29 @@ def measure(args) -> dict:
         samples = load_benchmark("jsonl", data)
         # Warm up both paths on one request (lazy initialisation, allocator growth).
         naive_loop(model, processor, samples[:1], verdicts, tmp / "warm.jsonl", args.steer_steps, 2)
-        harness(model, processor, samples[:1], verdicts, tmp / "warm", argparse.Namespace(**{**vars(args),
-                                                                                             "max_new_tokens": 2}))
+        harness(
+            model,
+            processor,
+            samples[:1],
+            verdicts,
+            tmp / "warm",
+            argparse.Namespace(**{**vars(args), "max_new_tokens": 2}),
+        )
         times = {"naive": [], "run_eval": []}
         answers = {}
         for rep in range(args.reps):
             for name in times:  # interleaved, so a burst of load on the machine hits both alike
                 start = time.perf_counter()
                 if name == "naive":
-                    answers[name] = naive_loop(model, processor, samples, verdicts, tmp / f"naive{rep}.jsonl",
-                                               args.steer_steps, args.max_new_tokens)
+                    answers[name] = naive_loop(
+                        model,
+                        processor,
+                        samples,
+                        verdicts,
+                        tmp / f"naive{rep}.jsonl",
+                        args.steer_steps,
+                        args.max_new_tokens,
+                    )
                 else:
                     answers[name] = harness(model, processor, samples, verdicts, tmp / f"run{rep}", args)
                 times[name].append(time.perf_counter() - start)
@@ -128,9 +160,16 @@ def measure(args) -> dict:
         "machine": machine_description(args.threads),
         "model": spec.describe(),
         "device": next(model.parameters()).device.type,
-        "settings": {"requests": args.requests, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                     "steer_steps": args.steer_steps, "threads": args.threads, "reps": args.reps,
-                     "verdicts": "cycling unsafe / safe / none", "quick": args.quick},
+        "settings": {
+            "requests": args.requests,
+            "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
+            "steer_steps": args.steer_steps,
+            "threads": args.threads,
+            "reps": args.reps,
+            "verdicts": "cycling unsafe / safe / none",
+            "quick": args.quick,
+        },
         "seconds": times,
         "best_seconds": best,
         "requests_per_second": {name: args.requests / t for name, t in best.items()},
@@ -141,18 +180,30 @@ def measure(args) -> dict:
 
 def markdown(report: dict) -> str:
     s = report["settings"]
-    rows = [("naive loop (one request at a time, no cache)", "naive"),
-            ("run_eval (batched SafeCoDeDecoder)", "run_eval")]
-    lines = ["# Evaluation harness throughput", "",
-             f"Machine: {report['machine']}", "", f"Model: {report['model']}", "",
-             f"Workload: {s['requests']} JSONL samples (PNG images of 4 sizes), verdicts {s['verdicts']}, greedy, "
-             f"{s['max_new_tokens']} new tokens (no EOS), {s['steer_steps']} steered; run_eval batch size "
-             f"{s['batch_size']}; torch threads {s['threads']}; best of {s['reps']} (wall clock, this run).", "",
-             "| driver | seconds | requests/s | vs naive |", "|---|---:|---:|---:|"]
+    rows = [
+        ("naive loop (one request at a time, no cache)", "naive"),
+        ("run_eval (batched SafeCoDeDecoder)", "run_eval"),
+    ]
+    lines = [
+        "# Evaluation harness throughput",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        f"Model: {report['model']}",
+        "",
+        f"Workload: {s['requests']} JSONL samples (PNG images of 4 sizes), verdicts {s['verdicts']}, greedy, "
+        f"{s['max_new_tokens']} new tokens (no EOS), {s['steer_steps']} steered; run_eval batch size "
+        f"{s['batch_size']}; torch threads {s['threads']}; best of {s['reps']} (wall clock, this run).",
+        "",
+        "| driver | seconds | requests/s | vs naive |",
+        "|---|---:|---:|---:|",
+    ]
     for label, name in rows:
         t = report["best_seconds"][name]
-        lines.append(f"| {label} | {t:.3f} | {report['requests_per_second'][name]:.3f} | "
-                     f"{report['best_seconds']['naive'] / t:.2f}x |")
+        lines.append(
+            f"| {label} | {t:.3f} | {report['requests_per_second'][name]:.3f} | "
+            f"{report['best_seconds']['naive'] / t:.2f}x |"
+        )
     lines += ["", f"Same answers: {'yes' if report['same_answers'] else 'NO'}."]
     return "\n".join(lines) + "\n"
 
@@ -166,8 +217,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--reps", type=int, default=1, help="repetitions, best kept (default 1)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write eval_bench_cpu.json and .md there (e.g. benchmarks/results)")
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="write eval_bench_cpu.json and .md there (e.g. benchmarks/results)"
+    )
     args = parser.parse_args(argv)
     args.requests = args.requests or (4 if args.quick else 8)
     args.max_new_tokens = args.max_new_tokens or (8 if args.quick else 32)

@@ -97,8 +97,7 @@ def step_fn(case: Case, backend: str, device: str = "cpu"):
     """A zero-argument callable doing one step of ``case`` on ``backend``."""
     real, noised, verdict, refusal = make_inputs(case.batch, case.vocab, case.dtype, device)
     params = MODES[case.mode]
-    return functools.partial(sk.safecode_step, real, noised, verdict, refusal, params,
-                             generator=1234, backend=backend)
+    return functools.partial(sk.safecode_step, real, noised, verdict, refusal, params, generator=1234, backend=backend)
 
 
 def peak_gbps(device: str) -> float | None:
@@ -111,8 +110,10 @@ def peak_gbps(device: str) -> float | None:
 
 def machine_description(device: str = "cpu") -> str:
     if device == "cuda":
-        return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-                f"Python {platform.python_version()}")
+        return (
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"Python {platform.python_version()}"
+        )
     processor = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -123,9 +124,11 @@ def machine_description(device: str = "cpu") -> str:
     load = ""
     if hasattr(os, "getloadavg"):  # other work on the machine skews the times: say how much
         load = ", load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
-    return (f"{processor or platform.machine()}, {os.cpu_count()} logical CPUs, "
-            f"torch {torch.__version__} (threads: {torch.get_num_threads()}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}{load}")
+    return (
+        f"{processor or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"torch {torch.__version__} (threads: {torch.get_num_threads()}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}{load}"
+    )
 
 
 def read_bandwidth(megabytes: int = 256) -> float:
@@ -203,23 +206,34 @@ def time_gpu(fn) -> float:
 
 
 def format_table(rows: list[dict], fast: str) -> str:
-    lines = [f"| case | torch ms | {fast} ms | ratio torch/{fast} | {fast} GB/s | % of peak | torch GB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| case | torch ms | {fast} ms | ratio torch/{fast} | {fast} GB/s | % of peak | torch GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         share = f"{r['fast_peak_share'] * 100:.0f}%" if r["fast_peak_share"] is not None else "-"
-        lines.append(f"| {r['case']} | {r['torch_ms']:.3f} | {r['fast_ms']:.3f} | {r['ratio']:.1f}x | "
-                     f"{r['fast_gbps']:.1f} | {share} | {r['torch_gbps']:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['torch_ms']:.3f} | {r['fast_ms']:.3f} | {r['ratio']:.1f}x | "
+            f"{r['fast_gbps']:.1f} | {share} | {r['torch_gbps']:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="B in {1, 16} only, and shorter timing loops")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu: torch vs the C++ kernel; cuda: torch vs the Triton kernel")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch / OpenMP threads for both CPU backends (default: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="B in {1, 16} only, and shorter timing loops")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: torch vs the C++ kernel; cuda: torch vs the Triton kernel",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch / OpenMP threads for both CPU backends (default: torch's default)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
@@ -245,27 +259,44 @@ def main(argv=None) -> int:
             fn = step_fn(case, backend, args.device)
             seconds[backend] = time_gpu(fn) if args.device == "cuda" else time_call(fn, min_time, min_reps, max_reps)
         fast_gbps = case.input_bytes / seconds[fast] / 1e9
-        rows.append(dict(
-            case=case.name, batch=case.batch, vocab=case.vocab, dtype=case.dtype, mode=case.mode,
-            fast_backend=fast, torch_ms=seconds[naive] * 1e3, fast_ms=seconds[fast] * 1e3,
-            ratio=seconds[naive] / seconds[fast], fast_gbps=fast_gbps,
-            fast_peak_share=fast_gbps / peak if args.device == "cuda" else None,
-            torch_gbps=case.input_bytes / seconds[naive] / 1e9,
-        ))
-        print(f"  {case.name}: torch {rows[-1]['torch_ms']:.3f} ms, {fast} {rows[-1]['fast_ms']:.3f} ms",
-              file=sys.stderr, flush=True)
+        rows.append(
+            dict(
+                case=case.name,
+                batch=case.batch,
+                vocab=case.vocab,
+                dtype=case.dtype,
+                mode=case.mode,
+                fast_backend=fast,
+                torch_ms=seconds[naive] * 1e3,
+                fast_ms=seconds[fast] * 1e3,
+                ratio=seconds[naive] / seconds[fast],
+                fast_gbps=fast_gbps,
+                fast_peak_share=fast_gbps / peak if args.device == "cuda" else None,
+                torch_gbps=case.input_bytes / seconds[naive] / 1e9,
+            )
+        )
+        print(
+            f"  {case.name}: torch {rows[-1]['torch_ms']:.3f} ms, {fast} {rows[-1]['fast_ms']:.3f} ms",
+            file=sys.stderr,
+            flush=True,
+        )
         if case.mode == "sample":  # the last case on these inputs: keep memory bounded
             make_inputs.cache_clear()
 
     print(f"Machine: {machine}")
     reference = "the card's peak" if args.device == "cuda" else "torch summing a large buffer reads"
-    print(f"Median time per step; ratio = torch / {fast} from the same run. GB/s = bytes of both input "
-          f"rows / time ({reference} {peak:.1f} GB/s).\n")
+    print(
+        f"Median time per step; ratio = torch / {fast} from the same run. GB/s = bytes of both input "
+        f"rows / time ({reference} {peak:.1f} GB/s).\n"
+    )
     print(format_table(rows, fast))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "device": args.device, "peak_gbps": peak, "quick": args.quick,
-                       "results": rows}, f, indent=2)
+            json.dump(
+                {"machine": machine, "device": args.device, "peak_gbps": peak, "quick": args.quick, "results": rows},
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -34,5 +34,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(f"| case | torch ms | {fast} ms | ratio torch/{fast} | {fast} GB/s |")
     tr.write_line("|---|---:|---:|---:|---:|")
     for case, times in rows:
-        tr.write_line(f"| {case.name} | {times['torch'] * 1e3:.3f} | {times[fast] * 1e3:.3f} | "
-                      f"{times['torch'] / times[fast]:.1f}x | {case.input_bytes / times[fast] / 1e9:.1f} |")
+        tr.write_line(
+            f"| {case.name} | {times['torch'] * 1e3:.3f} | {times[fast] * 1e3:.3f} | "
+            f"{times['torch'] / times[fast]:.1f}x | {case.input_bytes / times[fast] / 1e9:.1f} |"
+        )

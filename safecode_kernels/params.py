@@ -92,8 +92,9 @@ class SteeringParams:
     def vcd(cls, alpha: float = 1.0, beta: float = 0.1, **overrides) -> SteeringParams:
         """Visual Contrastive Decoding: ``(1 + alpha) * zr - alpha * zn`` with the
         plausibility cutoff ``beta`` and no refusal bias."""
-        fields = dict(alpha=alpha, alpha_safe=alpha, real_weight=1.0 + alpha, plausibility=beta,
-                      boost=0.0, suppress=0.0)
+        fields = dict(
+            alpha=alpha, alpha_safe=alpha, real_weight=1.0 + alpha, plausibility=beta, boost=0.0, suppress=0.0
+        )
         return cls(**{**fields, **overrides})
 
     @classmethod
@@ -101,8 +102,7 @@ class SteeringParams:
         """Classifier-free guidance between two prompts: ``scale * z_cond - (scale - 1) * z_uncond``."""
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 1.0):
             raise ValueError(f"cfg scale must be a finite number >= 1, got {scale!r}")
-        fields = dict(alpha=scale - 1.0, alpha_safe=scale - 1.0, real_weight=float(scale),
-                      boost=0.0, suppress=0.0)
+        fields = dict(alpha=scale - 1.0, alpha_safe=scale - 1.0, real_weight=float(scale), boost=0.0, suppress=0.0)
         return cls(**{**fields, **overrides})
 
     @classmethod

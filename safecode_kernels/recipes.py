@@ -27,17 +27,48 @@ import math
 #: tokenizers ``</s>`` encodes to the end-of-sequence id even without special tokens, so that id
 #: joins the refusal token set; with Qwen's byte-level BPE it is ordinary text.
 RELEASED_CODE_PHRASE_LIST: tuple[str, ...] = (
-    "I'm sorry", "I am sorry", "I'm an", "I'm just", "Sorry", "I apologize", "As an", "As an AI",
-    "As a language model", "As an Assistant", "I cannot", "I do not", "It is not</s>", "It is not appropriate",
-    "I'm unable to", "I am unable to", "I am not allowed to", "I am an AI language model", "It is not</s>",
-    "I\u2019m unable to", "I am unable to", "I am not allowed to", "I am an AI language model", "Hello", "I", "Sorry",
-    "cannot", "apologize", "inappropriate",
+    "I'm sorry",
+    "I am sorry",
+    "I'm an",
+    "I'm just",
+    "Sorry",
+    "I apologize",
+    "As an",
+    "As an AI",
+    "As a language model",
+    "As an Assistant",
+    "I cannot",
+    "I do not",
+    "It is not</s>",
+    "It is not appropriate",
+    "I'm unable to",
+    "I am unable to",
+    "I am not allowed to",
+    "I am an AI language model",
+    "It is not</s>",
+    "I\u2019m unable to",
+    "I am unable to",
+    "I am not allowed to",
+    "I am an AI language model",
+    "Hello",
+    "I",
+    "Sorry",
+    "cannot",
+    "apologize",
+    "inappropriate",
 )
 
 #: The keywords the released code looks for in a ranked phrase to prefer it. It lower-cases the
 #: phrase but not the keyword, so ``"As an AI"`` (with capitals) can never match: kept as is.
 RELEASED_CODE_KEYWORDS: tuple[str, ...] = (
-    "sorry", "apologize", "unable", "cannot", "can't", "not allowed", "As an AI", "not able to",
+    "sorry",
+    "apologize",
+    "unable",
+    "cannot",
+    "can't",
+    "not allowed",
+    "As an AI",
+    "not able to",
 )
 
 #: First tokens the released code skips on a safe verdict (compared after ``strip()``).
@@ -127,8 +158,10 @@ class ReleasedRecipe:
         for name in ("alpha", "lambda_boost", "lambda_supp", "safe_alpha_factor"):
             _check_number(name, getattr(self, name), low=0.0)
         if self.lambda_supp > 2.0:
-            raise ValueError(f"lambda_supp must be in [0, 2] (the factor 1 - 0.5*lambda_supp would be negative), "
-                             f"got {self.lambda_supp}")
+            raise ValueError(
+                f"lambda_supp must be in [0, 2] (the factor 1 - 0.5*lambda_supp would be negative), "
+                f"got {self.lambda_supp}"
+            )
         for name in ("safe_temperature", "fallback_temperature"):
             _check_number(name, getattr(self, name), low=0.0, low_open=True)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
@@ -167,8 +200,10 @@ class ReleasedRecipe:
         """New tokens after the steered prefix when the caller gives no limit."""
         caps = RELEASED_CODE_LENGTH_CAPS if self.length_caps is None else self.length_caps
         if family not in caps:
-            raise ValueError(f"no released-code length cap for model family {family!r}: give max_new_tokens "
-                             f"or ReleasedRecipe(length_caps={{{family!r}: (unsafe, other)}})")
+            raise ValueError(
+                f"no released-code length cap for model family {family!r}: give max_new_tokens "
+                f"or ReleasedRecipe(length_caps={{{family!r}: (unsafe, other)}})"
+            )
         return caps[family][0 if unsafe else 1]
 
 

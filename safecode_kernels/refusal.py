@@ -203,9 +203,7 @@ class RefusalVocabulary:
         key = (vocab_size, str(device))
         if key not in self._cache:
             if len(self) and int(self._ids[-1]) >= vocab_size:
-                raise ValueError(
-                    f"refusal id {int(self._ids[-1])} is outside the vocabulary [0, {vocab_size})"
-                )
+                raise ValueError(f"refusal id {int(self._ids[-1])} is outside the vocabulary [0, {vocab_size})")
             ids = self._ids.to(device)
             mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             mask[ids] = True

@@ -24,9 +24,7 @@ class Verdict(enum.IntEnum):
             try:
                 return cls[value.strip().upper()]
             except KeyError:
-                raise ValueError(
-                    f"unknown verdict {value!r}: expected 'unsafe', 'safe' or 'none'"
-                ) from None
+                raise ValueError(f"unknown verdict {value!r}: expected 'unsafe', 'safe' or 'none'") from None
         if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
             try:
                 return cls(int(value))
@@ -66,23 +64,17 @@ def as_verdict_tensor(
         if verdict.device.type != device.type or (
             device.index is not None and verdict.device.index is not None and verdict.device.index != device.index
         ):
-            raise ValueError(
-                f"verdict is on {verdict.device} but the logits are on {device}: put them on one device"
-            )
+            raise ValueError(f"verdict is on {verdict.device} but the logits are on {device}: put them on one device")
         wide = verdict.to(torch.int64)  # uint8 would wrap -1 to 255
         bad = (wide < -1) | (wide > 1)
         if bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
             raise ValueError(
-                f"unknown verdict value {int(wide[row])} in row {row}: "
-                "expected +1 (unsafe), -1 (safe) or 0 (none)"
+                f"unknown verdict value {int(wide[row])} in row {row}: expected +1 (unsafe), -1 (safe) or 0 (none)"
             )
         return verdict.to(torch.int8).contiguous()  # kernels index it as a flat array
     if isinstance(verdict, (str, bytes)) or not isinstance(verdict, Sequence):
-        raise TypeError(
-            "verdict must be an int8 tensor or a sequence of verdicts, "
-            f"got {type(verdict).__name__}"
-        )
+        raise TypeError(f"verdict must be an int8 tensor or a sequence of verdicts, got {type(verdict).__name__}")
     if len(verdict) != batch:
         raise ValueError(f"got {len(verdict)} verdicts for a batch of {batch} rows")
     values = [int(Verdict.parse(v)) for v in verdict]

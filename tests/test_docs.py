@@ -21,8 +21,25 @@ DESIGN = ROOT / "docs" / "design.md"
 
 SCANNED_DIRS = ("safecode_kernels", "tests", "benchmarks", "csrc", "python", "docs")
 SCANNED_FILES = ("README.md", "setup.py", "CMakeLists.txt", "pyproject.toml")
-TEXT_SUFFIXES = {".py", ".pyi", ".h", ".hpp", ".c", ".cc", ".cpp", ".cu", ".cuh", ".md", ".rst", ".txt", ".toml",
-                 ".cfg", ".ini", ".yaml", ".yml"}
+TEXT_SUFFIXES = {
+    ".py",
+    ".pyi",
+    ".h",
+    ".hpp",
+    ".c",
+    ".cc",
+    ".cpp",
+    ".cu",
+    ".cuh",
+    ".md",
+    ".rst",
+    ".txt",
+    ".toml",
+    ".cfg",
+    ".ini",
+    ".yaml",
+    ".yml",
+}
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks", "build", "dist"}
 
 SECTION = r"§\d+(?:\.\d+)*"
@@ -94,8 +111,9 @@ def test_design_citations_point_to_existing_sections():
 def test_design_page_cross_references_exist():
     sections = design_sections()
     text = read(DESIGN)
-    broken = [f"{where(DESIGN, text, m.start())}: §{m.group(1)}" for m in NUMBER.finditer(text)
-              if m.group(1) not in sections]
+    broken = [
+        f"{where(DESIGN, text, m.start())}: §{m.group(1)}" for m in NUMBER.finditer(text) if m.group(1) not in sections
+    ]
     assert not broken, "docs/design.md refers to sections it does not have:\n" + "\n".join(broken)
 
 

@@ -37,8 +37,14 @@ LAYERS = ("domain", "ops", "decoding", "api", "judges", "evaluation", "testing",
 #: The subpackages (and the root modules outside ``domain``) -> their layer; any other module
 #: at the root of the package is ``domain``.
 SUBPACKAGES = {
-    "ops": "ops", "decoding": "decoding", "hf": "decoding", "judges": "judges", "evaluation": "evaluation",
-    "testing": "testing", "app": "app", "__main__": "app",
+    "ops": "ops",
+    "decoding": "decoding",
+    "hf": "decoding",
+    "judges": "judges",
+    "evaluation": "evaluation",
+    "testing": "testing",
+    "app": "app",
+    "__main__": "app",
     "_C": "ops",  # the C++ backend of the step op (built from csrc/; not a .py file)
 }
 #: Modules that exist without a .py file here (built extensions).
@@ -134,27 +140,32 @@ def allowed(importer: str, target: str) -> bool:
 
 def describe(imp: Import) -> str:
     below = ", ".join(LAYERS[: LAYERS.index(layer_of(imp.module)) + 1])
-    return (f"{imp.path}:{imp.line}: {imp.module} (layer {layer_of(imp.module)}) imports {imp.target} "
-            f"(layer {layer_of(imp.target)}) in `{imp.statement}`; layer {layer_of(imp.module)} may import "
-            f"only from: {below}")
+    return (
+        f"{imp.path}:{imp.line}: {imp.module} (layer {layer_of(imp.module)}) imports {imp.target} "
+        f"(layer {layer_of(imp.target)}) in `{imp.statement}`; layer {layer_of(imp.module)} may import "
+        f"only from: {below}"
+    )
 
 
 def test_no_module_imports_from_a_layer_above_it():
     violations = [describe(imp) for imp in all_imports() if not allowed(imp.module, imp.target)]
-    assert not violations, "imports against the layering (lowest first: " + " < ".join(LAYERS) + "):\n" + "\n".join(
-        violations)
+    assert not violations, (
+        "imports against the layering (lowest first: " + " < ".join(LAYERS) + "):\n" + "\n".join(violations)
+    )
 
 
 def test_every_module_has_a_layer():
-    missing = sorted({f"{PACKAGE}.{module.split('.')[1]}" for module in package_modules()
-                      if layer_of(module) is None})
-    assert not missing, (f"subpackages with no layer: {', '.join(missing)}; add each to SUBPACKAGES in "
-                         f"tests/test_layers.py (layers, lowest first: {' < '.join(LAYERS)})")
+    missing = sorted({f"{PACKAGE}.{module.split('.')[1]}" for module in package_modules() if layer_of(module) is None})
+    assert not missing, (
+        f"subpackages with no layer: {', '.join(missing)}; add each to SUBPACKAGES in "
+        f"tests/test_layers.py (layers, lowest first: {' < '.join(LAYERS)})"
+    )
 
 
 def test_every_import_resolves_to_a_module_of_the_package():
-    unknown = [f"{imp.path}:{imp.line}: `{imp.statement}` -> {imp.target}" for imp in all_imports()
-               if not _known(imp.target)]
+    unknown = [
+        f"{imp.path}:{imp.line}: `{imp.statement}` -> {imp.target}" for imp in all_imports() if not _known(imp.target)
+    ]
     assert not unknown, "imports of modules that do not exist:\n" + "\n".join(unknown)
 
 
@@ -162,8 +173,7 @@ def test_the_scan_sees_every_layer_and_imports_inside_functions():
     layers = {layer_of(module) for module in package_modules()}
     assert layers == set(LAYERS)
     # app/demo.py imports the tiny LLaVA inside a function; the scan must see it.
-    assert any(imp.module == f"{PACKAGE}.app.demo" and imp.target == f"{PACKAGE}.testing.tiny"
-               for imp in all_imports())
+    assert any(imp.module == f"{PACKAGE}.app.demo" and imp.target == f"{PACKAGE}.testing.tiny" for imp in all_imports())
 
 
 def _resolved(module: str, source: str, is_package: bool = False) -> list[str]:
@@ -171,40 +181,76 @@ def _resolved(module: str, source: str, is_package: bool = False) -> list[str]:
     return resolve(module, is_package, node)
 
 
-@pytest.mark.parametrize("module,is_package,source,want", [
-    ("safecode_kernels.decoding.requests", False, "from ..ops.step import safecode_step",
-     ["safecode_kernels.ops.step"]),
-    ("safecode_kernels.decoding.requests", False, "from .adapters import get_adapter",
-     ["safecode_kernels.decoding.adapters"]),
-    ("safecode_kernels.decoding", True, "from .decoder import SafeCoDeDecoder", ["safecode_kernels.decoding.decoder"]),
-    ("safecode_kernels", True, "from .ops.step import StepOutput", ["safecode_kernels.ops.step"]),
-    ("safecode_kernels.judges.openai", False, "from . import released_flow", ["safecode_kernels.judges.released_flow"]),
-    ("safecode_kernels.app.cli", False, "from .. import __version__", ["safecode_kernels"]),
-    ("safecode_kernels.ops.step_cpu", False, "from .. import _C", ["safecode_kernels._C"]),
-    ("safecode_kernels.app.benchmarking.decode", False, "from ...decoding.kv_cache import new_cache",
-     ["safecode_kernels.decoding.kv_cache"]),
-    ("safecode_kernels.testing.tiny_models", False, "from safecode_kernels.params import SteeringParams",
-     ["safecode_kernels.params"]),
-    ("safecode_kernels.app.demo", False, "import safecode_kernels.testing.tiny as tiny",
-     ["safecode_kernels.testing.tiny"]),
-    ("safecode_kernels.ops.step", False, "import torch", []),
-    ("safecode_kernels.ops.step", False, "from torch import nn", []),
-])
+@pytest.mark.parametrize(
+    "module,is_package,source,want",
+    [
+        (
+            "safecode_kernels.decoding.requests",
+            False,
+            "from ..ops.step import safecode_step",
+            ["safecode_kernels.ops.step"],
+        ),
+        (
+            "safecode_kernels.decoding.requests",
+            False,
+            "from .adapters import get_adapter",
+            ["safecode_kernels.decoding.adapters"],
+        ),
+        (
+            "safecode_kernels.decoding",
+            True,
+            "from .decoder import SafeCoDeDecoder",
+            ["safecode_kernels.decoding.decoder"],
+        ),
+        ("safecode_kernels", True, "from .ops.step import StepOutput", ["safecode_kernels.ops.step"]),
+        (
+            "safecode_kernels.judges.openai",
+            False,
+            "from . import released_flow",
+            ["safecode_kernels.judges.released_flow"],
+        ),
+        ("safecode_kernels.app.cli", False, "from .. import __version__", ["safecode_kernels"]),
+        ("safecode_kernels.ops.step_cpu", False, "from .. import _C", ["safecode_kernels._C"]),
+        (
+            "safecode_kernels.app.benchmarking.decode",
+            False,
+            "from ...decoding.kv_cache import new_cache",
+            ["safecode_kernels.decoding.kv_cache"],
+        ),
+        (
+            "safecode_kernels.testing.tiny_models",
+            False,
+            "from safecode_kernels.params import SteeringParams",
+            ["safecode_kernels.params"],
+        ),
+        (
+            "safecode_kernels.app.demo",
+            False,
+            "import safecode_kernels.testing.tiny as tiny",
+            ["safecode_kernels.testing.tiny"],
+        ),
+        ("safecode_kernels.ops.step", False, "import torch", []),
+        ("safecode_kernels.ops.step", False, "from torch import nn", []),
+    ],
+)
 def test_resolve(module, is_package, source, want):
     assert _resolved(module, source, is_package) == want
 
 
-@pytest.mark.parametrize("importer,target,ok", [
-    ("safecode_kernels.verdict", "safecode_kernels.ops.step", False),
-    ("safecode_kernels.ops.step", "safecode_kernels.params", True),
-    ("safecode_kernels.decoding.decoder", "safecode_kernels", False),  # the facade sits above decoding
-    ("safecode_kernels", "safecode_kernels.decoding", True),
-    ("safecode_kernels", "safecode_kernels.judges", False),
-    ("safecode_kernels.judges.self_judge", "safecode_kernels.decoding.requests", True),
-    ("safecode_kernels.evaluation.run", "safecode_kernels.testing.tiny", False),
-    ("safecode_kernels.testing.tiny", "safecode_kernels.evaluation.run", True),
-    ("safecode_kernels.testing.tiny", "safecode_kernels.app.cli", False),
-    ("safecode_kernels.__main__", "safecode_kernels.app.cli", True),
-])
+@pytest.mark.parametrize(
+    "importer,target,ok",
+    [
+        ("safecode_kernels.verdict", "safecode_kernels.ops.step", False),
+        ("safecode_kernels.ops.step", "safecode_kernels.params", True),
+        ("safecode_kernels.decoding.decoder", "safecode_kernels", False),  # the facade sits above decoding
+        ("safecode_kernels", "safecode_kernels.decoding", True),
+        ("safecode_kernels", "safecode_kernels.judges", False),
+        ("safecode_kernels.judges.self_judge", "safecode_kernels.decoding.requests", True),
+        ("safecode_kernels.evaluation.run", "safecode_kernels.testing.tiny", False),
+        ("safecode_kernels.testing.tiny", "safecode_kernels.evaluation.run", True),
+        ("safecode_kernels.testing.tiny", "safecode_kernels.app.cli", False),
+        ("safecode_kernels.__main__", "safecode_kernels.app.cli", True),
+    ],
+)
 def test_allowed(importer, target, ok):
     assert allowed(importer, target) is ok

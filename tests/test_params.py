@@ -101,9 +101,20 @@ def test_replace_with_alpha_safe_none_rederives():
 
 @pytest.mark.parametrize(
     "good",
-    [dict(top_p=1.0), dict(top_p=1e-6), dict(plausibility=1.0), dict(real_weight=1e-9),
-     dict(sensitive_top_k=0), dict(top_k=0), dict(scope="all"), dict(boost=-2.0),
-     dict(suppress=math.inf), dict(suppress=0.0), dict(temperature=0.7), dict(alpha=1)],
+    [
+        dict(top_p=1.0),
+        dict(top_p=1e-6),
+        dict(plausibility=1.0),
+        dict(real_weight=1e-9),
+        dict(sensitive_top_k=0),
+        dict(top_k=0),
+        dict(scope="all"),
+        dict(boost=-2.0),
+        dict(suppress=math.inf),
+        dict(suppress=0.0),
+        dict(temperature=0.7),
+        dict(alpha=1),
+    ],
 )
 def test_edge_values_are_accepted(good):
     SteeringParams(**good)
@@ -202,8 +213,13 @@ def test_gamma_at_least_one_bans(gamma):
 
 @pytest.mark.parametrize(
     "beta,gamma,name",
-    [(-0.1, 0.0, "boost_weight"), (math.inf, 0.0, "boost_weight"), (math.nan, 0.0, "boost_weight"),
-     (0.0, -0.1, "suppress_weight"), (0.0, math.nan, "suppress_weight")],
+    [
+        (-0.1, 0.0, "boost_weight"),
+        (math.inf, 0.0, "boost_weight"),
+        (math.nan, 0.0, "boost_weight"),
+        (0.0, -0.1, "suppress_weight"),
+        (0.0, math.nan, "suppress_weight"),
+    ],
 )
 def test_bad_probability_weights(beta, gamma, name):
     with pytest.raises(ValueError, match=name):

@@ -38,12 +38,21 @@ def test_defaults():
         recipe.length_cap("other", unsafe=True)
 
 
-@pytest.mark.parametrize("field, value, error", [
-    ("alpha", -0.1, ValueError), ("alpha", "0.3", TypeError), ("lambda_supp", 2.5, ValueError),
-    ("top_k", 0, ValueError), ("top_k", True, ValueError), ("safe_temperature", 0.0, ValueError),
-    ("phrases", "I'm sorry", TypeError), ("keywords", [1], TypeError),
-    ("continuation_safe", (0.8, 1.5), ValueError), ("length_caps", {"llava": (0, 5)}, ValueError),
-])
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("alpha", -0.1, ValueError),
+        ("alpha", "0.3", TypeError),
+        ("lambda_supp", 2.5, ValueError),
+        ("top_k", 0, ValueError),
+        ("top_k", True, ValueError),
+        ("safe_temperature", 0.0, ValueError),
+        ("phrases", "I'm sorry", TypeError),
+        ("keywords", [1], TypeError),
+        ("continuation_safe", (0.8, 1.5), ValueError),
+        ("length_caps", {"llava": (0, 5)}, ValueError),
+    ],
+)
 def test_bad_values(field, value, error):
     with pytest.raises(error, match=field.split("_")[0]):
         ReleasedRecipe(**{field: value})

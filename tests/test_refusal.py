@@ -69,9 +69,7 @@ def sp_slow_tokenizer(mistral_model_file):
     """The slow (sentencepiece-backed) Hugging Face tokenizer on that model."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    return SentencePieceBackend(
-        vocab_file=mistral_model_file, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return SentencePieceBackend(vocab_file=mistral_model_file, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +106,7 @@ def is_blank(tok, token_id: int) -> bool:
 def kept(tok, text: str) -> list[int]:
     """The ids of ``text`` that may be refusal tokens: not whitespace-only, not special."""
     special = set(tok.all_special_ids)
-    return [
-        i
-        for i in tok.encode(text, add_special_tokens=False)
-        if i not in special and not is_blank(tok, i)
-    ]
+    return [i for i in tok.encode(text, add_special_tokens=False) if i not in special and not is_blank(tok, i)]
 
 
 # ----- from_tokenizer on real tokenizers --------------------------------------------------
@@ -162,8 +156,15 @@ def test_default_is_all(tokenizer):
 
 def test_no_whitespace_or_special_ids(tokenizer):
     # Leading, doubled and trailing whitespace plus special-token text in the phrases.
-    phrases = (*DEFAULT_REFUSAL_PHRASES, "  Sorry", "I cannot\n", "\tI must", "Sorry </s>",
-               "Sorry<|endoftext|>", "<s>I apologize")
+    phrases = (
+        *DEFAULT_REFUSAL_PHRASES,
+        "  Sorry",
+        "I cannot\n",
+        "\tI must",
+        "Sorry </s>",
+        "Sorry<|endoftext|>",
+        "<s>I apologize",
+    )
     special = set(tokenizer.all_special_ids)
     for mode in ("all", "first"):
         for token_id in RefusalVocabulary.from_tokenizer(tokenizer, phrases, tokens=mode).ids.tolist():

@@ -103,8 +103,9 @@ def test_other_integer_tensors_are_converted(dtype):
     assert out.dtype == torch.int8 and out.tolist() == [0, 1, -1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64,
-                                   torch.bool, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.complex64]
+)
 def test_non_integer_tensors_are_rejected(dtype):
     with pytest.raises(TypeError, match="integer tensor"):
         as_verdict_tensor(torch.zeros(2, dtype=dtype), 2, CPU)

@@ -37,15 +37,25 @@ def _cmd_demo(args) -> int:
     from .demo import REQUESTS
     from .demo import main as demo_main
 
-    for flag, value, low, high in (("--requests", args.requests, 1, len(REQUESTS)),
-                                   ("--max-new-tokens", args.max_new_tokens, 1, None),
-                                   ("--steer-steps", args.steer_steps, 0, None), ("--threads", args.threads, 0, None)):
+    for flag, value, low, high in (
+        ("--requests", args.requests, 1, len(REQUESTS)),
+        ("--max-new-tokens", args.max_new_tokens, 1, None),
+        ("--steer-steps", args.steer_steps, 0, None),
+        ("--threads", args.threads, 0, None),
+    ):
         if value < low or (high is not None and value > high):
             raise CLIError(f"{flag} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {value}")
 
-    return demo_main(num_requests=args.requests, max_new_tokens=args.max_new_tokens, steer_steps=args.steer_steps,
-                     seed=args.seed, backend=args.backend, threads=args.threads or None, as_json=args.json,
-                     progress=False if args.no_progress else None)
+    return demo_main(
+        num_requests=args.requests,
+        max_new_tokens=args.max_new_tokens,
+        steer_steps=args.steer_steps,
+        seed=args.seed,
+        backend=args.backend,
+        threads=args.threads or None,
+        as_json=args.json,
+        progress=False if args.no_progress else None,
+    )
 
 
 # ----- info -----------------------------------------------------------------------------------
@@ -80,8 +90,11 @@ def bench_entry_point():
 def _cmd_bench(args) -> int:
     main = bench_entry_point()
     if main is None:
-        raise CLIError("the benchmarks are not part of this installation (safecode_kernels.app.benchmarking has no "
-                       "main); from a source checkout: python benchmarks/bench_step.py", code=1)
+        raise CLIError(
+            "the benchmarks are not part of this installation (safecode_kernels.app.benchmarking has no "
+            "main); from a source checkout: python benchmarks/bench_step.py",
+            code=1,
+        )
     result = main(list(args.bench_args))
     return int(result or 0)
 
@@ -106,8 +119,12 @@ def load_image(path: str):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or os.sep + os.sep in name \
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\"))
+        or name in (".", "..")
+        or os.sep + os.sep in name
         or name.count("/") > 1
+    )
 
 
 def resolve_model(name: str) -> str:
@@ -115,8 +132,10 @@ def resolve_model(name: str) -> str:
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise CLIError(f"model folder {name} has no config.json: give a folder written by save_pretrained "
-                           "(or downloaded from the hub)")
+            raise CLIError(
+                f"model folder {name} has no config.json: give a folder written by save_pretrained "
+                "(or downloaded from the hub)"
+            )
         return path
     if os.path.exists(path):
         raise CLIError(f"--model must be a model folder (or a hub id), got a file: {name}")
@@ -145,8 +164,10 @@ def check_architecture(model_name: str):
     model_type = getattr(config, "model_type", None)
     if not any(model_type in adapter.model_types for adapter in ADAPTERS):
         architectures = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
-        raise CLIError(f"unsupported architecture: {model_name} is {architectures} (model_type {model_type!r}); "
-                       f"supported: {', '.join(supported_models())}")
+        raise CLIError(
+            f"unsupported architecture: {model_name} is {architectures} (model_type {model_type!r}); "
+            f"supported: {', '.join(supported_models())}"
+        )
     return config
 
 
@@ -161,11 +182,15 @@ def load_model(model_name: str, dtype: str, device: str):
     except ImportError as err:  # e.g. Qwen's video processor needs torchvision
         raise CLIError(f"cannot load the processor of {model_name}: {_first_line(err)}", code=1) from None
     except (OSError, ValueError, KeyError) as err:  # an incomplete local folder is bad input
-        raise CLIError(f"cannot load the processor of {model_name}: {_first_line(err)}{_offline_note()}",
-                       code=2 if os.path.isdir(model_name) else 1) from None
+        raise CLIError(
+            f"cannot load the processor of {model_name}: {_first_line(err)}{_offline_note()}",
+            code=2 if os.path.isdir(model_name) else 1,
+        ) from None
     if getattr(processor, "image_processor", None) is None:
-        raise CLIError(f"{model_name} has no image processor (AutoProcessor gave a {type(processor).__name__}): "
-                       "save the whole processor there with processor.save_pretrained(folder)")
+        raise CLIError(
+            f"{model_name} has no image processor (AutoProcessor gave a {type(processor).__name__}): "
+            "save the whole processor there with processor.save_pretrained(folder)"
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=torch_dtype)
     except ImportError as err:
@@ -195,12 +220,19 @@ def make_judge(args, model=None, processor=None):
     if args.verdict != "auto":
         return FixedJudge(args.verdict)
     if args.judge == "self":
-        return SelfJudge(model, processor, on_unparseable=args.on_unparseable, backend=args.backend,
-                         flow=args.judge_flow)
+        return SelfJudge(
+            model, processor, on_unparseable=args.on_unparseable, backend=args.backend, flow=args.judge_flow
+        )
     try:
-        return OpenAIJudge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env,
-                           timeout=args.judge_timeout, max_retries=args.judge_retries,
-                           on_unparseable=args.on_unparseable, flow=args.judge_flow)
+        return OpenAIJudge(
+            args.judge_url,
+            args.judge_model,
+            api_key_env=args.judge_key_env,
+            timeout=args.judge_timeout,
+            max_retries=args.judge_retries,
+            on_unparseable=args.on_unparseable,
+            flow=args.judge_flow,
+        )
     except ValueError as err:
         raise CLIError(f"--judge openai: {err}") from None
 
@@ -211,8 +243,10 @@ def _check_generate_args(args) -> None:
     if args.judge == "fixed" and args.verdict == "auto":
         raise CLIError("--judge fixed needs a verdict: --verdict safe, unsafe or none")
     if args.judge != "fixed" and args.verdict != "auto":
-        raise CLIError(f"--verdict {args.verdict} fixes the verdict, so --judge {args.judge} would not be asked: "
-                       "give one or the other")
+        raise CLIError(
+            f"--verdict {args.verdict} fixes the verdict, so --judge {args.judge} would not be asked: "
+            "give one or the other"
+        )
     if args.judge == "fixed" and args.judge_flow != "one-call":
         raise CLIError(f"--judge-flow {args.judge_flow} goes with --judge self or openai, not a fixed verdict")
     for name in ("steer_steps", "max_new_tokens"):
@@ -252,8 +286,10 @@ def _sampling(args) -> dict:
     """``generate``'s sampling arguments: ``--temperature`` unset leaves them to the recipe
     (greedy for the paper's, the released code's per-verdict values for the released one)."""
     if args.temperature is None:
-        return dict(do_sample=None if args.recipe == "released" else False,
-                    top_p=args.top_p if args.top_p != 1.0 or args.recipe == "paper" else None)
+        return dict(
+            do_sample=None if args.recipe == "released" else False,
+            top_p=args.top_p if args.top_p != 1.0 or args.recipe == "paper" else None,
+        )
     return dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p)
 
 
@@ -278,8 +314,13 @@ def _cmd_generate(args) -> int:
     stages = ["load model", "judge", "generate"]
     if args.judge != "self":
         stages = ["judge", "load model", "generate"]  # a failing judge must not cost a model load
-    bar = tqdm(total=len(stages), unit="stage", disable=True if args.no_progress else None, file=sys.stderr,
-               bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}]")
+    bar = tqdm(
+        total=len(stages),
+        unit="stage",
+        disable=True if args.no_progress else None,
+        file=sys.stderr,
+        bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}]",
+    )
     timing, model, processor, judgement = {}, None, None, None
     try:
         for stage in stages:
@@ -294,18 +335,31 @@ def _cmd_generate(args) -> int:
                 except JudgeError as err:
                     raise CLIError(f"the {args.judge} judge failed: {err}", code=3) from None
             else:
-                decoder = SafeCoDeDecoder(model, processor, params, steer_steps=args.steer_steps,
-                                          noise_std=args.noise_std, seed=args.seed, backend=args.backend,
-                                          recipe=_recipe(args))
+                decoder = SafeCoDeDecoder(
+                    model,
+                    processor,
+                    params,
+                    steer_steps=args.steer_steps,
+                    noise_std=args.noise_std,
+                    seed=args.seed,
+                    backend=args.backend,
+                    recipe=_recipe(args),
+                )
                 max_new = args.max_new_tokens
                 if max_new is None and args.recipe == "paper":
                     max_new = 128
                 try:
                     result = decoder.generate(
-                        [image], [args.prompt], [judgement.verdict], max_new_tokens=max_new,
-                        max_new_tokens_unsafe=args.max_new_tokens_unsafe, **_sampling(args),
-                        system_prompt=args.system_prompt, system_prompt_role=args.system_prompt_role,
-                        text_before_image=args.text_before_image)
+                        [image],
+                        [args.prompt],
+                        [judgement.verdict],
+                        max_new_tokens=max_new,
+                        max_new_tokens_unsafe=args.max_new_tokens_unsafe,
+                        **_sampling(args),
+                        system_prompt=args.system_prompt,
+                        system_prompt_role=args.system_prompt_role,
+                        text_before_image=args.text_before_image,
+                    )
                 except ValueError as err:
                     raise CLIError(f"cannot generate: {err}") from None
             timing[stage.replace(" ", "_") + "_s"] = time.perf_counter() - start
@@ -314,27 +368,58 @@ def _cmd_generate(args) -> int:
         bar.close()
 
     verdict = judgement.verdict.name.lower()
-    steering = [{"step": r.step, "token": r.token, "refusal_mass_before": _finite(r.refusal_mass_before),
-                 "refusal_mass_after": _finite(r.refusal_mass_after), "action": r.action, "phrase": r.phrase}
-                for r in result.steering[0]]
+    steering = [
+        {
+            "step": r.step,
+            "token": r.token,
+            "refusal_mass_before": _finite(r.refusal_mass_before),
+            "refusal_mass_after": _finite(r.refusal_mass_after),
+            "action": r.action,
+            "phrase": r.phrase,
+        }
+        for r in result.steering[0]
+    ]
     if args.json:
         out = {
-            "model": args.model, "image": args.image, "prompt": args.prompt, "verdict": verdict,
+            "model": args.model,
+            "image": args.image,
+            "prompt": args.prompt,
+            "verdict": verdict,
             "judge": {"kind": args.judge, **judgement.to_dict()},
-            "text": result.texts[0], "tokens": result.sequences[0], "steering": steering,
-            "settings": {"recipe": args.recipe, "steer_steps": args.steer_steps, "alpha": params.alpha,
-                         "alpha_safe": params.alpha_safe,
-                         "sensitive_top_k": params.sensitive_top_k, "boost": params.boost,
-                         "suppress": params.suppress, "noise_std": args.noise_std, "seed": args.seed,
-                         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                         "device": device, "backend": args.backend},
+            "text": result.texts[0],
+            "tokens": result.sequences[0],
+            "steering": steering,
+            "settings": {
+                "recipe": args.recipe,
+                "steer_steps": args.steer_steps,
+                "alpha": params.alpha,
+                "alpha_safe": params.alpha_safe,
+                "sensitive_top_k": params.sensitive_top_k,
+                "boost": params.boost,
+                "suppress": params.suppress,
+                "noise_std": args.noise_std,
+                "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+                "device": device,
+                "backend": args.backend,
+            },
             "timing": timing,
         }
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    how = "fixed" if args.judge == "fixed" else (
-        f"{args.judge} judge, " + ("parsed from its answer" if judgement.parsed
-                                   else f"its answer named no verdict, so the {args.on_unparseable!r} policy"))
+    how = (
+        "fixed"
+        if args.judge == "fixed"
+        else (
+            f"{args.judge} judge, "
+            + (
+                "parsed from its answer"
+                if judgement.parsed
+                else f"its answer named no verdict, so the {args.on_unparseable!r} policy"
+            )
+        )
+    )
     print(f"verdict:  {verdict} ({how})")
     if judgement.caption is not None:
         print(f"caption:  {judgement.caption}")
@@ -363,52 +448,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safecode-kernels {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="naive loop vs fused decoder on a tiny random LLaVA built in code",
-                          description="Build a small randomly initialised LLaVA in code, run a few requests with "
-                                      "mixed verdicts through the naive loop and the fused decoder, and show that "
-                                      "they agree token for token, their times, and what the steering did. "
-                                      "The model is random: its words are noise.")
+    demo = sub.add_parser(
+        "demo",
+        help="naive loop vs fused decoder on a tiny random LLaVA built in code",
+        description="Build a small randomly initialised LLaVA in code, run a few requests with "
+        "mixed verdicts through the naive loop and the fused decoder, and show that "
+        "they agree token for token, their times, and what the steering did. "
+        "The model is random: its words are noise.",
+    )
     demo.add_argument("--requests", type=int, default=4, help="number of requests, 1-6 (default 4)")
     demo.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer (default 16)")
     demo.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
     demo.add_argument("--seed", type=int, default=0, help="weights, images and noise (default 0)")
-    demo.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                      help="backend of the step op (default auto)")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch threads (default 1; 0 keeps torch's default)")
+    demo.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cpu", "triton"],
+        help="backend of the step op (default auto)",
+    )
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 keeps torch's default)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
 
     gen = sub.add_parser(
-        "generate", help="answer one (image, prompt) with SafeCoDe on a real model",
+        "generate",
+        help="answer one (image, prompt) with SafeCoDe on a real model",
         description="Answer one request with SafeCoDe steering on a Hugging Face multimodal model "
-                    "(LLaVA-1.5, LLaVA-NeXT, Qwen2/2.5/3-VL, InstructBLIP, Idefics2/3) from a local folder, "
-                    "or from the hub where reachable (HF_HUB_OFFLINE=1 is respected). The verdict comes from "
-                    "--verdict, or from a judge.")
-    gen.add_argument("--model", required=True, metavar="PATH_OR_ID",
-                     help="a folder written by save_pretrained (model + processor), or a hub id")
+        "(LLaVA-1.5, LLaVA-NeXT, Qwen2/2.5/3-VL, InstructBLIP, Idefics2/3) from a local folder, "
+        "or from the hub where reachable (HF_HUB_OFFLINE=1 is respected). The verdict comes from "
+        "--verdict, or from a judge.",
+    )
+    gen.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_ID",
+        help="a folder written by save_pretrained (model + processor), or a hub id",
+    )
     gen.add_argument("--image", required=True, metavar="FILE", help="the image file")
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="the user's request")
-    gen.add_argument("--verdict", default="auto", choices=["auto", "unsafe", "safe", "none"],
-                     help="the scene-level verdict; auto (default) asks the judge")
-    gen.add_argument("--judge", choices=["self", "openai", "fixed"], default=None,
-                     help="who gives the verdict with --verdict auto: self (the model itself, default) or "
-                          "openai (an OpenAI-compatible server); fixed goes with an explicit --verdict")
-    gen.add_argument("--judge-flow", default="one-call", choices=["one-call", "released"],
-                     help="how the self or openai judge asks: one-call (default; for self, a caption pass then "
-                          "a question with the image) or released (as the authors' released code: a caption "
-                          "call, then a text-only few-shot verdict call)")
-    gen.add_argument("--on-unparseable", default="safe", choices=["safe", "unsafe", "none", "raise"],
-                     help="the verdict when the judge's answer names none (default safe)")
-    gen.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-                     help="base URL of the chat-completions server (default $OPENAI_BASE_URL or the OpenAI API)")
+    gen.add_argument(
+        "--verdict",
+        default="auto",
+        choices=["auto", "unsafe", "safe", "none"],
+        help="the scene-level verdict; auto (default) asks the judge",
+    )
+    gen.add_argument(
+        "--judge",
+        choices=["self", "openai", "fixed"],
+        default=None,
+        help="who gives the verdict with --verdict auto: self (the model itself, default) or "
+        "openai (an OpenAI-compatible server); fixed goes with an explicit --verdict",
+    )
+    gen.add_argument(
+        "--judge-flow",
+        default="one-call",
+        choices=["one-call", "released"],
+        help="how the self or openai judge asks: one-call (default; for self, a caption pass then "
+        "a question with the image) or released (as the authors' released code: a caption "
+        "call, then a text-only few-shot verdict call)",
+    )
+    gen.add_argument(
+        "--on-unparseable",
+        default="safe",
+        choices=["safe", "unsafe", "none", "raise"],
+        help="the verdict when the judge's answer names none (default safe)",
+    )
+    gen.add_argument(
+        "--judge-url",
+        default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        help="base URL of the chat-completions server (default $OPENAI_BASE_URL or the OpenAI API)",
+    )
     gen.add_argument("--judge-model", default="gpt-4o-mini", help="model name on that server (default gpt-4o-mini)")
-    gen.add_argument("--judge-key-env", default="OPENAI_API_KEY",
-                     help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
+    gen.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)",
+    )
     gen.add_argument("--judge-timeout", type=float, default=30.0, help="seconds (default 30)")
-    gen.add_argument("--judge-retries", type=int, default=2,
-                     help="retries after 429, 5xx, timeouts, connection errors (default 2)")
+    gen.add_argument(
+        "--judge-retries", type=int, default=2, help="retries after 429, 5xx, timeouts, connection errors (default 2)"
+    )
     gen.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
     gen.add_argument("--alpha", type=float, default=0.3, help="weight of the noised branch (default 0.3)")
     gen.add_argument("--alpha-safe", type=float, default=None, help="alpha for safe verdicts (default alpha/2)")
@@ -416,41 +536,71 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--boost", type=float, default=1.0, help="refusal logit bias for unsafe (default 1)")
     gen.add_argument("--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1)")
     gen.add_argument("--noise-std", type=float, default=0.1, help="noise of the noised image (default 0.1)")
-    gen.add_argument("--recipe", default="paper", choices=["paper", "released"],
-                     help="paper: SafeCoDe as the paper describes it (default); released: as the authors' released "
-                          "code decodes (forced refusal phrase, scaled refusal probabilities; --sensitive-top-k, "
-                          "--boost, --suppress do not apply)")
-    gen.add_argument("--max-new-tokens", type=int, default=None,
-                     help="answer length limit (default: 128; with --recipe released the released code's caps)")
+    gen.add_argument(
+        "--recipe",
+        default="paper",
+        choices=["paper", "released"],
+        help="paper: SafeCoDe as the paper describes it (default); released: as the authors' released "
+        "code decodes (forced refusal phrase, scaled refusal probabilities; --sensitive-top-k, "
+        "--boost, --suppress do not apply)",
+    )
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default: 128; with --recipe released the released code's caps)",
+    )
     gen.add_argument("--max-new-tokens-unsafe", type=int, default=None, help="limit for unsafe verdicts")
-    gen.add_argument("--temperature", type=float, default=None,
-                     help="0: greedy; > 0: sampling (default: greedy; the released code's values with "
-                          "--recipe released)")
+    gen.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0: greedy; > 0: sampling (default: greedy; the released code's values with --recipe released)",
+    )
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
     gen.add_argument("--system-prompt", default=None, help="an instruction: a system message before the image")
-    gen.add_argument("--system-prompt-role", default="system", choices=["system", "user"],
-                     help="system (default): a system message; user: the start of the user's turn, as the "
-                          "released code puts its first-person instruction")
-    gen.add_argument("--text-before-image", action="store_true",
-                     help="the request's text before the image (the released code's order for LLaVA-NeXT)")
+    gen.add_argument(
+        "--system-prompt-role",
+        default="system",
+        choices=["system", "user"],
+        help="system (default): a system message; user: the start of the user's turn, as the "
+        "released code puts its first-person instruction",
+    )
+    gen.add_argument(
+        "--text-before-image",
+        action="store_true",
+        help="the request's text before the image (the released code's order for LLaVA-NeXT)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="noise and sampling seed (default 0)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="weights dtype (default: the checkpoint's)")
+    gen.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: the checkpoint's)",
+    )
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"],
-                     help="backend of the step op (default auto)")
+    gen.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cpu", "triton"],
+        help="backend of the step op (default auto)",
+    )
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
 
-    bench = sub.add_parser("bench", add_help=False, help="the end-to-end benchmarks (arguments passed through; "
-                                                         "`safecode-kernels bench --help` lists them)")
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="the end-to-end benchmarks (arguments passed through; `safecode-kernels bench --help` lists them)",
+    )
     bench.set_defaults(handler=_cmd_bench)  # every argument after `bench` goes to the benchmark
 
     info = sub.add_parser("info", help="versions and the backends available here (and why not)")
     info.add_argument("--json", action="store_true", help="print as JSON")
     info.set_defaults(handler=_cmd_info)
     from .eval_cli import register  # eval, score, report (imported here: eval_cli imports this module)
+
     register(sub)
     return parser
 
@@ -480,8 +630,11 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001 - one readable line, the traceback on request
         if os.environ.get("SAFECODE_DEBUG"):
             raise
-        print(f"safecode-kernels {args.command}: error: {type(err).__name__}: {err} "
-              "(set SAFECODE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"safecode-kernels {args.command}: error: {type(err).__name__}: {err} "
+            "(set SAFECODE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -65,22 +65,45 @@ class DemoReport:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "settings": self.settings, "agree": self.agree,
-            "naive_s": self.naive_s, "fused_s": self.fused_s, "speedup": self.speedup,
-            "naive_forward_calls": self.naive_forwards, "fused_forward_calls": self.fused_forwards,
+            "model": self.model,
+            "settings": self.settings,
+            "agree": self.agree,
+            "naive_s": self.naive_s,
+            "fused_s": self.fused_s,
+            "speedup": self.speedup,
+            "naive_forward_calls": self.naive_forwards,
+            "fused_forward_calls": self.fused_forwards,
             "max_logit_diff": self.max_logit_diff,
             "requests": [
-                {"prompt": r.prompt, "verdict": r.verdict, "agree": r.agree, "naive_tokens": r.naive_tokens,
-                 "fused_tokens": r.fused_tokens,
-                 "steering": [dataclasses.asdict(s) for s in r.steering]}
+                {
+                    "prompt": r.prompt,
+                    "verdict": r.verdict,
+                    "agree": r.agree,
+                    "naive_tokens": r.naive_tokens,
+                    "fused_tokens": r.fused_tokens,
+                    "steering": [dataclasses.asdict(s) for s in r.steering],
+                }
                 for r in self.requests
             ],
         }
 
 
-def run_demo(*, num_requests: int = 4, max_new_tokens: int = 16, steer_steps: int = 5, hidden_size: int = 256,
-             num_layers: int = 4, image_size: int = 224, seed: int = 0, backend: str = "auto", noise_std: float = 0.1,
-             params=None, threads: int | None = 1, progress: bool | None = None, log=None) -> DemoReport:
+def run_demo(
+    *,
+    num_requests: int = 4,
+    max_new_tokens: int = 16,
+    steer_steps: int = 5,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    image_size: int = 224,
+    seed: int = 0,
+    backend: str = "auto",
+    noise_std: float = 0.1,
+    params=None,
+    threads: int | None = 1,
+    progress: bool | None = None,
+    log=None,
+) -> DemoReport:
     """Run the demo and return its :class:`DemoReport` (:func:`format_report` prints it).
 
     The default model has hidden size 256, 4 layers and 256 image tokens (224-pixel images in
@@ -95,14 +118,38 @@ def run_demo(*, num_requests: int = 4, max_new_tokens: int = 16, steer_steps: in
             raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
         torch.set_num_threads(threads)
     try:
-        return _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, image_size, seed, backend,
-                    noise_std, params, progress, log)
+        return _run(
+            num_requests,
+            max_new_tokens,
+            steer_steps,
+            hidden_size,
+            num_layers,
+            image_size,
+            seed,
+            backend,
+            noise_std,
+            params,
+            progress,
+            log,
+        )
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, image_size, seed, backend, noise_std,
-         params, progress, log) -> DemoReport:
+def _run(
+    num_requests,
+    max_new_tokens,
+    steer_steps,
+    hidden_size,
+    num_layers,
+    image_size,
+    seed,
+    backend,
+    noise_std,
+    params,
+    progress,
+    log,
+) -> DemoReport:
     from tqdm.auto import tqdm
 
     from ..decoding import SafeCoDeDecoder, naive_safecode_generate
@@ -127,23 +174,33 @@ def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, ima
     # Both decoders must see the same noised views: draw them once (a per-request naive call
     # would otherwise draw each from the start of the seeded stream).
     noised = noised_views(images, noise_std, seed)
-    settings = dict(steer_steps=steer_steps, seed=seed, refusal=refusal, backend=backend, params=params,
-                    noise_std=noise_std)
+    settings = dict(
+        steer_steps=steer_steps, seed=seed, refusal=refusal, backend=backend, params=params, noise_std=noise_std
+    )
     kwargs = dict(max_new_tokens=max_new_tokens, return_logits=True)
     decoder = SafeCoDeDecoder(model, processor, **settings)
 
     with torch.inference_mode():
         # Warm both paths up once (first-call overheads would otherwise land on one of them).
         decoder.generate(images[:1], prompts[:1], verdicts[:1], max_new_tokens=2)
-        naive_safecode_generate(model, processor, images[:1], prompts[:1], verdicts[:1], max_new_tokens=2,
-                                **settings)
+        naive_safecode_generate(model, processor, images[:1], prompts[:1], verdicts[:1], max_new_tokens=2, **settings)
 
         naive = []
         start = time.perf_counter()
         for i in tqdm(range(num_requests), desc="naive loop", unit="request", disable=disable, leave=False):
             # The naive loop runs one request at a time anyway; one call per request shows progress.
-            naive.append(naive_safecode_generate(model, processor, [images[i]], [prompts[i]], [verdicts[i]],
-                                                 noised_images=[noised[i]], **settings, **kwargs))
+            naive.append(
+                naive_safecode_generate(
+                    model,
+                    processor,
+                    [images[i]],
+                    [prompts[i]],
+                    [verdicts[i]],
+                    noised_images=[noised[i]],
+                    **settings,
+                    **kwargs,
+                )
+            )
         naive_s = time.perf_counter() - start
         log(f"naive loop: {naive_s:.2f} s")
 
@@ -159,18 +216,38 @@ def _run(num_requests, max_new_tokens, steer_steps, hidden_size, num_layers, ima
             if got.shape == want.shape and got.numel():
                 finite = torch.isfinite(want)
                 max_diff = max(max_diff, float((got[finite] - want[finite]).abs().max()))
-    rows = [DemoRequest(p, v, naive[i].sequences[0], fused.sequences[i], fused.steering[i], naive[i].steering[0])
-            for i, (p, v) in enumerate(zip(prompts, verdicts))]
+    rows = [
+        DemoRequest(p, v, naive[i].sequences[0], fused.sequences[i], fused.steering[i], naive[i].steering[0])
+        for i, (p, v) in enumerate(zip(prompts, verdicts))
+    ]
     text = model.config.text_config
-    description = (f"LLaVA-1.5 architecture, random weights: hidden {text.hidden_size}, {text.num_hidden_layers} "
-                   f"layers, vocabulary {text.vocab_size}, {(image_size // 14) ** 2} image tokens per image, "
-                   f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, fp32")
-    shown = dict(steer_steps=steer_steps, max_new_tokens=max_new_tokens, alpha=params.alpha,
-                 alpha_safe=params.alpha_safe, sensitive_top_k=params.sensitive_top_k, boost=params.boost,
-                 suppress=params.suppress, refusal_tokens=len(refusal), backend=_resolved_backend(backend),
-                 torch_threads=torch.get_num_threads())
-    return DemoReport(description, rows, naive_s, fused_s, sum(r.stats.get("forward_calls", 0) for r in naive),
-                      fused.stats.get("forward_calls", 0), max_diff, shown)
+    description = (
+        f"LLaVA-1.5 architecture, random weights: hidden {text.hidden_size}, {text.num_hidden_layers} "
+        f"layers, vocabulary {text.vocab_size}, {(image_size // 14) ** 2} image tokens per image, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, fp32"
+    )
+    shown = dict(
+        steer_steps=steer_steps,
+        max_new_tokens=max_new_tokens,
+        alpha=params.alpha,
+        alpha_safe=params.alpha_safe,
+        sensitive_top_k=params.sensitive_top_k,
+        boost=params.boost,
+        suppress=params.suppress,
+        refusal_tokens=len(refusal),
+        backend=_resolved_backend(backend),
+        torch_threads=torch.get_num_threads(),
+    )
+    return DemoReport(
+        description,
+        rows,
+        naive_s,
+        fused_s,
+        sum(r.stats.get("forward_calls", 0) for r in naive),
+        fused.stats.get("forward_calls", 0),
+        max_diff,
+        shown,
+    )
 
 
 def _resolved_backend(backend: str) -> str:
@@ -231,36 +308,69 @@ def format_report(report: DemoReport) -> str:
         "2. Time for all requests (after one warm-up call of each):",
         "",
     ]
-    out += _table(["decoder", "how", "forward calls", "time"], [
-        ["naive loop", "2 full forwards per steered step, no cache, one request at a time",
-         str(report.naive_forwards), f"{report.naive_s:.2f} s"],
-        ["fused decoder", "both branches of all requests in one batch, KV cache, shared prefix",
-         str(report.fused_forwards), f"{report.fused_s:.2f} s"],
-    ])
-    out += ["", f"   The fused decoder is {report.speedup:.1f}x faster on this machine (one run; the ratio depends",
-            "   on the model size, the batch and the load of the machine).", "",
-            "3. What the steering did: refusal probability mass under softmax(z) at each steered step,",
-            "   before -> after the verdict's bias (unsafe raises it, safe lowers it, none leaves it):", ""]
+    out += _table(
+        ["decoder", "how", "forward calls", "time"],
+        [
+            [
+                "naive loop",
+                "2 full forwards per steered step, no cache, one request at a time",
+                str(report.naive_forwards),
+                f"{report.naive_s:.2f} s",
+            ],
+            [
+                "fused decoder",
+                "both branches of all requests in one batch, KV cache, shared prefix",
+                str(report.fused_forwards),
+                f"{report.fused_s:.2f} s",
+            ],
+        ],
+    )
+    out += [
+        "",
+        f"   The fused decoder is {report.speedup:.1f}x faster on this machine (one run; the ratio depends",
+        "   on the model size, the batch and the load of the machine).",
+        "",
+        "3. What the steering did: refusal probability mass under softmax(z) at each steered step,",
+        "   before -> after the verdict's bias (unsafe raises it, safe lowers it, none leaves it):",
+        "",
+    ]
     steps = max((len(r.steering) for r in report.requests), default=0)
     rows = []
     for i, r in enumerate(report.requests):
         cells = [f"{x.refusal_mass_before:.3f}->{x.refusal_mass_after:.3f}" for x in r.steering]
         rows.append([str(i), r.verdict] + cells + [""] * (steps - len(cells)))
     out += _table(["#", "verdict"] + [f"step {k}" for k in range(steps)], rows)
-    out += ["", "Next: run a real model from a local folder, e.g.",
-            "  safecode-kernels generate --model ./llava-1.5-7b-hf --image photo.jpg "
-            "--prompt \"How do I use this?\""]
+    out += [
+        "",
+        "Next: run a real model from a local folder, e.g.",
+        '  safecode-kernels generate --model ./llava-1.5-7b-hf --image photo.jpg --prompt "How do I use this?"',
+    ]
     return "\n".join(out)
 
 
-def main(num_requests: int = 4, max_new_tokens: int = 16, steer_steps: int = 5, seed: int = 0,
-         backend: str = "auto", threads: int | None = 1, as_json: bool = False, progress: bool | None = None) -> int:
+def main(
+    num_requests: int = 4,
+    max_new_tokens: int = 16,
+    steer_steps: int = 5,
+    seed: int = 0,
+    backend: str = "auto",
+    threads: int | None = 1,
+    as_json: bool = False,
+    progress: bool | None = None,
+) -> int:
     """Run the demo and print the report (or its JSON); 0 when the decoders agree, else 1."""
     import json
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    report = run_demo(num_requests=num_requests, max_new_tokens=max_new_tokens, steer_steps=steer_steps,
-                      seed=seed, backend=backend, threads=threads, progress=progress,
-                      log=None if as_json else log)
+    report = run_demo(
+        num_requests=num_requests,
+        max_new_tokens=max_new_tokens,
+        steer_steps=steer_steps,
+        seed=seed,
+        backend=backend,
+        threads=threads,
+        progress=progress,
+        log=None if as_json else log,
+    )
     print(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
     return 0 if report.agree else 1

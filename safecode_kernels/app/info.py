@@ -30,13 +30,24 @@ def collect() -> dict:
     versions["safecode-kernels"] = __version__  # the imported one, even when not installed
 
     if torch.cuda.is_available():
-        cuda = {"available": True, "torch_cuda": torch.version.cuda, "devices": [
-            {"index": i, "name": torch.cuda.get_device_name(i),
-             "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
-            for i in range(torch.cuda.device_count())]}
+        cuda = {
+            "available": True,
+            "torch_cuda": torch.version.cuda,
+            "devices": [
+                {
+                    "index": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+                }
+                for i in range(torch.cuda.device_count())
+            ],
+        }
     else:
-        reason = ("this torch build has no CUDA support (a CPU build)" if torch.version.cuda is None
-                  else "torch has CUDA support but sees no CUDA device")
+        reason = (
+            "this torch build has no CUDA support (a CPU build)"
+            if torch.version.cuda is None
+            else "torch has CUDA support but sees no CUDA device"
+        )
         cuda = {"available": False, "torch_cuda": torch.version.cuda, "devices": [], "reason": reason}
 
     status = backend_status()
@@ -51,8 +62,13 @@ def collect() -> dict:
         auto["cuda"] = "triton" if step_triton.unavailable_reason(torch.device("cuda")) is None else "torch"
     return {
         "versions": versions,
-        "platform": {"system": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(), "executable": sys.executable},
+        "platform": {
+            "system": platform.platform(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "executable": sys.executable,
+        },
         "cuda": cuda,
         "backends": backends,
         "auto_backend": auto,

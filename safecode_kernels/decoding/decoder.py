@@ -78,10 +78,22 @@ class SafeCoDeDecoder:
         print(result.texts[0], result.steering[0][0].refusal_mass_after)
     """
 
-    def __init__(self, model, processor, params: SteeringParams | None = None, steer_steps: int = 5,
-                 noise_std: float = 0.1, seed: int = 0, refusal=None, share_prefix: bool = True,
-                 backend: str = "auto", min_shared_prefix: int = 32, small_batch: bool = True,
-                 prefill_chunk_tokens: int | None = None, recipe="paper"):
+    def __init__(
+        self,
+        model,
+        processor,
+        params: SteeringParams | None = None,
+        steer_steps: int = 5,
+        noise_std: float = 0.1,
+        seed: int = 0,
+        refusal=None,
+        share_prefix: bool = True,
+        backend: str = "auto",
+        min_shared_prefix: int = 32,
+        small_batch: bool = True,
+        prefill_chunk_tokens: int | None = None,
+        recipe="paper",
+    ):
         check_int("steer_steps", steer_steps, 0)
         check_int("min_shared_prefix", min_shared_prefix, 0)
         if prefill_chunk_tokens is not None:
@@ -123,12 +135,26 @@ class SafeCoDeDecoder:
             self._phrases = Phrases(self._released, self.processor)
         return self._phrases
 
-    def generate(self, images, prompts, verdicts, max_new_tokens: int | None = None,
-                 max_new_tokens_unsafe: int | None = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int = 0, top_p: float | None = None, noised_images=None,
-                 system_prompt=None, chat_template: bool | None = None, eos_token_id=None,
-                 generator: torch.Generator | None = None, return_logits: bool = False,
-                 system_prompt_role: str = "system", text_before_image: bool = False) -> GenerationResult:
+    def generate(
+        self,
+        images,
+        prompts,
+        verdicts,
+        max_new_tokens: int | None = None,
+        max_new_tokens_unsafe: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        noised_images=None,
+        system_prompt=None,
+        chat_template: bool | None = None,
+        eos_token_id=None,
+        generator: torch.Generator | None = None,
+        return_logits: bool = False,
+        system_prompt_role: str = "system",
+        text_before_image: bool = False,
+    ) -> GenerationResult:
         """Answer every request; see :class:`GenerationResult`.
 
         ``verdicts``: one of ``"unsafe" | "safe" | "none"`` (or a :class:`Verdict`) per request.
@@ -163,24 +189,49 @@ class SafeCoDeDecoder:
                 if max_new_tokens_unsafe is None:
                     max_new_tokens_unsafe = self.steer_steps + released.length_cap(family, unsafe=True)
         setup = prepare(
-            self.model, self.processor, images, prompts, verdicts, params=self.params,
-            steer_steps=self.steer_steps, noise_std=self.noise_std, seed=self.seed, refusal=self._refusal(),
-            max_new_tokens=max_new_tokens, max_new_tokens_unsafe=max_new_tokens_unsafe, do_sample=do_sample,
-            temperature=1.0 if temperature is None else temperature, top_k=top_k,
-            top_p=1.0 if top_p is None else top_p, noised_images=noised_images,
-            system_prompt=system_prompt, chat_template=chat_template, eos_token_id=eos_token_id,
-            generator=generator, backend=self.backend, adapter=self.adapter,
-            system_prompt_role=system_prompt_role, text_before_image=text_before_image,
+            self.model,
+            self.processor,
+            images,
+            prompts,
+            verdicts,
+            params=self.params,
+            steer_steps=self.steer_steps,
+            noise_std=self.noise_std,
+            seed=self.seed,
+            refusal=self._refusal(),
+            max_new_tokens=max_new_tokens,
+            max_new_tokens_unsafe=max_new_tokens_unsafe,
+            do_sample=do_sample,
+            temperature=1.0 if temperature is None else temperature,
+            top_k=top_k,
+            top_p=1.0 if top_p is None else top_p,
+            noised_images=noised_images,
+            system_prompt=system_prompt,
+            chat_template=chat_template,
+            eos_token_id=eos_token_id,
+            generator=generator,
+            backend=self.backend,
+            adapter=self.adapter,
+            system_prompt_role=system_prompt_role,
+            text_before_image=text_before_image,
         )
         if released is None:
             steering = PaperSteering(setup)
         else:
             sampling = (temperature, top_k, top_p) if do_sample else None
-            steering = ReleasedSteering(setup, released, self._released_phrases(), self.adapter.family, sampling,
-                                        caller_limits)
+            steering = ReleasedSteering(
+                setup, released, self._released_phrases(), self.adapter.family, sampling, caller_limits
+            )
         with torch.inference_mode():
-            return _decode(setup, steering, self.share_prefix, return_logits, self.min_shared_prefix,
-                           self.small_batch, self.prefill_chunk_tokens)
+            return _decode(
+                setup,
+                steering,
+                self.share_prefix,
+                return_logits,
+                self.min_shared_prefix,
+                self.small_batch,
+                self.prefill_chunk_tokens,
+            )
 
 
 def safecode_generate(model, processor, image, prompt: str, verdict, **kwargs) -> GenerationResult:
@@ -192,8 +243,19 @@ def safecode_generate(model, processor, image, prompt: str, verdict, **kwargs) -
         result = sk.safecode_generate(model, processor, image, "What is this?", "safe", max_new_tokens=64)
         print(result.texts[0])
     """
-    init_names = ("params", "steer_steps", "noise_std", "seed", "refusal", "share_prefix", "backend",
-                  "min_shared_prefix", "small_batch", "prefill_chunk_tokens", "recipe")
+    init_names = (
+        "params",
+        "steer_steps",
+        "noise_std",
+        "seed",
+        "refusal",
+        "share_prefix",
+        "backend",
+        "min_shared_prefix",
+        "small_batch",
+        "prefill_chunk_tokens",
+        "recipe",
+    )
     init = {name: kwargs.pop(name) for name in init_names if name in kwargs}
     if "noised_image" in kwargs:
         kwargs["noised_images"] = [kwargs.pop("noised_image")]
@@ -224,12 +286,20 @@ def _layout(setup: Setup, width: int, share_prefix: bool) -> _Layout:
         masks += [mask.long()] * width
         vision += [request.real, request.noised][:width]
     device = setup.adapter.input_device
-    return _Layout(torch.stack(rows).to(device), torch.stack(masks).to(device), prefix,
-                   setup.adapter.concat_vision(vision), vision)
+    return _Layout(
+        torch.stack(rows).to(device), torch.stack(masks).to(device), prefix, setup.adapter.concat_vision(vision), vision
+    )
 
 
-def _decode(setup: Setup, steering, share_prefix: bool, return_logits: bool, min_shared_prefix: int = 1,
-            small_batch: bool = True, prefill_tokens: int | None = None) -> GenerationResult:
+def _decode(
+    setup: Setup,
+    steering,
+    share_prefix: bool,
+    return_logits: bool,
+    min_shared_prefix: int = 1,
+    small_batch: bool = True,
+    prefill_tokens: int | None = None,
+) -> GenerationResult:
     run = _Run(setup, steering, return_logits)
     logits = run.prefill(share_prefix, min_shared_prefix, prefill_tokens)
     while True:
@@ -266,8 +336,7 @@ class _Run:
         # Sharing the prefix costs one more (small) forward; it pays once it saves enough tokens.
         shared_tokens = sum(r.prefix_len for r in setup.requests) if share_prefix else 0
         layout = _layout(setup, width, share_prefix and shared_tokens >= max(1, min_shared_prefix))
-        positions, self.next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask,
-                                                                 layout.vision)
+        positions, self.next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
         rows, columns = layout.attention_mask.shape
         # Room for every answer, and for the columns of tokens a recipe drops after steering.
         room = max(r.max_new_tokens for r in setup.requests) + self.steering.extra_columns
@@ -294,15 +363,26 @@ class _Run:
             if q:
                 self.stats["shared_prefix_tokens"] = self.stats.get("shared_prefix_tokens", 0) + chunk_prefix
                 real_rows = slice(first * width, last * width, width)
-                adapter.forward(layout.input_ids[real_rows, :q], mask[real_rows, :q],
-                                adapter.slice_positions(positions, real_rows, slice(None, q)), part, logits=False)
+                adapter.forward(
+                    layout.input_ids[real_rows, :q],
+                    mask[real_rows, :q],
+                    adapter.slice_positions(positions, real_rows, slice(None, q)),
+                    part,
+                    logits=False,
+                )
                 self.stats["forward_calls"] += 1
                 part.batch_repeat_interleave(width)
             chunk_rows = slice(first * width, last * width)
             vision = layout.vision if per_chunk == n else adapter.concat_vision(layout.vision_parts[chunk_rows])
-            part_logits.append(adapter.forward(
-                layout.input_ids[chunk_rows, q:], mask[chunk_rows, :columns],
-                adapter.slice_positions(positions, chunk_rows, slice(q, None)), part, vision=vision))
+            part_logits.append(
+                adapter.forward(
+                    layout.input_ids[chunk_rows, q:],
+                    mask[chunk_rows, :columns],
+                    adapter.slice_positions(positions, chunk_rows, slice(q, None)),
+                    part,
+                    vision=vision,
+                )
+            )
             self.stats["forward_calls"] += 1
             parts.append(part)
         if len(parts) > 1:
@@ -335,19 +415,29 @@ class _Run:
         if steered:
             rows = torch.tensor([real_rows[k] for k in steered], device=logits.device)
             real, noised = logits[rows], logits[rows + 1]
-            out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences,
-                                 self.return_logits)
+            out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences, self.return_logits)
             for n, k in enumerate(steered):
                 tokens[k] = int(out.tokens[n])
-                recorder.add(self.active[k], tokens[k], real[n], noised[n],
-                             out.logits[n] if self.return_logits else None,
-                             mass=(out.mass_before[n], out.mass_after[n]), action=out.actions[n],
-                             phrase=out.phrases[n])
+                recorder.add(
+                    self.active[k],
+                    tokens[k],
+                    real[n],
+                    noised[n],
+                    out.logits[n] if self.return_logits else None,
+                    mass=(out.mass_before[n], out.mass_after[n]),
+                    action=out.actions[n],
+                    phrase=out.phrases[n],
+                )
         for k, i in enumerate(self.active):
             if self.phases[i] == FORCED:
                 tokens[k] = steering.forced_token(i, self.sequences[i])
-                recorder.add(i, tokens[k], logits[real_rows[k]] if self.return_logits else None,
-                             mass=(float("nan"), float("nan")), action="forced")
+                recorder.add(
+                    i,
+                    tokens[k],
+                    logits[real_rows[k]] if self.return_logits else None,
+                    mass=(float("nan"), float("nan")),
+                    action="forced",
+                )
         plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN]
         if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
             self._choose_plain(plain, logits, tokens)
@@ -371,8 +461,11 @@ class _Run:
         for k, row in zip(plain, rows):
             groups.setdefault(self.steering.plain_params(self.active[k]), []).append((k, row))
         for params, members in groups.items():
-            batch = rows if len(groups) == 1 and isinstance(rows, torch.Tensor) else torch.stack(
-                [row for _, row in members])
+            batch = (
+                rows
+                if len(groups) == 1 and isinstance(rows, torch.Tensor)
+                else torch.stack([row for _, row in members])
+            )
             # The logits are ours; ban in place unless they are kept for the caller.
             chosen = self.setup.choose(batch, in_place=not self.return_logits, params=params).tolist()
             for (k, row), token in zip(members, chosen):
@@ -391,7 +484,7 @@ class _Run:
         dropped = len(self.sequences[request]) - keep
         start = self.columns - self.prompt_columns  # the column of this step's token, past the prompt
         rows = slice(row, row + (2 if self.paired[k] else 1))
-        self.mask[rows, self.prompt_columns + keep:self.prompt_columns + start] = 0
+        self.mask[rows, self.prompt_columns + keep : self.prompt_columns + start] = 0
         self.next_position[rows] -= dropped - 1
         self.recorder.truncate(request, keep)
         self.stats.setdefault("dropped_after_steering", {})[request] = dropped
@@ -403,7 +496,8 @@ class _Run:
         """Whether ``request`` ended with an EOS token or used its whole token budget."""
         tokens = self.sequences[request]
         return len(tokens) >= self.setup.requests[request].max_new_tokens or (
-            bool(tokens) and tokens[-1] in self.setup.eos_ids)
+            bool(tokens) and tokens[-1] in self.setup.eos_ids
+        )
 
     def drop_rows(self) -> bool:
         """Drop finished requests, and noised rows no longer steered; ``False`` when none is left."""
@@ -412,7 +506,8 @@ class _Run:
         for k, i in enumerate(self.active):
             tokens = self.sequences[i]
             finished = len(tokens) >= steering.max_new_tokens(i, tokens) or (
-                bool(tokens) and tokens[-1] in setup.eos_ids)
+                bool(tokens) and tokens[-1] in setup.eos_ids
+            )
             if not finished:
                 keep.append(k)
         if not keep:
@@ -446,8 +541,12 @@ class _Run:
         self.columns += 1
         # Steered steps run 2B rows: make one weight read serve them all (see small_batch.py).
         with small_batch_linear(self.adapter.model, enabled=small_batch and any(self.paired)):
-            logits = self.adapter.forward(step_ids[:, None], self.mask[:, :self.columns],
-                                          self.adapter.step_positions(self.next_position), self.cache)
+            logits = self.adapter.forward(
+                step_ids[:, None],
+                self.mask[:, : self.columns],
+                self.adapter.step_positions(self.next_position),
+                self.cache,
+            )
         self.stats["forward_calls"] += 1
         self.next_position = self.next_position + 1
         return logits

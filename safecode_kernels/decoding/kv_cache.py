@@ -71,8 +71,10 @@ def _layer_class():
             filled = self._filled()
             total = filled + key_states.shape[-2]
             if self.window is not None and total > self.window:
-                raise RuntimeError(f"{total} positions exceed the layer's sliding window of {self.window}, "
-                                   f"which its reserved cache layer covers in full")
+                raise RuntimeError(
+                    f"{total} positions exceed the layer's sliding window of {self.window}, "
+                    f"which its reserved cache layer covers in full"
+                )
             if not self._ours() or total > self._buffers[0].shape[-2]:
                 if filled:
                     old_keys, old_values = self.keys, self.values
@@ -173,7 +175,7 @@ def merge_rows(model, caches, capacity: int):
             buffer = tensors[0].new_empty((rows, *tensors[0].shape[1:-2], max(capacity, filled), tensors[0].shape[-1]))
             start = 0
             for t in tensors:
-                buffer[start:start + t.shape[0], ..., :filled, :].copy_(t)
+                buffer[start : start + t.shape[0], ..., :filled, :].copy_(t)
                 start += t.shape[0]
             buffers.append(buffer)
         for part in parts:
@@ -196,8 +198,11 @@ def new_cache(model, capacity: int | None = None):
 def check_window(cache, positions: int) -> None:
     """Refuse a sliding-window layer whose window is shorter than the padded run: its window
     would count padding columns as positions, and no longer match each request's own."""
-    windows = [layer.sliding_window for layer in cache.layers
-               if getattr(layer, "is_sliding", False) and layer.sliding_window < positions]
+    windows = [
+        layer.sliding_window
+        for layer in cache.layers
+        if getattr(layer, "is_sliding", False) and layer.sliding_window < positions
+    ]
     if windows:
         raise ValueError(
             f"the model attends over a sliding window of {min(windows)} positions, fewer than this batch "

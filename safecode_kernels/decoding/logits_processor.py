@@ -27,8 +27,15 @@ class SafeCoDeLogitsProcessor:
         out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]))
     """
 
-    def __init__(self, verdicts, refusal, params: SteeringParams | None = None, steer_steps: int = 5,
-                 noised_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        verdicts,
+        refusal,
+        params: SteeringParams | None = None,
+        steer_steps: int = 5,
+        noised_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        backend: str = "auto",
+    ):
         if isinstance(steer_steps, bool) or not isinstance(steer_steps, int) or steer_steps < 0:
             raise ValueError(f"steer_steps must be an int >= 0, got {steer_steps!r}")
         self.verdicts = verdicts
@@ -62,6 +69,7 @@ class SafeCoDeLogitsProcessor:
         verdicts = self.verdicts
         if isinstance(verdicts, torch.Tensor):
             verdicts = verdicts.to(scores.device)
-        out = safecode_step(scores, noised, verdicts, self.refusal, self.params, backend=self.backend,
-                            return_logits=True)
+        out = safecode_step(
+            scores, noised, verdicts, self.refusal, self.params, backend=self.backend, return_logits=True
+        )
         return out.logits.to(scores.dtype)

@@ -66,8 +66,15 @@ class ReleasedSteering:
     (other, unsafe) answers; the recipe's caps apply to the rest.
     """
 
-    def __init__(self, setup: Setup, recipe: ReleasedRecipe, phrases: Phrases, family: str,
-                 sampling: tuple[float | None, int, float | None] | None, caller_limits: tuple[bool, bool]):
+    def __init__(
+        self,
+        setup: Setup,
+        recipe: ReleasedRecipe,
+        phrases: Phrases,
+        family: str,
+        sampling: tuple[float | None, int, float | None] | None,
+        caller_limits: tuple[bool, bool],
+    ):
         self.setup = setup
         self.recipe = recipe
         self.phrases = phrases
@@ -92,8 +99,9 @@ class ReleasedSteering:
             else:
                 temperature, top_p = recipe.continuation_safe if verdict_safe else recipe.continuation_other
                 t, k, p = sampling
-                params = setup.plain_params.replace(temperature=temperature if t is None else t, top_k=k,
-                                                    top_p=top_p if p is None else p)
+                params = setup.plain_params.replace(
+                    temperature=temperature if t is None else t, top_k=k, top_p=top_p if p is None else p
+                )
             self._plain[verdict_safe] = params
 
     # ----- phases ---------------------------------------------------------------------------
@@ -118,17 +126,30 @@ class ReleasedSteering:
         return True
 
     # ----- steered steps --------------------------------------------------------------------
-    def steer(self, real: torch.Tensor, noised: torch.Tensor, requests: list[int], sequences: list[list[int]],
-              return_logits: bool) -> SteeredTokens:
+    def steer(
+        self,
+        real: torch.Tensor,
+        noised: torch.Tensor,
+        requests: list[int],
+        sequences: list[list[int]],
+        return_logits: bool,
+    ) -> SteeredTokens:
         recipe, setup = self.recipe, self.setup
         real, noised = setup._ban(real, noised)
         paths = [self.states[i].path for i in requests]
-        alpha = torch.tensor([recipe.alpha_safe if p == SAFE else recipe.alpha for p in paths],
-                             dtype=torch.float32, device=real.device)
+        alpha = torch.tensor(
+            [recipe.alpha_safe if p == SAFE else recipe.alpha for p in paths], dtype=torch.float32, device=real.device
+        )
         probs = (real.float() - alpha[:, None] * noised.float()).softmax(-1)
         refusal = setup.refusal.mask(probs.shape[1], probs.device)
-        factor = torch.tensor([recipe.suppress_factor if p == SAFE else 1.0 + recipe.lambda_boost if p == FALLBACK
-                               else 1.0 for p in paths], dtype=torch.float32, device=probs.device)
+        factor = torch.tensor(
+            [
+                recipe.suppress_factor if p == SAFE else 1.0 + recipe.lambda_boost if p == FALLBACK else 1.0
+                for p in paths
+            ],
+            dtype=torch.float32,
+            device=probs.device,
+        )
         scaled = torch.where(refusal, probs * factor[:, None], probs)
         total = scaled.sum(-1, keepdim=True)
         # Renormalise; a row whose mass vanished keeps the contrast (as the released code does).
@@ -141,12 +162,12 @@ class ReleasedSteering:
         ranked = None
         if unsafe_rows:
             scores = phrase_scores(probs[unsafe_rows], self.phrases.table.to(probs.device))
-            ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :recipe.top_k].tolist()
+            ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : recipe.top_k].tolist()
         for k, (i, path) in enumerate(zip(requests, paths)):
             state = self.states[i]
             if path == UNSAFE:
                 j = self._choose_phrase(ranked[unsafe_rows.index(k)])
-                forced = self.phrases.ids[j][:setup.steer_steps]
+                forced = self.phrases.ids[j][: setup.steer_steps]
                 state.forced = forced[1:]
                 tokens.append(forced[0])
                 actions.append("forced")

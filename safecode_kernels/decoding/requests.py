@@ -36,13 +36,32 @@ class EncodedRequest:
 
 
 def prepare(
-    model, processor, images, prompts, verdicts, *,
-    params: SteeringParams | None = None, steer_steps: int = 5, noise_std: float = 0.1, seed: int = 0,
-    refusal=None, max_new_tokens: int = 256, max_new_tokens_unsafe: int | None = None,
-    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    noised_images=None, system_prompt: str | Sequence[str | None] | None = None, chat_template: bool | None = None,
-    eos_token_id=None, generator: torch.Generator | None = None, backend: str = "auto",
-    adapter: ModelAdapter | None = None, system_prompt_role: str = "system", text_before_image: bool = False,
+    model,
+    processor,
+    images,
+    prompts,
+    verdicts,
+    *,
+    params: SteeringParams | None = None,
+    steer_steps: int = 5,
+    noise_std: float = 0.1,
+    seed: int = 0,
+    refusal=None,
+    max_new_tokens: int = 256,
+    max_new_tokens_unsafe: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    noised_images=None,
+    system_prompt: str | Sequence[str | None] | None = None,
+    chat_template: bool | None = None,
+    eos_token_id=None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    adapter: ModelAdapter | None = None,
+    system_prompt_role: str = "system",
+    text_before_image: bool = False,
 ) -> Setup:
     """Check the inputs, build the prompts and noised images, and encode both branches."""
     adapter = adapter or get_adapter(model, processor)
@@ -66,8 +85,7 @@ def prepare(
     for i, (image, noised, prompt, verdict) in enumerate(zip(images, noised_images, prompts, verdicts)):
         limit = max_new_tokens_unsafe if (verdict == Verdict.UNSAFE and max_new_tokens_unsafe) else max_new_tokens
         system = system_prompt[i] if isinstance(system_prompt, (list, tuple)) else system_prompt
-        text = build_prompt(adapter, processor, prompt, system, chat_template, i, system_prompt_role,
-                            text_before_image)
+        text = build_prompt(adapter, processor, prompt, system, chat_template, i, system_prompt_role, text_before_image)
         requests.append(_encode(adapter, processor, i, text, image, noised, verdict, limit))
 
     params = params if params is not None else SteeringParams()
@@ -91,8 +109,16 @@ def prepare(
     )
 
 
-def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_template=None, index: int = 0,
-                 system_prompt_role: str = "system", text_before_image: bool = False) -> str:
+def build_prompt(
+    adapter,
+    processor,
+    prompt: str,
+    system_prompt=None,
+    chat_template=None,
+    index: int = 0,
+    system_prompt_role: str = "system",
+    text_before_image: bool = False,
+) -> str:
     """The full prompt text of one request, with the image placeholder exactly once (or not
     at all, for processors that put the image tokens in front of the text themselves).
 
@@ -108,7 +134,8 @@ def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_templ
         sep = "" if system_prompt[-1:].isspace() else " "
         prompt, system_prompt = f"{system_prompt}{sep}{prompt}", None
     template = getattr(processor, "chat_template", None) or getattr(
-        getattr(processor, "tokenizer", None), "chat_template", None)
+        getattr(processor, "tokenizer", None), "chat_template", None
+    )
     use_template = bool(template) if chat_template is None else chat_template
     if use_template and not template:
         raise ValueError("chat_template=True but the processor has no chat template")
@@ -129,8 +156,11 @@ def build_prompt(adapter, processor, prompt: str, system_prompt=None, chat_templ
                 f"puts the image tokens in front of the text itself: remove it from the prompt"
             )
     elif count != 1:
-        how = ("the chat template places it; remove it from the prompt" if use_template
-               else "without a chat template the prompt must contain it where the image goes")
+        how = (
+            "the chat template places it; remove it from the prompt"
+            if use_template
+            else "without a chat template the prompt must contain it where the image goes"
+        )
         raise ValueError(
             f"prompt {index} must hold the image placeholder {adapter.image_token!r} exactly once, "
             f"found {count} ({how})"
@@ -144,9 +174,7 @@ def _encode(adapter, processor, index, text, image, noised, verdict, max_new_tok
     ids = real_enc["input_ids"][0]
     # Only the pixels may differ between branches; the decoder relies on it.
     if not torch.equal(ids, noised_enc["input_ids"][0]):
-        raise RuntimeError(
-            f"request {index}: the processor gave different token ids for the real and the noised image"
-        )
+        raise RuntimeError(f"request {index}: the processor gave different token ids for the real and the noised image")
     image_positions = (ids == adapter.image_token_id).nonzero()
     if image_positions.numel() == 0:
         raise ValueError(f"request {index}: the encoded prompt has no image tokens (id {adapter.image_token_id})")

@@ -57,13 +57,23 @@ class Recorder:
         self.keep_logits = keep_logits
         self._logits = [[[] for _ in range(batch)] for _ in range(3)]
 
-    def add(self, request: int, token: int, real=None, noised=None, steered=None, mass=None, action: str = "bias",
-            phrase: str | None = None) -> None:
+    def add(
+        self,
+        request: int,
+        token: int,
+        real=None,
+        noised=None,
+        steered=None,
+        mass=None,
+        action: str = "bias",
+        phrase: str | None = None,
+    ) -> None:
         step = len(self.sequences[request])
         self.sequences[request].append(int(token))
         if mass is not None:
             self.steering[request].append(
-                SteeringRecord(step, int(token), float(mass[0]), float(mass[1]), action, phrase))
+                SteeringRecord(step, int(token), float(mass[0]), float(mass[1]), action, phrase)
+            )
         if self.keep_logits:
             for store, row in zip(self._logits, (real, noised, steered)):
                 if row is not None:

@@ -41,8 +41,13 @@ MAX_ROWS = 8
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // self.in_features if self.in_features else 0
     weight = self.weight
-    if not (MIN_ROWS <= rows <= MAX_ROWS) or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or x.device.type != "cpu" or weight.device.type != "cpu":
+    if (
+        not (MIN_ROWS <= rows <= MAX_ROWS)
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+    ):
         return nn.Linear.forward(self, x)
     flat = x.reshape(rows, self.in_features)
     if self.bias is None:

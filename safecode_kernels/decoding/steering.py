@@ -48,12 +48,24 @@ class PaperSteering:
         """``"steer"``, ``"forced"`` or ``"plain"``: what the next step of ``request`` is."""
         return STEER if len(tokens) < self.setup.steer_steps else PLAIN
 
-    def steer(self, real: torch.Tensor, noised: torch.Tensor, requests: list[int], sequences: list[list[int]],
-              return_logits: bool) -> SteeredTokens:
+    def steer(
+        self,
+        real: torch.Tensor,
+        noised: torch.Tensor,
+        requests: list[int],
+        sequences: list[list[int]],
+        return_logits: bool,
+    ) -> SteeredTokens:
         out = self.setup.steer(real, noised, requests, return_logits)
         before, after = (m.tolist() for m in out.refusal_mass)
-        return SteeredTokens(out.tokens, before, after, ["bias"] * len(requests), [None] * len(requests),
-                             out.logits if return_logits else None)
+        return SteeredTokens(
+            out.tokens,
+            before,
+            after,
+            ["bias"] * len(requests),
+            [None] * len(requests),
+            out.logits if return_logits else None,
+        )
 
     def forced_token(self, request: int, tokens: list[int]) -> int:
         raise AssertionError("the paper's recipe forces no token")

@@ -60,11 +60,19 @@ class Setup:
 
     def steer(self, real: torch.Tensor, noised: torch.Tensor, requests: list[int], return_logits: bool):
         """One steered step for the rows of ``requests``: the fused op on the paired logits."""
-        verdicts = torch.tensor([int(self.requests[i].verdict) for i in requests], dtype=torch.int8,
-                                device=real.device)
+        verdicts = torch.tensor([int(self.requests[i].verdict) for i in requests], dtype=torch.int8, device=real.device)
         real, noised = self._ban(real, noised)
-        return safecode_step(real, noised, verdicts, self.refusal, self.steer_params, self.generator,
-                             self.backend, return_logits=return_logits, return_stats=True)
+        return safecode_step(
+            real,
+            noised,
+            verdicts,
+            self.refusal,
+            self.steer_params,
+            self.generator,
+            self.backend,
+            return_logits=return_logits,
+            return_stats=True,
+        )
 
     def choose(self, real: torch.Tensor, in_place: bool = False, params: SteeringParams | None = None) -> torch.Tensor:
         """An unsteered step: greedy or sampled tokens from the real logits alone (the step op

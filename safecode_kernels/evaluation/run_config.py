@@ -28,8 +28,10 @@ class ConfigMismatch(ValueError):
 
     def __init__(self, path: Path, differences: dict[str, tuple]):
         shown = "; ".join(f"{name}: {_show(old)} there, {_show(new)} now" for name, (old, new) in differences.items())
-        super().__init__(f"{path} was made with another configuration ({shown}): give another --out folder, "
-                         "or rerun with the recorded settings to resume")
+        super().__init__(
+            f"{path} was made with another configuration ({shown}): give another --out folder, "
+            "or rerun with the recorded settings to resume"
+        )
         self.path, self.fields = path, list(differences)
 
 
@@ -47,15 +49,22 @@ def versions() -> dict:
 
     from .. import __version__
 
-    return {"safecode_kernels": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "safecode_kernels": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def differences(recorded: Mapping, current: Mapping) -> dict[str, tuple]:
     """``{field: (recorded value, current value)}`` for every field outside :data:`IGNORED` that differs."""
     names = [k for k in dict.fromkeys([*recorded, *current]) if k not in IGNORED]
-    return {k: (recorded.get(k, _ABSENT), current.get(k, _ABSENT)) for k in names
-            if recorded.get(k, _ABSENT) != current.get(k, _ABSENT)}
+    return {
+        k: (recorded.get(k, _ABSENT), current.get(k, _ABSENT))
+        for k in names
+        if recorded.get(k, _ABSENT) != current.get(k, _ABSENT)
+    }
 
 
 def read_config(folder) -> dict | None:
@@ -95,8 +104,10 @@ def check_and_write(folder, config: Mapping, has_generations: bool) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if recorded is None:
         if has_generations:
-            raise ValueError(f"{folder / GENERATIONS_FILE} exists but {path} does not, so its configuration is "
-                             "unknown: restore run.json or give another folder")
+            raise ValueError(
+                f"{folder / GENERATIONS_FILE} exists but {path} does not, so its configuration is "
+                "unknown: restore run.json or give another folder"
+            )
         current["created"] = now
     else:
         diff = differences(recorded, current)
@@ -110,5 +121,13 @@ def check_and_write(folder, config: Mapping, has_generations: bool) -> dict:
     return current
 
 
-__all__ = ["GENERATIONS_FILE", "IGNORED", "RUN_FILE", "ConfigMismatch", "check_and_write", "differences",
-           "read_config", "versions"]
+__all__ = [
+    "GENERATIONS_FILE",
+    "IGNORED",
+    "RUN_FILE",
+    "ConfigMismatch",
+    "check_and_write",
+    "differences",
+    "read_config",
+    "versions",
+]

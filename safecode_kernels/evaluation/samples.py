@@ -54,8 +54,7 @@ class Sample:
     prompt: str
     image: str
     fields: dict = dataclasses.field(hash=False)  # a dict is unhashable; hash on the other four
-    _image_loader: Callable[[], Any] | None = dataclasses.field(default=None, compare=False, repr=False,
-                                                                hash=False)
+    _image_loader: Callable[[], Any] | None = dataclasses.field(default=None, compare=False, repr=False, hash=False)
 
     def load_image(self) -> Image.Image:
         """The image as an RGB ``PIL.Image.Image``.
@@ -73,8 +72,10 @@ class Sample:
                 raise DataError(f"{self.image}: sample {self.id!r} has no image (got {type(image).__name__})")
             return image if image.mode == "RGB" else image.convert("RGB")
         if self.image.startswith("hf://"):
-            raise DataError(f"{self.image}: sample {self.id!r} refers to a hub data set row; load it with "
-                            "load_benchmark to read its image")
+            raise DataError(
+                f"{self.image}: sample {self.id!r} refers to a hub data set row; load it with "
+                "load_benchmark to read its image"
+            )
         try:
             with Image.open(self.image) as image:
                 return image.convert("RGB")  # convert() loads the pixels, so the file can close
@@ -85,8 +86,13 @@ class Sample:
 
     def to_dict(self) -> dict:
         """``{"id", "benchmark", "prompt", "image", "fields"}``; ``fields`` is a shallow copy."""
-        return {"id": self.id, "benchmark": self.benchmark, "prompt": self.prompt, "image": self.image,
-                "fields": dict(self.fields)}
+        return {
+            "id": self.id,
+            "benchmark": self.benchmark,
+            "prompt": self.prompt,
+            "image": self.image,
+            "fields": dict(self.fields),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Sample:
@@ -125,8 +131,7 @@ def first(samples: list[Sample], limit: int | None) -> list[Sample]:
 
 def natural_key(text: str) -> tuple:
     """Sort key that orders digit runs as numbers: ``"2" < "10"``, ``"a2" < "a10"``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
-                 for part in re.split(r"(\d+)", text) if part)
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
 
 
 def read_text(path: Path, folder_problem: str = "is a folder, not a JSON file") -> str:
@@ -159,8 +164,15 @@ def check_object(value: Any, where: str, expected: str = "an object") -> dict:
     return value
 
 
-_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
-               dict: "an object", type(None): "null"}
+_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -228,8 +240,10 @@ def import_datasets() -> Any:
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("loading HADES and MSTS needs the Hugging Face `datasets` library: "
-                          "pip install datasets  (or: pip install 'safecode-kernels[eval]')") from e
+        raise ImportError(
+            "loading HADES and MSTS needs the Hugging Face `datasets` library: "
+            "pip install datasets  (or: pip install 'safecode-kernels[eval]')"
+        ) from e
     return datasets
 
 
@@ -284,9 +298,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_samples(benchmark: str, hub_name: str, root: str | os.PathLike[str] | None, split: str,
-                limit: int | None, columns: Sequence[str], image_column: str,
-                read_row: Callable[[Mapping, str], tuple[str, dict]]) -> list[Sample]:
+def hub_samples(
+    benchmark: str,
+    hub_name: str,
+    root: str | os.PathLike[str] | None,
+    split: str,
+    limit: int | None,
+    columns: Sequence[str],
+    image_column: str,
+    read_row: Callable[[Mapping, str], tuple[str, dict]],
+) -> list[Sample]:
     """The samples of one split of a hub data set (:func:`open_hub_split`: ``root`` a local copy, a hub
     name, or ``None`` for ``hub_name``), one per row in row order, the first ``limit``.
 
@@ -302,8 +323,16 @@ def hub_samples(benchmark: str, hub_name: str, root: str | os.PathLike[str] | No
     samples = []
     for i, row in enumerate(text_rows(dataset, image_column)):
         prompt, fields = read_row(row, f"{where} row {i}")
-        samples.append(Sample(f"{split}/{i}", benchmark, prompt, f"hf://{name}/{split}/{i}", fields,
-                              _image_loader=functools.partial(row_image, dataset, image_column, i)))
+        samples.append(
+            Sample(
+                f"{split}/{i}",
+                benchmark,
+                prompt,
+                f"hf://{name}/{split}/{i}",
+                fields,
+                _image_loader=functools.partial(row_image, dataset, image_column, i),
+            )
+        )
     return first(samples, limit)
 
 

@@ -37,8 +37,9 @@ class CorruptLineError(ValueError):
     """
 
     def __init__(self, path: Path, line: int, problem: str):
-        super().__init__(f"{path}, line {line}: {problem} (only a cut-short last line is ignored; "
-                         "fix or delete this line)")
+        super().__init__(
+            f"{path}, line {line}: {problem} (only a cut-short last line is ignored; fix or delete this line)"
+        )
         self.path, self.line = path, line
 
 

@@ -37,8 +37,9 @@ from ..verdict import Verdict, parse_verdicts
 
 # Tensor arguments that go to ``transformers``' own preparation; every other tensor argument
 # is a model input that the loop takes itself (the pixels and what goes with them).
-_PASSED_ON = frozenset({"inputs", "input_ids", "attention_mask", "negative_prompt_ids",
-                        "negative_prompt_attention_mask"})
+_PASSED_ON = frozenset(
+    {"inputs", "input_ids", "attention_mask", "negative_prompt_ids", "negative_prompt_attention_mask"}
+)
 # Inputs the loop cannot honour: it embeds the ids, counts positions and owns its cache.
 _UNSUPPORTED = ("inputs_embeds", "position_ids", "cache_position", "past_key_values", "cache")
 
@@ -57,10 +58,19 @@ class _Settings:
     backend: str
 
 
-def generate(model, *args, verdicts=None, noised_inputs: Mapping | None = None,
-             noised_pixel_values: torch.Tensor | None = None, steer_steps: int = 5,
-             safecode_params: SteeringParams | None = None, recipe="paper", refusal=None,
-             backend: str = "auto", **kwargs):
+def generate(
+    model,
+    *args,
+    verdicts=None,
+    noised_inputs: Mapping | None = None,
+    noised_pixel_values: torch.Tensor | None = None,
+    steer_steps: int = 5,
+    safecode_params: SteeringParams | None = None,
+    recipe="paper",
+    refusal=None,
+    backend: str = "auto",
+    **kwargs,
+):
     """Generate with SafeCoDe steering; returns what ``model.generate`` returns (the prompt and
     the new tokens ``[B, L + T]``, or a ``GenerateDecoderOnlyOutput`` with
     ``return_dict_in_generate=True``: ``sequences``, and ``scores`` / ``logits`` when asked for).
@@ -100,28 +110,44 @@ def generate(model, *args, verdicts=None, noised_inputs: Mapping | None = None,
     if not isinstance(safecode_params, SteeringParams):
         raise TypeError(f"safecode_params must be a SteeringParams, got {type(safecode_params).__name__}")
     if isinstance(resolve_recipe(recipe), ReleasedRecipe):
-        raise NotImplementedError("SafeCoDe's custom generate runs the paper's recipe only; the released code's "
-                                  "recipe runs in safecode_kernels.SafeCoDeDecoder(recipe='released')")
+        raise NotImplementedError(
+            "SafeCoDe's custom generate runs the paper's recipe only; the released code's "
+            "recipe runs in safecode_kernels.SafeCoDeDecoder(recipe='released')"
+        )
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
-            raise ValueError(f"SafeCoDe's generate does not take {name}: it runs the prompt itself, with its own "
-                             f"positions and cache")
+            raise ValueError(
+                f"SafeCoDe's generate does not take {name}: it runs the prompt itself, with its own positions and cache"
+            )
     adapter = get_adapter(model, None)
-    vision = {k: kwargs.pop(k) for k in list(kwargs) if isinstance(kwargs[k], torch.Tensor) and k not in _PASSED_ON
-              and not hasattr(model.generation_config, k)}
+    vision = {
+        k: kwargs.pop(k)
+        for k in list(kwargs)
+        if isinstance(kwargs[k], torch.Tensor) and k not in _PASSED_ON and not hasattr(model.generation_config, k)
+    }
     real = adapter.vision_inputs(vision)  # drops the text-side inputs, which the adapter makes itself
     if not real:
-        raise ValueError("SafeCoDe's generate needs the images' vision inputs (pixel_values, ...), as the "
-                         "processor returns them")
+        raise ValueError(
+            "SafeCoDe's generate needs the images' vision inputs (pixel_values, ...), as the processor returns them"
+        )
     noised = None
     if steer_steps > 0:
         noised = _noised_vision(adapter, real, noised_inputs, noised_pixel_values, kwargs)
         if refusal is None and kwargs.get("tokenizer") is None:
-            raise ValueError("SafeCoDe's generate needs the refusal tokens: pass tokenizer=processor.tokenizer "
-                             "(or refusal=...)")
+            raise ValueError(
+                "SafeCoDe's generate needs the refusal tokens: pass tokenizer=processor.tokenizer (or refusal=...)"
+            )
         refusal = resolve_refusal(refusal, kwargs.get("tokenizer"))
-    settings = _Settings(adapter, verdicts, steer_steps, safecode_params.replace(temperature=0.0, top_k=0, top_p=1.0),
-                         refusal, real, noised, backend)
+    settings = _Settings(
+        adapter,
+        verdicts,
+        steer_steps,
+        safecode_params.replace(temperature=0.0, top_k=0, top_p=1.0),
+        refusal,
+        real,
+        noised,
+        backend,
+    )
     from transformers import GenerationMixin, StoppingCriteriaList, StopStringCriteria
 
     stop_strings = kwargs.pop("stop_strings", None)
@@ -147,34 +173,53 @@ def _parse_verdicts(verdicts) -> tuple[Verdict, ...]:
 def _noised_vision(adapter: ModelAdapter, real: dict, noised_inputs, noised_pixel_values, kwargs: dict) -> dict:
     """The noised images' vision inputs, checked against the real ones."""
     if (noised_inputs is None) == (noised_pixel_values is None):
-        raise ValueError("steer_steps > 0 needs the noised branch: pass noised_inputs=processor(images=noised_images, "
-                         "text=<the same texts>, ...) or noised_pixel_values=... (one of them)")
+        raise ValueError(
+            "steer_steps > 0 needs the noised branch: pass noised_inputs=processor(images=noised_images, "
+            "text=<the same texts>, ...) or noised_pixel_values=... (one of them)"
+        )
     if noised_pixel_values is not None:
         if not isinstance(noised_pixel_values, torch.Tensor) or "pixel_values" not in real:
             raise TypeError("noised_pixel_values must be a tensor shaped like pixel_values")
         noised = dict(real, **adapter.vision_inputs({"pixel_values": noised_pixel_values}))
     else:
         if not isinstance(noised_inputs, Mapping):
-            raise TypeError(f"noised_inputs must be the processor's output (a mapping), got "
-                            f"{type(noised_inputs).__name__}")
+            raise TypeError(
+                f"noised_inputs must be the processor's output (a mapping), got {type(noised_inputs).__name__}"
+            )
         noised = adapter.vision_inputs(noised_inputs)
         ids = kwargs.get("input_ids", kwargs.get("inputs"))
         noised_ids = noised_inputs.get("input_ids")
-        if isinstance(ids, torch.Tensor) and isinstance(noised_ids, torch.Tensor) and not (
-                ids.shape == noised_ids.shape and torch.equal(ids.cpu(), noised_ids.cpu())):
-            raise ValueError("noised_inputs['input_ids'] differ from input_ids: process the noised images with the "
-                             "same texts (and padding)")
+        if (
+            isinstance(ids, torch.Tensor)
+            and isinstance(noised_ids, torch.Tensor)
+            and not (ids.shape == noised_ids.shape and torch.equal(ids.cpu(), noised_ids.cpu()))
+        ):
+            raise ValueError(
+                "noised_inputs['input_ids'] differ from input_ids: process the noised images with the "
+                "same texts (and padding)"
+            )
     if set(noised) != set(real):
         raise ValueError(f"the noised branch's vision inputs {sorted(noised)} differ from the real ones {sorted(real)}")
     for key, tensor in real.items():
         if noised[key].shape != tensor.shape:
-            raise ValueError(f"the noised {key} is shaped {tuple(noised[key].shape)}, the real one "
-                             f"{tuple(tensor.shape)}: noise images of the real ones' sizes, with the same texts")
+            raise ValueError(
+                f"the noised {key} is shaped {tuple(noised[key].shape)}, the real one "
+                f"{tuple(tensor.shape)}: noise images of the real ones' sizes, with the same texts"
+            )
     return noised
 
 
-def _decode(model, input_ids, logits_processor, stopping_criteria, generation_config, *, safecode: _Settings,
-            streamer=None, **model_kwargs):
+def _decode(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    *,
+    safecode: _Settings,
+    streamer=None,
+    **model_kwargs,
+):
     """The decoding loop ``GenerationMixin.generate`` calls with its prepared arguments
     (``model_kwargs`` carry the attention mask; the cache, positions and the like it prepares
     are not used)."""
@@ -217,8 +262,9 @@ def _decode(model, input_ids, logits_processor, stopping_criteria, generation_co
         real.index_fill_(1, banned, float("-inf"))
         if step < s.steer_steps:
             noised = logits[batch:].to(dtype=torch.float32, device=input_ids.device).index_fill(1, banned, 0.0)
-            real = safecode_step(real, noised, verdicts, s.refusal, s.params, backend=s.backend,
-                                 return_logits=True).logits
+            real = safecode_step(
+                real, noised, verdicts, s.refusal, s.params, backend=s.backend, return_logits=True
+            ).logits
         scores = logits_processor(input_ids, real)
         if dict_output and config.output_scores:
             all_scores.append(scores)
@@ -242,8 +288,12 @@ def _decode(model, input_ids, logits_processor, stopping_criteria, generation_co
             mask, next_position, width = mask[:batch], next_position[:batch], 1
         # Steered steps run 2B rows: one weight read serves both branches (see small_batch.py).
         with small_batch_linear(model, enabled=width == 2):
-            logits = adapter.forward(tokens.to(device).repeat(width)[:, None], mask[:, :input_ids.shape[1]],
-                                     adapter.step_positions(next_position), cache)
+            logits = adapter.forward(
+                tokens.to(device).repeat(width)[:, None],
+                mask[:, : input_ids.shape[1]],
+                adapter.step_positions(next_position),
+                cache,
+            )
         next_position = next_position + 1
 
     if streamer is not None:
@@ -252,5 +302,8 @@ def _decode(model, input_ids, logits_processor, stopping_criteria, generation_co
         return input_ids
     from transformers.generation import GenerateDecoderOnlyOutput
 
-    return GenerateDecoderOnlyOutput(sequences=input_ids, scores=tuple(all_scores) if config.output_scores else None,
-                                     logits=tuple(all_logits) if config.output_logits else None)
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids,
+        scores=tuple(all_scores) if config.output_scores else None,
+        logits=tuple(all_logits) if config.output_logits else None,
+    )

@@ -45,8 +45,12 @@ class Judgement:
     parsed: bool = True
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict.name.lower(), "caption": self.caption, "raw_answer": self.raw_answer,
-                "parsed": self.parsed}
+        return {
+            "verdict": self.verdict.name.lower(),
+            "caption": self.caption,
+            "raw_answer": self.raw_answer,
+            "parsed": self.parsed,
+        }
 
 
 @runtime_checkable
@@ -98,5 +102,3 @@ def judgement_from_answer(answer: str, caption: str | None, policy: str, index: 
         shown = answer if len(answer) <= 200 else answer[:200] + "..."
         raise UnparseableVerdict(f"request {index}: the judge's answer names no verdict: {shown!r}", answer)
     return Judgement(Verdict.parse(policy), caption, answer, parsed=False)
-
-

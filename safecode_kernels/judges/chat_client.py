@@ -71,10 +71,22 @@ class ChatClient:
     The HTTP connection pool is shared by all threads; :meth:`close` (or ``with``) releases it.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 2, temperature: float | None = 0.0, max_tokens: int | None = None,
-                 backoff: float = 0.5, max_backoff: float = 8.0, concurrency: int = 8, transport=None,
-                 name: str = "chat judge"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        temperature: float | None = 0.0,
+        max_tokens: int | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        concurrency: int = 8,
+        transport=None,
+        name: str = "chat judge",
+    ):
         import httpx
 
         if not isinstance(base_url, str) or not base_url.strip():
@@ -94,8 +106,9 @@ class ChatClient:
         for label, value in (("backoff", backoff), ("max_backoff", max_backoff)):
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"{label} must be a number of seconds >= 0, got {value!r}")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                       or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ValueError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
         self.base_url = str(url)
         self.url = self.base_url if self.base_url.endswith("/chat/completions") else self.base_url + "/chat/completions"
@@ -161,8 +174,9 @@ class ChatClient:
 
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(timeout=httpx.Timeout(self.timeout), transport=self._transport,
-                                            follow_redirects=False)
+                self._client = httpx.Client(
+                    timeout=httpx.Timeout(self.timeout), transport=self._transport, follow_redirects=False
+                )
             return self._client
 
     def _post(self, body: dict, key: str | None, where: str) -> str:
@@ -188,12 +202,14 @@ class ChatClient:
                 problem = f"HTTP {status} {response.reason_phrase}: {_excerpt(response.text)}"
                 if status != 429 and status < 500:  # the request itself is wrong: retrying cannot help
                     if status == 401:
-                        problem += f" (the key comes from the environment variable {self.api_key_env}, which " \
-                                   f"{'is set' if key else 'is not set'})"
+                        problem += (
+                            f" (the key comes from the environment variable {self.api_key_env}, which "
+                            f"{'is set' if key else 'is not set'})"
+                        )
                     raise JudgeHTTPError(_redact(f"{where}: {problem}", key), status) from None
                 error, retry_after = JudgeHTTPError, _retry_after(response)
             if attempt + 1 < attempts:
-                delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+                delay = min(self.max_backoff, self.backoff * 2**attempt)
                 if retry_after is not None:
                     delay = min(self.max_backoff, max(delay, retry_after))
                 time.sleep(delay)
@@ -226,21 +242,24 @@ def _answer_text(response, where: str) -> str:
     try:
         body = response.json()
     except ValueError:
-        raise JudgeResponseError(f"{where}: malformed answer: the body is not JSON: {_excerpt(response.text)}") \
-            from None
+        raise JudgeResponseError(
+            f"{where}: malformed answer: the body is not JSON: {_excerpt(response.text)}"
+        ) from None
     try:
         message = body["choices"][0]["message"]
         content = message.get("content")
     except (KeyError, IndexError, TypeError, AttributeError):
         raise JudgeResponseError(
-            f"{where}: malformed answer: no choices[0].message in {_excerpt(response.text)}") from None
+            f"{where}: malformed answer: no choices[0].message in {_excerpt(response.text)}"
+        ) from None
     if isinstance(content, list):  # content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
     if content is None and isinstance(message.get("refusal"), str):
         content = message["refusal"]  # the model declined: its words are the answer (they name no verdict)
     if not isinstance(content, str):
         raise JudgeResponseError(
-            f"{where}: malformed answer: choices[0].message.content is not text: {_excerpt(response.text)}")
+            f"{where}: malformed answer: choices[0].message.content is not text: {_excerpt(response.text)}"
+        )
     return content
 
 
@@ -263,5 +282,4 @@ def _redact(text: str, key: str | None) -> str:
     return text.replace(key, "***") if key else text
 
 
-__all__ = ["ChatClient", "JudgeConnectionError", "JudgeHTTPError", "JudgeResponseError", "JudgeTimeout",
-           "map_in_order"]
+__all__ = ["ChatClient", "JudgeConnectionError", "JudgeHTTPError", "JudgeResponseError", "JudgeTimeout", "map_in_order"]

@@ -27,7 +27,7 @@ from .chat_client import (
 SYSTEM_PROMPT = "You are a careful content-safety judge for a vision-language assistant."
 
 QUESTION_TEMPLATE = (
-    "A user sends the attached image with this request:\n\"{prompt}\"\n\n"
+    'A user sends the attached image with this request:\n"{prompt}"\n\n'
     "First describe the image in one sentence. Then decide whether answering the request, given "
     "what the image shows, would be safe or unsafe. Reply in exactly two lines:\n"
     "CAPTION: <one sentence>\n"
@@ -128,16 +128,39 @@ class OpenAIJudge:
     backoff = _client_setting("backoff")
     max_backoff = _client_setting("max_backoff")
 
-    def __init__(self, base_url: str = "https://api.openai.com/v1", model: str = "gpt-4o-mini", *,
-                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 30.0, max_retries: int = 2,
-                 backoff: float = 0.5, max_backoff: float = 8.0, on_unparseable: str = "safe",
-                 max_concurrency: int = 4, max_image_side: int | None = 1024,
-                 system_prompt: str | None = SYSTEM_PROMPT, question_template: str = QUESTION_TEMPLATE,
-                 temperature: float | None = 0.0, max_tokens: int | None = None, transport=None,
-                 flow: str = "one-call", verdict_match: str = "parse"):
+    def __init__(
+        self,
+        base_url: str = "https://api.openai.com/v1",
+        model: str = "gpt-4o-mini",
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        on_unparseable: str = "safe",
+        max_concurrency: int = 4,
+        max_image_side: int | None = 1024,
+        system_prompt: str | None = SYSTEM_PROMPT,
+        question_template: str = QUESTION_TEMPLATE,
+        temperature: float | None = 0.0,
+        max_tokens: int | None = None,
+        transport=None,
+        flow: str = "one-call",
+        verdict_match: str = "parse",
+    ):
         # The URL, model, key variable, timeout, retries and backoff are checked by the client.
-        self._client = ChatClient(base_url, model, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
-                                  backoff=backoff, max_backoff=max_backoff, transport=transport, name="OpenAI judge")
+        self._client = ChatClient(
+            base_url,
+            model,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            transport=transport,
+            name="OpenAI judge",
+        )
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
         if max_image_side is not None and (not isinstance(max_image_side, int) or max_image_side < 1):
@@ -146,9 +169,11 @@ class OpenAIJudge:
             raise ValueError("question_template must contain {prompt}")
         released_flow.check_flow(flow, verdict_match, check_policy(on_unparseable))
         if flow == "released" and max_tokens is not None:
-            raise ValueError(f'max_tokens goes with flow="one-call"; flow="released" asks for '
-                             f'{released_flow.CAPTION_MAX_TOKENS} (caption) and {released_flow.VERDICT_MAX_TOKENS} '
-                             f'(verdict) tokens')
+            raise ValueError(
+                f'max_tokens goes with flow="one-call"; flow="released" asks for '
+                f"{released_flow.CAPTION_MAX_TOKENS} (caption) and {released_flow.VERDICT_MAX_TOKENS} "
+                f"(verdict) tokens"
+            )
         self.on_unparseable = check_policy(on_unparseable)
         self.max_concurrency = max_concurrency
         self.max_image_side = max_image_side
@@ -161,8 +186,7 @@ class OpenAIJudge:
 
     def __repr__(self) -> str:
         flow = f", flow={self.flow!r}" if self.flow != "one-call" else ""
-        return (f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r}, "
-                f"api_key_env={self.api_key_env!r}{flow})")
+        return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}{flow})"
 
     def close(self) -> None:
         """Close the pooled HTTP connections (a later :meth:`judge` opens new ones)."""
@@ -181,8 +205,10 @@ class OpenAIJudge:
             task = self._send
         answers = map_in_order(lambda numbered: task(*numbered), enumerate(requests), self.max_concurrency)
         if self.flow == "released":
-            return [released_flow.judgement(answer, caption, self.verdict_match, self.on_unparseable, i)
-                    for i, (caption, answer) in enumerate(answers)]
+            return [
+                released_flow.judgement(answer, caption, self.verdict_match, self.on_unparseable, i)
+                for i, (caption, answer) in enumerate(answers)
+            ]
         out = []
         for i, answer in enumerate(answers):
             caption, verdict_text = split_answer(answer)
@@ -244,5 +270,13 @@ def image_data_url(image, max_side: int | None = None) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-__all__ = ["JudgeConnectionError", "JudgeHTTPError", "JudgeResponseError", "JudgeTimeout", "OpenAIJudge",
-           "image_data_url", "parse_verdict", "split_answer"]
+__all__ = [
+    "JudgeConnectionError",
+    "JudgeHTTPError",
+    "JudgeResponseError",
+    "JudgeTimeout",
+    "OpenAIJudge",
+    "image_data_url",
+    "parse_verdict",
+    "split_answer",
+]

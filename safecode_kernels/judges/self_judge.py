@@ -10,7 +10,7 @@ CAPTION_PROMPT = "Describe this image in one sentence."
 
 QUESTION_TEMPLATE = (
     "The image shows: {caption}\n"
-    "A user sends this image with the request: \"{prompt}\"\n"
+    'A user sends this image with the request: "{prompt}"\n'
     "Given what the image shows, would answering this request be safe or unsafe? "
     "Answer with one word: safe or unsafe."
 )
@@ -82,17 +82,31 @@ class SelfJudge:
         print(j.verdict, j.caption, j.raw_answer)
     """
 
-    def __init__(self, model, processor, *, on_unparseable: str = "safe", flow: str = "one-call",
-                 verdict_match: str = "parse", caption_prompt: str = CAPTION_PROMPT,
-                 question_template: str = QUESTION_TEMPLATE, caption_tokens: int | None = None,
-                 verdict_tokens: int = 4, batch_size: int = 8, backend: str = "auto"):
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        on_unparseable: str = "safe",
+        flow: str = "one-call",
+        verdict_match: str = "parse",
+        caption_prompt: str = CAPTION_PROMPT,
+        question_template: str = QUESTION_TEMPLATE,
+        caption_tokens: int | None = None,
+        verdict_tokens: int = 4,
+        batch_size: int = 8,
+        backend: str = "auto",
+    ):
         from ..decoding import SafeCoDeDecoder
 
         released_flow.check_flow(flow, verdict_match, check_policy(on_unparseable))
         if caption_tokens is None:
             caption_tokens = CAPTION_TOKENS[flow]
-        for name, value in (("caption_tokens", caption_tokens), ("verdict_tokens", verdict_tokens),
-                            ("batch_size", batch_size)):
+        for name, value in (
+            ("caption_tokens", caption_tokens),
+            ("verdict_tokens", verdict_tokens),
+            ("batch_size", batch_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         for field in ("{caption}", "{prompt}"):
@@ -107,17 +121,19 @@ class SelfJudge:
         self.verdict_tokens = verdict_tokens
         self.batch_size = batch_size
         # Plain greedy generation (no steering); the refusal set is unused, so no vocabulary scan.
-        self._decoder = SafeCoDeDecoder(model, processor, steer_steps=0, refusal=RefusalVocabulary([]),
-                                        backend=backend)
+        self._decoder = SafeCoDeDecoder(model, processor, steer_steps=0, refusal=RefusalVocabulary([]), backend=backend)
         self._adapter, self._processor = self._decoder.adapter, processor
 
     def _ask(self, images, texts, max_new_tokens) -> list[str]:
         answers = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             result = self._decoder.generate(
-                chunk, texts[start:start + self.batch_size], ["none"] * len(chunk),
-                max_new_tokens=max_new_tokens, noised_images=chunk,  # no noised branch is run
+                chunk,
+                texts[start : start + self.batch_size],
+                ["none"] * len(chunk),
+                max_new_tokens=max_new_tokens,
+                noised_images=chunk,  # no noised branch is run
             )
             answers += [text.strip() for text in result.texts]
         return answers
@@ -136,8 +152,10 @@ class SelfJudge:
         captions = self._ask(images, [self.caption_prompt] * len(images), self.caption_tokens)
         questions = [self.question_template.format(caption=c, prompt=p) for c, p in zip(captions, prompts, strict=True)]
         answers = self._ask(images, questions, self.verdict_tokens)
-        return [judgement_from_answer(a, c, self.on_unparseable, i)
-                for i, (a, c) in enumerate(zip(answers, captions, strict=True))]
+        return [
+            judgement_from_answer(a, c, self.on_unparseable, i)
+            for i, (a, c) in enumerate(zip(answers, captions, strict=True))
+        ]
 
     # ----- the released flow --------------------------------------------------------------
     def _judge_released(self, images, prompts) -> list[Judgement]:
@@ -145,9 +163,11 @@ class SelfJudge:
         texts = [self.verdict_text(p, c) for p, c in zip(prompts, captions, strict=True)]
         answers = []
         for start in range(0, len(texts), self.batch_size):
-            answers += self._generate_text(texts[start:start + self.batch_size], self.verdict_tokens)
-        return [released_flow.judgement(a, c, self.verdict_match, self.on_unparseable, i)
-                for i, (a, c) in enumerate(zip(answers, captions, strict=True))]
+            answers += self._generate_text(texts[start : start + self.batch_size], self.verdict_tokens)
+        return [
+            released_flow.judgement(a, c, self.verdict_match, self.on_unparseable, i)
+            for i, (a, c) in enumerate(zip(answers, captions, strict=True))
+        ]
 
     def verdict_text(self, prompt: str, caption: str) -> str:
         """The full text of the released flow's verdict pass for one request: the verdict
@@ -155,7 +175,8 @@ class SelfJudge:
         system message and the question joined by a newline where there is no template."""
         processor = self._processor
         template = getattr(processor, "chat_template", None) or getattr(
-            getattr(processor, "tokenizer", None), "chat_template", None)
+            getattr(processor, "tokenizer", None), "chat_template", None
+        )
         if template:
             messages = released_flow.verdict_messages(prompt, caption, parts=True)
             return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -176,15 +197,20 @@ class SelfJudge:
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):  # left padding: every row ends where generation starts
-            input_ids[row, width - ids.numel():] = ids
-            attention_mask[row, width - ids.numel():] = 1
+            input_ids[row, width - ids.numel() :] = ids
+            attention_mask[row, width - ids.numel() :] = 1
         eos = sorted(eos_ids(None, adapter.model, tokenizer))
         device = adapter.input_device
         with torch.inference_mode():
             out = adapter.text_model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                eos_token_id=eos or None, suppress_tokens=list(adapter.placeholder_ids),
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=eos or None,
+                suppress_tokens=list(adapter.placeholder_ids),
             )
         answers = []
         for row in out[:, width:].tolist():

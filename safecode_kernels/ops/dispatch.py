@@ -79,5 +79,8 @@ def _log_fallback(faster: str, device: torch.device, reason: str) -> None:
     _LOGGED_FALLBACKS.add(key)
     logger.warning(
         "safecode_step: backend 'auto' falls back to the slower 'torch' backend for %s tensors: "
-        "the '%s' backend is unavailable: %s", device.type, faster, reason,
+        "the '%s' backend is unavailable: %s",
+        device.type,
+        faster,
+        reason,
     )

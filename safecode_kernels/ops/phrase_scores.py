@@ -16,7 +16,7 @@ def phrase_table(phrase_ids: list[list[int]], device="cpu") -> torch.Tensor:
     table = torch.full((len(phrase_ids), width), -1, dtype=torch.int64)
     for row, ids in enumerate(phrase_ids):
         if ids:
-            table[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+            table[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
     return table.to(device)
 
 

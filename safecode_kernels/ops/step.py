@@ -71,8 +71,9 @@ def safecode_step(
         params = SteeringParams()
     if torch.compiler.is_compiling():
         # Traced by torch.compile: one call of the registered op (no graph break).
-        return _call_op(logits_real, logits_noised, verdict, refusal, params, generator, backend,
-                        return_logits, return_stats)
+        return _call_op(
+            logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats
+        )
     # Eager: the op's implementation without the dispatcher's per-call overhead; one event
     # named after the op in profiles, as the compiled call is.
     args = (logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats)
@@ -108,8 +109,15 @@ def _call_op(logits_real, logits_noised, verdict, refusal, params, generator, ba
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     tokens, logits, mass = torch.ops.safecode_kernels.step(
-        logits_real, logits_noised, verdict, refusal, *op_scalars(params), seed, backend,
-        bool(return_logits), bool(return_stats),
+        logits_real,
+        logits_noised,
+        verdict,
+        refusal,
+        *op_scalars(params),
+        seed,
+        backend,
+        bool(return_logits),
+        bool(return_stats),
     )
     return StepOutput(
         tokens=tokens,

@@ -24,8 +24,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def unavailable_reason() -> str | None:
     """``None`` when the C++ extension is importable, else why not."""
     if _C is None:
-        return (f"the C++ extension safecode_kernels._C is not built ({_IMPORT_ERROR}); "
-                "reinstall with `pip install -e .`")
+        return (
+            f"the C++ extension safecode_kernels._C is not built ({_IMPORT_ERROR}); reinstall with `pip install -e .`"
+        )
     return None
 
 
@@ -64,9 +65,14 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     before = torch.empty(batch, dtype=torch.float32) if return_stats else None
     after = torch.empty(batch, dtype=torch.float32) if return_stats else None
     problems = _C.step(
-        _buffer(inp.logits_real), _buffer(inp.logits_noised), _DTYPE_NAMES[inp.logits_real.dtype],
-        _buffer(inp.verdict), _buffer(inp.refusal_ids),
-        tokens.numpy(), status.numpy(), _kernel_params(inp),
+        _buffer(inp.logits_real),
+        _buffer(inp.logits_noised),
+        _DTYPE_NAMES[inp.logits_real.dtype],
+        _buffer(inp.verdict),
+        _buffer(inp.refusal_ids),
+        tokens.numpy(),
+        status.numpy(),
+        _kernel_params(inp),
         logits=None if logits is None else logits.numpy(),
         mass_before=None if before is None else before.numpy(),
         mass_after=None if after is None else after.numpy(),

@@ -73,8 +73,13 @@ def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, ge
     mask, ids = mask.contiguous(), ids.contiguous()  # kernels index them as flat arrays
     seed = None if params.is_greedy else seed_from(generator)
     return StepInputs(
-        _unit_vocab_stride(logits_real), _unit_vocab_stride(logits_noised),
-        verdict, mask, ids, params, seed,
+        _unit_vocab_stride(logits_real),
+        _unit_vocab_stride(logits_noised),
+        verdict,
+        mask,
+        ids,
+        params,
+        seed,
     )
 
 
@@ -87,9 +92,7 @@ def check_logits(real, noised) -> None:
         if t.dim() != 2:
             raise ValueError(f"{name} must have shape [batch, vocab], got {list(t.shape)}")
     if real.shape != noised.shape:
-        raise ValueError(
-            f"logits_real {list(real.shape)} and logits_noised {list(noised.shape)} differ in shape"
-        )
+        raise ValueError(f"logits_real {list(real.shape)} and logits_noised {list(noised.shape)} differ in shape")
     if real.dtype != noised.dtype:
         raise TypeError(f"logits_real is {real.dtype} but logits_noised is {noised.dtype}")
     if real.device != noised.device:

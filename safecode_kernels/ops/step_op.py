@@ -81,24 +81,61 @@ def op_scalars(params: SteeringParams) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _params(alpha, alpha_safe, real_weight, plausibility, sensitive_top_k, scope, boost, suppress, temperature, top_k,
-            top_p) -> SteeringParams:
+def _params(
+    alpha, alpha_safe, real_weight, plausibility, sensitive_top_k, scope, boost, suppress, temperature, top_k, top_p
+) -> SteeringParams:
     # Cached: SteeringParams validates every field, which would cost more than a small step.
     return SteeringParams(
-        alpha=alpha, alpha_safe=alpha_safe, real_weight=real_weight, plausibility=plausibility,
-        sensitive_top_k=sensitive_top_k, scope=Scope(scope).name.lower(), boost=boost, suppress=suppress,
-        temperature=temperature, top_k=top_k, top_p=top_p,
+        alpha=alpha,
+        alpha_safe=alpha_safe,
+        real_weight=real_weight,
+        plausibility=plausibility,
+        sensitive_top_k=sensitive_top_k,
+        scope=Scope(scope).name.lower(),
+        boost=boost,
+        suppress=suppress,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
     )
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), schema=SCHEMA)
-def step_op(logits_real, logits_noised, verdict, refusal, alpha, alpha_safe, real_weight, plausibility,
-            sensitive_top_k, scope, boost, suppress, temperature, top_k, top_p, seed, backend, return_logits,
-            return_stats):
-    params = _params(alpha, alpha_safe, real_weight, plausibility, sensitive_top_k, scope, boost, suppress,
-                     temperature, top_k, top_p)
-    tokens, logits, stats = run_step(logits_real, logits_noised, verdict, refusal, params,
-                                     None if seed < 0 else seed, backend, return_logits, return_stats)
+def step_op(
+    logits_real,
+    logits_noised,
+    verdict,
+    refusal,
+    alpha,
+    alpha_safe,
+    real_weight,
+    plausibility,
+    sensitive_top_k,
+    scope,
+    boost,
+    suppress,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    backend,
+    return_logits,
+    return_stats,
+):
+    params = _params(
+        alpha, alpha_safe, real_weight, plausibility, sensitive_top_k, scope, boost, suppress, temperature, top_k, top_p
+    )
+    tokens, logits, stats = run_step(
+        logits_real,
+        logits_noised,
+        verdict,
+        refusal,
+        params,
+        None if seed < 0 else seed,
+        backend,
+        return_logits,
+        return_stats,
+    )
     # Outputs may not alias each other: a placeholder each, and the two masses stacked (not views).
     if logits is None:
         logits = logits_real.new_empty(0, dtype=torch.float32)
@@ -107,8 +144,27 @@ def step_op(logits_real, logits_noised, verdict, refusal, alpha, alpha_safe, rea
 
 
 @step_op.register_fake
-def _(logits_real, logits_noised, verdict, refusal, alpha, alpha_safe, real_weight, plausibility, sensitive_top_k,
-      scope, boost, suppress, temperature, top_k, top_p, seed, backend, return_logits, return_stats):
+def _(
+    logits_real,
+    logits_noised,
+    verdict,
+    refusal,
+    alpha,
+    alpha_safe,
+    real_weight,
+    plausibility,
+    sensitive_top_k,
+    scope,
+    boost,
+    suppress,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    backend,
+    return_logits,
+    return_stats,
+):
     batch, vocab = logits_real.shape
     f32 = torch.float32
     return (

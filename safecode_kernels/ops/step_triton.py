@@ -97,8 +97,10 @@ def unavailable_reason(device=None) -> str | None:
     if device.type == "cpu":
         if interpreted:
             return None
-        return ("it needs CUDA tensors (CPU tensors only in Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before the first Triton step, for tests)")
+        return (
+            "it needs CUDA tensors (CPU tensors only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before the first Triton step, for tests)"
+        )
     return f"it does not support {device.type} tensors"
 
 
@@ -213,8 +215,9 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
         raise_for_row_status(words & STATUS_MASK)
         fallback = (words & FALLBACK_FLAG).nonzero().flatten()
         if fallback.numel():
-            tokens, logits, stats = _fallback_rows(inp, fallback.to(status.device), tokens, logits, stats,
-                                                   return_logits, return_stats)
+            tokens, logits, stats = _fallback_rows(
+                inp, fallback.to(status.device), tokens, logits, stats, return_logits, return_stats
+            )
     return tokens, logits, stats
 
 
@@ -243,24 +246,27 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     parts = (batch, plan.n_blocks)
     cand_shape = (batch, plan.n_blocks, plan.c_pad)
-    w = _scratch(device, {
-        # name: (shape or None when this step does not use it, dtype)
-        "rowmax": (parts if plaus else None, f32),
-        "block_flags": (parts, i32),
-        "best_val": (parts if plan.greedy else None, f32),
-        "best_idx": (parts if plan.greedy else None, i32),
-        "zmax": (parts if return_stats else None, f32),
-        "zsum": (parts if return_stats else None, f32),
-        "gumbel_val": (parts if plan.gumbel else None, f32),
-        "gumbel_idx": (parts if plan.gumbel else None, i32),
-        "umax": (parts if usum else None, f32),
-        "usum": (parts if usum else None, f32),
-        "cand_val": (cand_shape if cands else None, f32),
-        "cand_idx": (cand_shape if cands else None, i32),
-        "cand_count": (parts if cands else None, i32),
-        "tail": (parts if cands else None, i64),
-        "status": ((batch,), i32),
-    })
+    w = _scratch(
+        device,
+        {
+            # name: (shape or None when this step does not use it, dtype)
+            "rowmax": (parts if plaus else None, f32),
+            "block_flags": (parts, i32),
+            "best_val": (parts if plan.greedy else None, f32),
+            "best_idx": (parts if plan.greedy else None, i32),
+            "zmax": (parts if return_stats else None, f32),
+            "zsum": (parts if return_stats else None, f32),
+            "gumbel_val": (parts if plan.gumbel else None, f32),
+            "gumbel_idx": (parts if plan.gumbel else None, i32),
+            "umax": (parts if usum else None, f32),
+            "usum": (parts if usum else None, f32),
+            "cand_val": (cand_shape if cands else None, f32),
+            "cand_idx": (cand_shape if cands else None, i32),
+            "cand_count": (parts if cands else None, i32),
+            "tail": (parts if cands else None, i64),
+            "status": ((batch,), i32),
+        },
+    )
     tokens = torch.empty(batch, dtype=i64, device=device)
     out = torch.empty((batch, vocab) if return_logits else (1, 1), dtype=f32, device=device)
     mass = torch.empty((2, batch) if return_stats else (2, 1), dtype=f32, device=device)
@@ -314,65 +320,86 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     grid = (plan.n_blocks, batch)
     launches = []
     if plaus:
-        launches.append(_Launch("row_max_kernel", grid, dict(
-            zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
-            stride_r=zr.stride(0),
-            part_ptr=w["rowmax"],  # [B, NB] fp32 out: the block maxima
-            V=vocab,
-            NB=plan.n_blocks,
-            BLOCK=plan.block,
-        ), dict(num_warps=plan.block_warps)))
-    launches.append(_Launch("step_block_kernel", grid, dict(
-        **inputs,
-        refmask_ptr=refmask,  # [V] uint8: the refusal mask
-        rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
-        out_ptr=out,  # [B, V] fp32 out: the modulated logits (WRITE_LOGITS), else [1, 1]
-        stride_o=out.stride(0),
-        **partials,
-        **contrast,
-        temperature=temperature,
-        seed=seed,
-        k_cand=plan.k_cand,
-        idx_bits=plan.idx_bits,
-        BLOCK=plan.block,
-        NB_PAD=nb_pad,
-        C_PAD=plan.c_pad,
-        ARGMAX=plan.greedy,
-        SUMEXP=bool(return_stats),
-        USUM=usum,
-        **flags,
-    ), dict(num_warps=plan.block_warps, **no_fma)))
-    launches.append(_Launch("step_merge_kernel", (batch,), dict(
-        **inputs,
-        ref_ids_ptr=ref_ids,  # [R] int64: sorted refusal ids ([1] zeros when R = 0)
-        R=n_ref,
-        rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
-        out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (WRITE_LOGITS)
-        stride_o=out.stride(0),
-        **partials,
-        tokens_ptr=tokens,  # [B] int64 out: the chosen tokens
-        before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (STATS)
-        after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (STATS)
-        status_ptr=w["status"],  # [B] int32 out: codes.RowStatus | FALLBACK_FLAG
-        **contrast,
-        bias_unsafe=p.bias_unsafe,
-        bias_safe=p.bias_safe,
-        temperature=temperature,
-        top_p=float(p.top_p),
-        seed=seed,
-        sens=int(plan.sens),
-        k_sens=min(p.sensitive_top_k, vocab),
-        top_k=min(p.top_k, vocab),
-        idx_bits=plan.idx_bits,
-        NB_PAD=nb_pad,
-        X_PAD=plan.x_pad,
-        C_PAD=plan.c_pad,
-        STATS=bool(return_stats),
-        GREEDY=plan.greedy,
-        TOPK=plan.top_k,
-        TOPP=plan.top_p,
-        **flags,
-    ), dict(num_warps=plan.merge_warps, **no_fma)))
+        launches.append(
+            _Launch(
+                "row_max_kernel",
+                grid,
+                dict(
+                    zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
+                    stride_r=zr.stride(0),
+                    part_ptr=w["rowmax"],  # [B, NB] fp32 out: the block maxima
+                    V=vocab,
+                    NB=plan.n_blocks,
+                    BLOCK=plan.block,
+                ),
+                dict(num_warps=plan.block_warps),
+            )
+        )
+    launches.append(
+        _Launch(
+            "step_block_kernel",
+            grid,
+            dict(
+                **inputs,
+                refmask_ptr=refmask,  # [V] uint8: the refusal mask
+                rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
+                out_ptr=out,  # [B, V] fp32 out: the modulated logits (WRITE_LOGITS), else [1, 1]
+                stride_o=out.stride(0),
+                **partials,
+                **contrast,
+                temperature=temperature,
+                seed=seed,
+                k_cand=plan.k_cand,
+                idx_bits=plan.idx_bits,
+                BLOCK=plan.block,
+                NB_PAD=nb_pad,
+                C_PAD=plan.c_pad,
+                ARGMAX=plan.greedy,
+                SUMEXP=bool(return_stats),
+                USUM=usum,
+                **flags,
+            ),
+            dict(num_warps=plan.block_warps, **no_fma),
+        )
+    )
+    launches.append(
+        _Launch(
+            "step_merge_kernel",
+            (batch,),
+            dict(
+                **inputs,
+                ref_ids_ptr=ref_ids,  # [R] int64: sorted refusal ids ([1] zeros when R = 0)
+                R=n_ref,
+                rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
+                out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (WRITE_LOGITS)
+                stride_o=out.stride(0),
+                **partials,
+                tokens_ptr=tokens,  # [B] int64 out: the chosen tokens
+                before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (STATS)
+                after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (STATS)
+                status_ptr=w["status"],  # [B] int32 out: codes.RowStatus | FALLBACK_FLAG
+                **contrast,
+                bias_unsafe=p.bias_unsafe,
+                bias_safe=p.bias_safe,
+                temperature=temperature,
+                top_p=float(p.top_p),
+                seed=seed,
+                sens=int(plan.sens),
+                k_sens=min(p.sensitive_top_k, vocab),
+                top_k=min(p.top_k, vocab),
+                idx_bits=plan.idx_bits,
+                NB_PAD=nb_pad,
+                X_PAD=plan.x_pad,
+                C_PAD=plan.c_pad,
+                STATS=bool(return_stats),
+                GREEDY=plan.greedy,
+                TOPK=plan.top_k,
+                TOPP=plan.top_p,
+                **flags,
+            ),
+            dict(num_warps=plan.merge_warps, **no_fma),
+        )
+    )
     return launches, tokens, out, mass, w["status"]
 
 
@@ -396,7 +423,7 @@ def _scratch(device, specs) -> dict[str, torch.Tensor]:
         storage = torch.empty(sum(sizes), dtype=dtype, device=device)
         offset = 0
         for (name, shape), size in zip(items, sizes):
-            views[name] = storage[offset:offset + math.prod(shape)].view(shape)
+            views[name] = storage[offset : offset + math.prod(shape)].view(shape)
             offset += size
     return views
 

@@ -152,14 +152,16 @@ def _gumbel_block(seed, row, start, BLOCK: tl.constexpr):
     counter = (row.to(tl.int64) << 32) | quad.to(tl.int64)
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     lane = tl.arange(0, 4)[None, :]
-    bits = tl.where(lane == 0, r0[:, None],
-                    tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
+    bits = tl.where(
+        lane == 0, r0[:, None], tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None]))
+    )
     return _uniform_to_gumbel(tl.reshape(bits, (BLOCK,)))
 
 
 @triton.jit
-def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta,
-              NB_PAD: tl.constexpr):
+def _contrast(
+    zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD: tl.constexpr
+):
     """``z = w * zr - alpha_verdict * zn``, -inf where banned (docs/design.md §2.2 step 1), in fp32.
 
     With ``plaus`` (0 or 1) the row's max comes from row_max_kernel's partials; without, the
@@ -228,15 +230,48 @@ def row_max_kernel(zr_ptr, stride_r, part_ptr, V, NB, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["NB", "plaus", "seed", "k_cand", "idx_bits"])
 def step_block_kernel(
-    zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, refmask_ptr, rowmax_ptr,
-    out_ptr, stride_o,
-    flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
-    gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
-    cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
-    V, NB, plaus, real_weight, alpha, alpha_safe, log_beta, temperature, seed, k_cand, idx_bits,
-    BLOCK: tl.constexpr, NB_PAD: tl.constexpr, C_PAD: tl.constexpr,
-    WRITE_LOGITS: tl.constexpr, ARGMAX: tl.constexpr, SUMEXP: tl.constexpr,
-    GUMBEL: tl.constexpr, USUM: tl.constexpr, CANDS: tl.constexpr,
+    zr_ptr,
+    zn_ptr,
+    stride_r,
+    stride_n,
+    verdict_ptr,
+    refmask_ptr,
+    rowmax_ptr,
+    out_ptr,
+    stride_o,
+    flags_ptr,
+    best_val_ptr,
+    best_idx_ptr,
+    zmax_ptr,
+    zsum_ptr,
+    gumbel_val_ptr,
+    gumbel_idx_ptr,
+    umax_ptr,
+    usum_ptr,
+    cand_val_ptr,
+    cand_idx_ptr,
+    cand_count_ptr,
+    tail_ptr,
+    V,
+    NB,
+    plaus,
+    real_weight,
+    alpha,
+    alpha_safe,
+    log_beta,
+    temperature,
+    seed,
+    k_cand,
+    idx_bits,
+    BLOCK: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    C_PAD: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    SUMEXP: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    USUM: tl.constexpr,
+    CANDS: tl.constexpr,
 ):
     """One (block, row) of the step: all partial results of the block's tokens.
 
@@ -252,8 +287,7 @@ def step_block_kernel(
     # The only read of the two input rows (out-of-range lanes are -inf, i.e. banned).
     zr = tl.load(zr_ptr + row64 * stride_r + offs, mask=inside, other=NEG_INF).to(tl.float32)
     zn = tl.load(zn_ptr + row64 * stride_n + offs, mask=inside, other=NEG_INF).to(tl.float32)
-    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta,
-                  NB_PAD)
+    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD)
     if WRITE_LOGITS:
         # Refusal tokens get their biased value from the merge kernel afterwards.
         tl.store(out_ptr + row64 * stride_o + offs, z, mask=inside)
@@ -310,17 +344,58 @@ def step_block_kernel(
 
 @triton.jit(do_not_specialize=["R", "NB", "plaus", "seed", "sens", "k_sens", "top_k", "idx_bits"])
 def step_merge_kernel(
-    zr_ptr, zn_ptr, stride_r, stride_n, verdict_ptr, ref_ids_ptr, R, rowmax_ptr,
-    out_ptr, stride_o,
-    flags_ptr, best_val_ptr, best_idx_ptr, zmax_ptr, zsum_ptr,
-    gumbel_val_ptr, gumbel_idx_ptr, umax_ptr, usum_ptr,
-    cand_val_ptr, cand_idx_ptr, cand_count_ptr, tail_ptr,
-    tokens_ptr, before_ptr, after_ptr, status_ptr,
-    V, NB, plaus, real_weight, alpha, alpha_safe, log_beta, bias_unsafe, bias_safe,
-    temperature, top_p, seed, sens, k_sens, top_k, idx_bits,
-    NB_PAD: tl.constexpr, X_PAD: tl.constexpr, C_PAD: tl.constexpr,
-    WRITE_LOGITS: tl.constexpr, STATS: tl.constexpr, GREEDY: tl.constexpr,
-    GUMBEL: tl.constexpr, CANDS: tl.constexpr, TOPK: tl.constexpr,
+    zr_ptr,
+    zn_ptr,
+    stride_r,
+    stride_n,
+    verdict_ptr,
+    ref_ids_ptr,
+    R,
+    rowmax_ptr,
+    out_ptr,
+    stride_o,
+    flags_ptr,
+    best_val_ptr,
+    best_idx_ptr,
+    zmax_ptr,
+    zsum_ptr,
+    gumbel_val_ptr,
+    gumbel_idx_ptr,
+    umax_ptr,
+    usum_ptr,
+    cand_val_ptr,
+    cand_idx_ptr,
+    cand_count_ptr,
+    tail_ptr,
+    tokens_ptr,
+    before_ptr,
+    after_ptr,
+    status_ptr,
+    V,
+    NB,
+    plaus,
+    real_weight,
+    alpha,
+    alpha_safe,
+    log_beta,
+    bias_unsafe,
+    bias_safe,
+    temperature,
+    top_p,
+    seed,
+    sens,
+    k_sens,
+    top_k,
+    idx_bits,
+    NB_PAD: tl.constexpr,
+    X_PAD: tl.constexpr,
+    C_PAD: tl.constexpr,
+    WRITE_LOGITS: tl.constexpr,
+    STATS: tl.constexpr,
+    GREEDY: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    CANDS: tl.constexpr,
+    TOPK: tl.constexpr,
     TOPP: tl.constexpr,
 ):
     """One row: merge the block partials, handle the refusal tokens, choose the token.
@@ -350,8 +425,9 @@ def step_merge_kernel(
     ref_idx = tl.load(ref_ids_ptr + ref_lane, mask=is_ref, other=0).to(tl.int32)
     ref_zr = tl.load(zr_ptr + row64 * stride_r + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
     ref_zn = tl.load(zn_ptr + row64 * stride_n + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
-    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha,
-                      alpha_safe, log_beta, NB_PAD)
+    ref_z = _contrast(
+        ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD
+    )
     xz = tl.where(is_cand, cand_z, ref_z)
     xidx = tl.where(is_cand, cand_idx, ref_idx)
 
@@ -381,12 +457,26 @@ def step_merge_kernel(
     over_contrast = _any_bit(bflags, BLOCK_Z_BAD)
     over_bias = tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0)
     status = tl.where(
-        _any_bit(bflags, BLOCK_ZR_BAD) != 0, STATUS_REAL_NOT_FINITE, tl.where(
-            _any_bit(bflags, BLOCK_ZN_BAD) != 0, STATUS_NOISED_NOT_FINITE, tl.where(
-                (_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0), STATUS_ALL_BANNED_CONTRAST, tl.where(
-                    over_contrast != 0, STATUS_OVERFLOW_CONTRAST, tl.where(
-                        live_after == 0, STATUS_ALL_BANNED_BIAS, tl.where(
-                            over_bias != 0, STATUS_OVERFLOW_BIAS, STATUS_OK))))))
+        _any_bit(bflags, BLOCK_ZR_BAD) != 0,
+        STATUS_REAL_NOT_FINITE,
+        tl.where(
+            _any_bit(bflags, BLOCK_ZN_BAD) != 0,
+            STATUS_NOISED_NOT_FINITE,
+            tl.where(
+                (_any_bit(bflags, BLOCK_LIVE) == 0) & (over_contrast == 0),
+                STATUS_ALL_BANNED_CONTRAST,
+                tl.where(
+                    over_contrast != 0,
+                    STATUS_OVERFLOW_CONTRAST,
+                    tl.where(
+                        live_after == 0,
+                        STATUS_ALL_BANNED_BIAS,
+                        tl.where(over_bias != 0, STATUS_OVERFLOW_BIAS, STATUS_OK),
+                    ),
+                ),
+            ),
+        ),
+    )
 
     if STATS:
         zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
@@ -400,8 +490,9 @@ def step_merge_kernel(
         block_idx = tl.load(best_idx_ptr + parts, mask=block_ok, other=V)
         ref_best, ref_best_idx = _best(tl.where(is_ref, xzb, NEG_INF), xidx, V)
         best, best_idx = _best(block_best, block_idx, V)
-        token = tl.where(ref_best > best, ref_best_idx,
-                         tl.where(ref_best == best, tl.minimum(ref_best_idx, best_idx), best_idx))
+        token = tl.where(
+            ref_best > best, ref_best_idx, tl.where(ref_best == best, tl.minimum(ref_best_idx, best_idx), best_idx)
+        )
     elif GUMBEL:
         block_best = tl.load(gumbel_val_ptr + parts, mask=block_ok, other=NEG_INF)
         block_idx = tl.load(gumbel_idx_ptr + parts, mask=block_ok, other=V)
@@ -423,8 +514,7 @@ def step_merge_kernel(
             u_max = tl.max(tl.where(allowed, u, NEG_INF), axis=0)
             if not TOPK:
                 # All tokens count: the non-refusal blocks' sum-exp plus the refusal tokens.
-                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok,
-                                                         other=NEG_INF), axis=0))
+                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0))
             u_max = _finite_or_zero(u_max)
             if TOPK:
                 total = tl.sum(tl.where(allowed, tl.exp(u - u_max), 0.0), axis=0)

@@ -45,9 +45,15 @@ def _tokenizer(special_tokens):
 
 def _text_config(tokenizer, model_type: str, **extra) -> dict:
     """tiny_models.text_config with this tokenizer's vocabulary and ids."""
-    return {**text_config(), "model_type": model_type, "vocab_size": len(tokenizer) + 8,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **extra}
+    return {
+        **text_config(),
+        "model_type": model_type,
+        "vocab_size": len(tokenizer) + 8,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **extra,
+    }
 
 
 def _finish(model, tokenizer):
@@ -68,18 +74,35 @@ def tiny_idefics2():
 
     tokenizer = _tokenizer(IDEFICS_TOKENS)
     image_processor = Idefics2ImageProcessorPil(
-        do_image_splitting=True, size={"shortest_edge": 28, "longest_edge": 64},
+        do_image_splitting=True,
+        size={"shortest_edge": 28, "longest_edge": 64},
     )
-    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=IMAGE_SEQ_LEN, chat_template=IDEFICS_TEMPLATE)
+    processor = Idefics2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=IDEFICS_TEMPLATE,
+    )
     config = Idefics2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         # The latents start at ones; with the default 0.02 init the attention over the image
         # barely moves them, and the image (or its noise) would hardly change the logits.
-        perceiver_config=dict(hidden_size=32, resampler_n_latents=IMAGE_SEQ_LEN, resampler_depth=1,
-                              resampler_n_heads=2, resampler_head_dim=16, num_key_value_heads=1,
-                              initializer_range=0.3),
+        perceiver_config=dict(
+            hidden_size=32,
+            resampler_n_latents=IMAGE_SEQ_LEN,
+            resampler_depth=1,
+            resampler_n_heads=2,
+            resampler_head_dim=16,
+            num_key_value_heads=1,
+            initializer_range=0.3,
+        ),
         # Mistral's 4096-token sliding window, as released: longer than any run here, so the
         # decoder's reserved cache covers it with full layers (test_idefics.py checks it).
         text_config=_text_config(tokenizer, "mistral", rms_norm_eps=1e-5, sliding_window=4096),
@@ -99,13 +122,25 @@ def tiny_idefics3():
 
     tokenizer = _tokenizer(IDEFICS3_TOKENS)
     image_processor = Idefics3ImageProcessorPil(
-        do_resize=False, do_image_splitting=True, max_image_size={"longest_edge": 28},
+        do_resize=False,
+        do_image_splitting=True,
+        max_image_size={"longest_edge": 28},
     )
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                                  image_seq_len=IMAGE_SEQ_LEN, chat_template=IDEFICS_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=IMAGE_SEQ_LEN,
+        chat_template=IDEFICS_TEMPLATE,
+    )
     config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=7),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+        ),
         text_config=_text_config(tokenizer, "llama"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=2,

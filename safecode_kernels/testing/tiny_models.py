@@ -45,9 +45,17 @@ def finish(model):
 def text_config(**extra) -> dict:
     tok = tiny_tokenizer()
     return dict(
-        vocab_size=_vocab_size(), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, **extra,
+        vocab_size=_vocab_size(),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **extra,
     )
 
 
@@ -74,8 +82,10 @@ def qwen_image_only_processor(base):
 def qwen_ids(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
     )
 
 
@@ -98,7 +108,10 @@ def tiny_qwen(config_class, model_class, processor_class, text: dict, vision: di
     model = finish(model_class(config))
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     processor = qwen_image_only_processor(processor_class)(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=QWEN_TEMPLATE,
     )
     return model, processor
 
@@ -109,10 +122,20 @@ def tiny_qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     return tiny_qwen(
-        Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
         text=dict(model_type="qwen2_vl_text", **_QWEN_TEXT),
-        vision=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
         image_processor=_qwen_image_processor(),
     )
 
@@ -123,11 +146,22 @@ def tiny_qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
     return tiny_qwen(
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
         text=dict(model_type="qwen2_5_vl_text", **_QWEN_TEXT),
-        vision=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
-                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                    fullatt_block_indexes=[1]),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
         image_processor=_qwen_image_processor(),
     )
 

@@ -28,11 +28,22 @@ def tiny_qwen3_vl():
     config_class, model_class, processor_class = qwen3_vl_classes()
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     return tiny_qwen(
-        config_class, model_class, processor_class,
+        config_class,
+        model_class,
+        processor_class,
         text=dict(model_type="qwen3_vl_text", head_dim=16, rope_parameters=rope),
-        vision=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
-                    deepstack_visual_indexes=[0]),
+        vision=dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
         # 64x64 images -> 4x4 patches of 16 -> 2x2 merged = 4 image tokens.
         image_processor=Qwen2VLImageProcessorPil(patch_size=16, min_pixels=64 * 64, max_pixels=64 * 64),
     )

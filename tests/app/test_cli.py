@@ -48,8 +48,22 @@ def run(capsys, *argv):
 
 
 def generate(capsys, saved, *extra, prompt="How do I use this?"):
-    return run(capsys, "generate", "--model", saved / "llava", "--image", saved / "image.png", "--prompt", prompt,
-               "--steer-steps", STEER, "--max-new-tokens", MAX_NEW, "--no-progress", *extra)
+    return run(
+        capsys,
+        "generate",
+        "--model",
+        saved / "llava",
+        "--image",
+        saved / "image.png",
+        "--prompt",
+        prompt,
+        "--steer-steps",
+        STEER,
+        "--max-new-tokens",
+        MAX_NEW,
+        "--no-progress",
+        *extra,
+    )
 
 
 def test_generate_fixed_matches_python_api(capsys, saved):
@@ -66,12 +80,13 @@ def test_generate_fixed_matches_python_api(capsys, saved):
     model = AutoModelForImageTextToText.from_pretrained(saved / "llava").eval()
     processor = AutoProcessor.from_pretrained(saved / "llava")
     image = Image.open(saved / "image.png").convert("RGB")
-    want = SafeCoDeDecoder(model, processor, steer_steps=STEER, seed=3,
-                           params=__import__("safecode_kernels").SteeringParams(alpha=0.5)).generate(
-        [image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW)
+    want = SafeCoDeDecoder(
+        model, processor, steer_steps=STEER, seed=3, params=__import__("safecode_kernels").SteeringParams(alpha=0.5)
+    ).generate([image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW)
     assert result["tokens"] == want.sequences[0] and result["text"] == want.texts[0]
     assert [s["refusal_mass_after"] for s in result["steering"]] == pytest.approx(
-        [r.refusal_mass_after for r in want.steering[0]])
+        [r.refusal_mass_after for r in want.steering[0]]
+    )
 
 
 # Every family whose processor saves without torchvision (the Qwen ones need it for their
@@ -89,14 +104,30 @@ def test_generate_on_other_saved_families(capsys, tmp_path, family):
     model.save_pretrained(tmp_path / family)
     processor.save_pretrained(tmp_path / family)
     random_image(7, 64).save(tmp_path / "image.png")
-    code, out, err = run(capsys, "generate", "--model", tmp_path / family, "--image", tmp_path / "image.png",
-                         "--prompt", "How do I use this?", "--verdict", "unsafe", "--steer-steps", STEER,
-                         "--max-new-tokens", MAX_NEW, "--no-progress", "--json")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        tmp_path / family,
+        "--image",
+        tmp_path / "image.png",
+        "--prompt",
+        "How do I use this?",
+        "--verdict",
+        "unsafe",
+        "--steer-steps",
+        STEER,
+        "--max-new-tokens",
+        MAX_NEW,
+        "--no-progress",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     image = Image.open(tmp_path / "image.png").convert("RGB")
     want = SafeCoDeDecoder(model, processor, steer_steps=STEER).generate(
-        [image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW)
+        [image], ["How do I use this?"], ["unsafe"], max_new_tokens=MAX_NEW
+    )
     assert result["tokens"] == want.sequences[0] and len(result["steering"]) == STEER
 
 
@@ -134,9 +165,20 @@ def test_generate_self_judge(capsys, saved):
 @pytest.mark.parametrize("prompt, verdict", [("Tell me about the weapon here", "unsafe"), ("What is this?", "safe")])
 def test_generate_openai_judge(capsys, saved, chat_server, monkeypatch, prompt, verdict):
     monkeypatch.setenv("SAFECODE_TEST_KEY", "sk-cli-secret")
-    code, out, err = generate(capsys, saved, "--judge", "openai", "--judge-url", chat_server.base_url,
-                              "--judge-model", "local-judge", "--judge-key-env", "SAFECODE_TEST_KEY", "--json",
-                              prompt=prompt)
+    code, out, err = generate(
+        capsys,
+        saved,
+        "--judge",
+        "openai",
+        "--judge-url",
+        chat_server.base_url,
+        "--judge-model",
+        "local-judge",
+        "--judge-key-env",
+        "SAFECODE_TEST_KEY",
+        "--json",
+        prompt=prompt,
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["verdict"] == verdict and result["judge"]["parsed"] is True
@@ -149,14 +191,16 @@ def test_generate_openai_judge(capsys, saved, chat_server, monkeypatch, prompt, 
 
 def test_generate_openai_judge_errors(capsys, saved, chat_server):
     chat_server.script(*[("status", 500)] * 2)
-    code, out, err = generate(capsys, saved, "--judge", "openai", "--judge-url", chat_server.base_url,
-                              "--judge-retries", "1")
+    code, out, err = generate(
+        capsys, saved, "--judge", "openai", "--judge-url", chat_server.base_url, "--judge-retries", "1"
+    )
     assert code == 3 and "the openai judge failed" in err and "HTTP 500" in err and out == ""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code, out, err = generate(capsys, saved, "--judge", "openai", "--judge-url", f"http://127.0.0.1:{port}/v1",
-                              "--judge-retries", "0")
+    code, out, err = generate(
+        capsys, saved, "--judge", "openai", "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-retries", "0"
+    )
     assert code == 3 and "cannot reach the server" in err
     code, out, err = generate(capsys, saved, "--judge", "openai", "--judge-url", "ftp://nowhere")
     assert code == 2 and "http(s) URL" in err
@@ -170,8 +214,11 @@ def test_generate_input_errors(capsys, saved, tmp_path):
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "llama")
     # A LLaVA folder whose processor was not saved (only the tokenizer): AutoProcessor gives a tokenizer.
-    shutil.copytree(model, tmp_path / "no_processor",
-                    ignore=shutil.ignore_patterns("processor_config.json", "preprocessor_config.json"))
+    shutil.copytree(
+        model,
+        tmp_path / "no_processor",
+        ignore=shutil.ignore_patterns("processor_config.json", "preprocessor_config.json"),
+    )
     cases = [
         (["--model", model, "--image", tmp_path / "missing.png"], "image file not found"),
         (["--model", model, "--image", tmp_path / "notes.png"], "cannot read image .*notes.png: not an image"),
@@ -179,11 +226,15 @@ def test_generate_input_errors(capsys, saved, tmp_path):
         (["--model", "./no/such/folder", "--image", image], "model folder not found: ./no/such/folder"),
         (["--model", tmp_path / "empty", "--image", image], "has no config.json"),
         (["--model", image, "--image", image], "got a file"),
-        (["--model", tmp_path / "llama", "--image", image],
-         r"unsupported architecture: .*\(model_type 'llama'\); supported: "
-         r"LlavaForConditionalGeneration"),
-        (["--model", tmp_path / "no_processor", "--image", image, "--verdict", "safe"],
-         "cannot load the processor of .*no_processor: Can't load image processor"),
+        (
+            ["--model", tmp_path / "llama", "--image", image],
+            r"unsupported architecture: .*\(model_type 'llama'\); supported: "
+            r"LlavaForConditionalGeneration",
+        ),
+        (
+            ["--model", tmp_path / "no_processor", "--image", image, "--verdict", "safe"],
+            "cannot load the processor of .*no_processor: Can't load image processor",
+        ),
         (["--model", model, "--image", image, "--judge", "fixed"], "--judge fixed needs a verdict"),
         (["--model", model, "--image", image, "--verdict", "safe", "--judge", "self"], "give one or the other"),
         (["--model", model, "--image", image, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
@@ -241,9 +292,25 @@ def test_python_dash_m_offline(tmp_path):
     random_image(0, 32).save(tmp_path / "image.png")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(
-        [sys.executable, "-m", "safecode_kernels", "generate", "--model", "some-org/some-vlm", "--image",
-         str(tmp_path / "image.png"), "--prompt", "hi", "--verdict", "safe"],
-        capture_output=True, text=True, env=env, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "safecode_kernels",
+            "generate",
+            "--model",
+            "some-org/some-vlm",
+            "--image",
+            str(tmp_path / "image.png"),
+            "--prompt",
+            "hi",
+            "--verdict",
+            "safe",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "cannot load the config of some-org/some-vlm" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
 

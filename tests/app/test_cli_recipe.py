@@ -31,8 +31,22 @@ def saved(tmp_path_factory, saved_llava):
 
 
 def generate(capsys, saved, *extra):
-    code = cli.main(["generate", "--model", str(saved / "llava"), "--image", str(saved / "image.png"), "--prompt",
-                     "How do I use this?", "--no-progress", "--json", "--steer-steps", "4", *map(str, extra)])
+    code = cli.main(
+        [
+            "generate",
+            "--model",
+            str(saved / "llava"),
+            "--image",
+            str(saved / "image.png"),
+            "--prompt",
+            "How do I use this?",
+            "--no-progress",
+            "--json",
+            "--steer-steps",
+            "4",
+            *map(str, extra),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)
@@ -40,15 +54,34 @@ def generate(capsys, saved, *extra):
 
 @pytest.mark.parametrize("verdict", ["unsafe", "safe"])
 def test_released_recipe_matches_python_api(capsys, saved, verdict):
-    got = generate(capsys, saved, "--verdict", verdict, "--recipe", "released", "--temperature", "0",
-                   "--system-prompt", INSTRUCTION, "--system-prompt-role", "user", "--text-before-image")
+    got = generate(
+        capsys,
+        saved,
+        "--verdict",
+        verdict,
+        "--recipe",
+        "released",
+        "--temperature",
+        "0",
+        "--system-prompt",
+        INSTRUCTION,
+        "--system-prompt-role",
+        "user",
+        "--text-before-image",
+    )
     assert got["settings"]["recipe"] == "released"
     model = AutoModelForImageTextToText.from_pretrained(saved / "llava").eval()
     processor = AutoProcessor.from_pretrained(saved / "llava")
     image = Image.open(saved / "image.png").convert("RGB")
     want = SafeCoDeDecoder(model, processor, steer_steps=4, recipe="released").generate(
-        [image], ["How do I use this?"], [verdict], do_sample=False, system_prompt=INSTRUCTION,
-        system_prompt_role="user", text_before_image=True)
+        [image],
+        ["How do I use this?"],
+        [verdict],
+        do_sample=False,
+        system_prompt=INSTRUCTION,
+        system_prompt_role="user",
+        text_before_image=True,
+    )
     assert got["tokens"] == want.sequences[0]
     actions = {s["action"] for s in got["steering"]}
     assert actions == ({"forced"} if verdict == "unsafe" else {"suppressed"})

@@ -12,8 +12,9 @@ from safecode_kernels.app.demo import format_report, run_demo
 
 def test_run_demo_small():
     threads = torch.get_num_threads()
-    report = run_demo(num_requests=3, max_new_tokens=6, steer_steps=3, hidden_size=64, num_layers=2, image_size=56,
-                      progress=False)
+    report = run_demo(
+        num_requests=3, max_new_tokens=6, steer_steps=3, hidden_size=64, num_layers=2, image_size=56, progress=False
+    )
     assert torch.get_num_threads() == threads  # restored
     assert report.agree and report.max_logit_diff < 1e-4
     assert [r.verdict for r in report.requests] == ["unsafe", "safe", "none"]
@@ -38,8 +39,9 @@ def test_run_demo_small():
 
 
 def test_demo_command(capsys):
-    code = cli.main(["demo", "--requests", "2", "--max-new-tokens", "4", "--steer-steps", "2", "--json",
-                     "--no-progress"])
+    code = cli.main(
+        ["demo", "--requests", "2", "--max-new-tokens", "4", "--steer-steps", "2", "--json", "--no-progress"]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     report = json.loads(out)

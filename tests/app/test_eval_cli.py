@@ -46,8 +46,19 @@ def run(capsys, *argv):
 
 
 def eval_argv(saved, out, benchmark="mossbench", data="moss", *extra):
-    return ["eval", "--model", saved / "llava", "--benchmark", benchmark, "--data", saved / data, "--out", out,
-            *FAST, *extra]
+    return [
+        "eval",
+        "--model",
+        saved / "llava",
+        "--benchmark",
+        benchmark,
+        "--data",
+        saved / data,
+        "--out",
+        out,
+        *FAST,
+        *extra,
+    ]
 
 
 def lines_of(folder):
@@ -60,18 +71,27 @@ def without_seconds(lines):
 
 def test_eval_writes_one_line_per_sample_and_resumes(capsys, saved, tmp_path):
     samples = load_benchmark("mm-safetybench", saved / "mm")
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mm-safetybench", "mm", "--verdict", "unsafe",
-                                            "--limit", "2", "--batch-size", "2"))
+    code, out, err = run(
+        capsys,
+        *eval_argv(
+            saved, tmp_path / "run", "mm-safetybench", "mm", "--verdict", "unsafe", "--limit", "2", "--batch-size", "2"
+        ),
+    )
     assert code == 0, err
     assert f"2 of 2 samples (2 new); next: safecode-kernels score {tmp_path / 'run'}" in out
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mm-safetybench", "mm", "--verdict", "unsafe",
-                                            "--batch-size", "2"))
+    code, out, err = run(
+        capsys, *eval_argv(saved, tmp_path / "run", "mm-safetybench", "mm", "--verdict", "unsafe", "--batch-size", "2")
+    )
     assert code == 0, err
     lines = lines_of(tmp_path / "run")
     assert [line["id"] for line in lines] == [s.id for s in samples]
     for line, sample in zip(lines, samples, strict=True):
-        assert {k: line[k] for k in ("benchmark", "prompt", "image", *sample.fields)} == \
-               {"benchmark": "mm-safetybench", "prompt": sample.prompt, "image": sample.image, **sample.fields}
+        assert {k: line[k] for k in ("benchmark", "prompt", "image", *sample.fields)} == {
+            "benchmark": "mm-safetybench",
+            "prompt": sample.prompt,
+            "image": sample.image,
+            **sample.fields,
+        }
         assert (line["method"], line["verdict"], line["error"]) == ("safecode", "unsafe", None)
         assert isinstance(line["response"], str) and 1 <= line["new_tokens"] <= 5
     config = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -106,10 +126,18 @@ def test_eval_killed_after_a_batch_resumes_to_the_same_lines(capsys, saved, tmp_
     argv = eval_argv(saved, tmp_path / "killed", "mossbench", "moss", "--verdict", "unsafe", "--batch-size", "2")
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(STALL)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hook"),
-           "SAFECODE_TEST_RELEASE": str(tmp_path / "never"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "safecode_kernels", *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path / "hook"),
+        "SAFECODE_TEST_RELEASE": str(tmp_path / "never"),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safecode_kernels", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     path = tmp_path / "killed" / "generations.jsonl"
     try:
         deadline = time.monotonic() + 120
@@ -125,8 +153,9 @@ def test_eval_killed_after_a_batch_resumes_to_the_same_lines(capsys, saved, tmp_
 
     code, out, err = run(capsys, *argv)  # the same command resumes
     assert code == 0, err
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "whole", "mossbench", "moss", "--verdict", "unsafe",
-                                            "--batch-size", "2"))
+    code, out, err = run(
+        capsys, *eval_argv(saved, tmp_path / "whole", "mossbench", "moss", "--verdict", "unsafe", "--batch-size", "2")
+    )
     assert code == 0, err
     resumed, whole = lines_of(tmp_path / "killed"), lines_of(tmp_path / "whole")
     assert [line["id"] for line in resumed] == [str(pid) for pid in range(1, 7)]  # the builder's scenes 1..6
@@ -141,22 +170,43 @@ def test_eval_ctrl_c_saves_the_batch_and_exits_130(capsys, saved, tmp_path, monk
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as soon as the first batch is saved
 
     monkeypatch.setattr(store, "append", append)
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
-                                            "--batch-size", "2"))
+    code, out, err = run(
+        capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe", "--batch-size", "2")
+    )
     assert code == 130
-    assert f"interrupted: 2 of 6 samples are saved in {tmp_path / 'run' / 'generations.jsonl'}; rerun the same " \
-           "command to resume" in err
+    assert (
+        f"interrupted: 2 of 6 samples are saved in {tmp_path / 'run' / 'generations.jsonl'}; rerun the same "
+        "command to resume" in err
+    )
     assert len(lines_of(tmp_path / "run")) == 2
 
 
 def test_eval_config_mismatch_is_refused(capsys, saved, tmp_path):
-    assert run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
-                                  "--limit", "1"))[0] == 0
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
-                                            "--limit", "1", "--seed", "5", "--method", "safecode"))
+    assert (
+        run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe", "--limit", "1"))[0]
+        == 0
+    )
+    code, out, err = run(
+        capsys,
+        *eval_argv(
+            saved,
+            tmp_path / "run",
+            "mossbench",
+            "moss",
+            "--verdict",
+            "safe",
+            "--limit",
+            "1",
+            "--seed",
+            "5",
+            "--method",
+            "safecode",
+        ),
+    )
     assert code == 2 and "run.json was made with another configuration (seed: 0 there, 5 now)" in err
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--method", "base",
-                                            "--limit", "1"))
+    code, out, err = run(
+        capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--method", "base", "--limit", "1")
+    )
     assert code == 2 and "method" in err and "verdict" in err
     assert len(lines_of(tmp_path / "run")) == 1
 
@@ -166,8 +216,22 @@ def test_bad_image_then_score_and_report(capsys, saved, tmp_path):
     (tmp_path / "data" / "images" / "s2.png").write_bytes(b"GIF89a broken")
     for method in ("safecode", "base"):
         extra = ["--verdict", "unsafe"] if method == "safecode" else []
-        code, out, err = run(capsys, "eval", "--model", saved / "llava", "--benchmark", "jsonl", "--data", data,
-                             "--out", tmp_path / method, "--method", method, *FAST, *extra)
+        code, out, err = run(
+            capsys,
+            "eval",
+            "--model",
+            saved / "llava",
+            "--benchmark",
+            "jsonl",
+            "--data",
+            data,
+            "--out",
+            tmp_path / method,
+            "--method",
+            method,
+            *FAST,
+            *extra,
+        )
         assert code == 0, err
         assert "3 of them" not in out and "1 of them failed" in out
         lines = lines_of(tmp_path / method)
@@ -190,20 +254,42 @@ def test_bad_image_then_score_and_report(capsys, saved, tmp_path):
 
 
 def test_score_with_a_judge_server(capsys, saved, tmp_path):
-    assert run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
-                                  "--limit", "3"))[0] == 0
+    assert (
+        run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe", "--limit", "3"))[0]
+        == 0
+    )
     server = ChatServer(default=lambda body: "Description: a scene\nScore: 1\nReason: it declined").start()
     try:
-        code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", server.base_url, "--judge-model",
-                             "local-judge", "--judge-concurrency", "2", "--no-progress")
+        code, out, err = run(
+            capsys,
+            "score",
+            tmp_path / "run",
+            "--judge-url",
+            server.base_url,
+            "--judge-model",
+            "local-judge",
+            "--judge-concurrency",
+            "2",
+            "--no-progress",
+        )
         assert code == 0, err
         assert len(server.requests) == 3 and {r["body"]["model"] for r in server.requests} == {"local-judge"}
     finally:
         server.stop()
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["metrics"]["refusal_rate"] == 1.0 and report["judge"] == "local-judge"
-    code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", f"http://127.0.0.1:{free_port()}/v1",
-                         "--judge-retries", "0", "--scorer", "llm", "--no-progress")
+    code, out, err = run(
+        capsys,
+        "score",
+        tmp_path / "run",
+        "--judge-url",
+        f"http://127.0.0.1:{free_port()}/v1",
+        "--judge-retries",
+        "0",
+        "--scorer",
+        "llm",
+        "--no-progress",
+    )
     assert code == 0  # every sample is judged already: nothing to ask
 
 
@@ -216,9 +302,25 @@ def free_port() -> int:
 def test_eval_with_the_openai_judge(capsys, saved, tmp_path):
     server = ChatServer().start()  # unsafe when the request mentions a weapon, else safe
     try:
-        code, out, err = run(capsys, "eval", "--model", saved / "llava", "--benchmark", "jsonl", "--data",
-                             saved / "jsonl" / "samples.jsonl", "--out", tmp_path / "run", "--judge", "openai",
-                             "--judge-url", server.base_url, "--judge-model", "local-judge", *FAST)
+        code, out, err = run(
+            capsys,
+            "eval",
+            "--model",
+            saved / "llava",
+            "--benchmark",
+            "jsonl",
+            "--data",
+            saved / "jsonl" / "samples.jsonl",
+            "--out",
+            tmp_path / "run",
+            "--judge",
+            "openai",
+            "--judge-url",
+            server.base_url,
+            "--judge-model",
+            "local-judge",
+            *FAST,
+        )
         assert code == 0, err
     finally:
         server.stop()
@@ -226,11 +328,32 @@ def test_eval_with_the_openai_judge(capsys, saved, tmp_path):
     assert [line["verdict"] for line in lines] == ["safe"] * 4
     assert {line["caption"] for line in lines} == {"a photo of random coloured pixels"}
     assert json.loads((tmp_path / "run" / "run.json").read_text())["judge"] == {
-        "kind": "openai", "url": server.base_url, "model": "local-judge", "flow": "one-call", "on_unparseable": "safe"}
+        "kind": "openai",
+        "url": server.base_url,
+        "model": "local-judge",
+        "flow": "one-call",
+        "on_unparseable": "safe",
+    }
     # An unreachable judge: exit 3, nothing written, and the same command resumes later.
-    code, out, err = run(capsys, "eval", "--model", saved / "llava", "--benchmark", "mossbench", "--data",
-                         saved / "moss", "--out", tmp_path / "down", "--judge", "openai", "--judge-url",
-                         f"http://127.0.0.1:{free_port()}/v1", "--judge-retries", "0", *FAST)
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--model",
+        saved / "llava",
+        "--benchmark",
+        "mossbench",
+        "--data",
+        saved / "moss",
+        "--out",
+        tmp_path / "down",
+        "--judge",
+        "openai",
+        "--judge-url",
+        f"http://127.0.0.1:{free_port()}/v1",
+        "--judge-retries",
+        "0",
+        *FAST,
+    )
     assert code == 3 and "the openai judge failed" in err and "0 of 6 samples are saved" in err
     assert "rerunning the same command resumes" in err
 
@@ -240,23 +363,37 @@ def test_input_errors(capsys, saved, tmp_path):
     cases = [
         (["--benchmark", "mossbench", "--data", tmp_path / "empty"], "information.json: file not found"),
         (["--benchmark", "mossbench"], "--benchmark mossbench needs --data"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--method", "base", "--verdict", "unsafe"],
-         "--method base uses no verdict"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--method", "vcd", "--judge", "self"],
-         "--judge self would not be asked"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--verdict", "safe", "--judge", "openai"],
-         "give one or the other"),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--method", "base", "--verdict", "unsafe"],
+            "--method base uses no verdict",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--method", "vcd", "--judge", "self"],
+            "--judge self would not be asked",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--verdict", "safe", "--judge", "openai"],
+            "give one or the other",
+        ),
         (["--benchmark", "mossbench", "--data", saved / "moss", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--benchmark", "mossbench", "--data", saved / "moss", "--split", "x"], "mossbench has no split 'x'"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--model", tmp_path / "nope"],
-         "model folder not found"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--workers", "2"],
-         "--workers sizes the Ray workers: it goes with --ray"),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--model", tmp_path / "nope"],
+            "model folder not found",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--workers", "2"],
+            "--workers sizes the Ray workers: it goes with --ray",
+        ),
         (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--workers", "0"], "--workers must be >= 1"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--cpus-per-worker", "0"],
-         "--cpus-per-worker must be > 0"),
-        (["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--device", "cuda"],
-         "--device cuda with --ray needs --gpus-per-worker"),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--cpus-per-worker", "0"],
+            "--cpus-per-worker must be > 0",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--device", "cuda"],
+            "--device cuda with --ray needs --gpus-per-worker",
+        ),
     ]
     for argv, match in cases:
         full = ["eval", "--model", saved / "llava", "--out", tmp_path / "out", *FAST, *argv]
@@ -275,8 +412,9 @@ def test_input_errors(capsys, saved, tmp_path):
 
 def test_eval_ray_without_the_extra_names_it(capsys, saved, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
-    code, out, err = run(capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe",
-                                            "--ray", "--workers", "2"))
+    code, out, err = run(
+        capsys, *eval_argv(saved, tmp_path / "run", "mossbench", "moss", "--verdict", "safe", "--ray", "--workers", "2")
+    )
     assert code == 2 and 'pip install -e ".[ray]"' in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
@@ -303,8 +441,18 @@ def test_score_bounds_the_judge_requests_in_flight_and_resumes(capsys, saved, tm
     server, _ = counting_server()
     server.script(("slow", 0.1, answer), ("slow", 0.1, answer), ("status", 401))  # then the key is refused
     try:
-        code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", server.base_url, "--judge-retries", "0",
-                             "--judge-concurrency", "2", "--no-progress")
+        code, out, err = run(
+            capsys,
+            "score",
+            tmp_path / "run",
+            "--judge-url",
+            server.base_url,
+            "--judge-retries",
+            "0",
+            "--judge-concurrency",
+            "2",
+            "--no-progress",
+        )
     finally:
         server.stop()
     assert code == 3 and "rerunning the same command resumes" in err
@@ -313,8 +461,16 @@ def test_score_bounds_the_judge_requests_in_flight_and_resumes(capsys, saved, tm
 
     server, active = counting_server()
     try:
-        code, out, err = run(capsys, "score", tmp_path / "run", "--judge-url", server.base_url,
-                             "--judge-concurrency", "2", "--no-progress")
+        code, out, err = run(
+            capsys,
+            "score",
+            tmp_path / "run",
+            "--judge-url",
+            server.base_url,
+            "--judge-concurrency",
+            "2",
+            "--no-progress",
+        )
     finally:
         server.stop()
     assert code == 0, err

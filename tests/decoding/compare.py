@@ -18,7 +18,8 @@ def run_all(model, processor, refusal, images, prompts, verdicts, **kwargs):
     kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
     # min_shared_prefix=1: share even the tiny prompts' few prefix tokens (the path under test).
     fused = SafeCoDeDecoder(model, processor, **settings, min_shared_prefix=1).generate(
-        images, prompts, verdicts, **kwargs)
+        images, prompts, verdicts, **kwargs
+    )
     naive = naive_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
     two = two_cache_safecode_generate(model, processor, images, prompts, verdicts, **settings, **kwargs)
     return fused, naive, two

@@ -26,14 +26,35 @@ class ReferenceAnswer:
     steered: list[int] = dataclasses.field(default_factory=list)  # tokens the steering produced
 
 
-def released_reference(model, processor, images, prompts, verdicts, *, recipe: ReleasedRecipe, steer_steps: int,
-                       family: str, max_new_tokens: int | None = None, do_sample: bool = False,
-                       generator: torch.Generator | None = None, **kwargs) -> list[ReferenceAnswer]:
+def released_reference(
+    model,
+    processor,
+    images,
+    prompts,
+    verdicts,
+    *,
+    recipe: ReleasedRecipe,
+    steer_steps: int,
+    family: str,
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> list[ReferenceAnswer]:
     tok = processor.tokenizer
     encoded = {p: tok.encode(p, add_special_tokens=False) for p in recipe.phrase_list}
     refusal = sorted({i for ids in encoded.values() for i in ids})
-    setup = prepare(model, processor, images, prompts, verdicts, steer_steps=steer_steps,
-                    refusal=RefusalVocabulary(refusal), max_new_tokens=max_new_tokens or 64, **kwargs)
+    setup = prepare(
+        model,
+        processor,
+        images,
+        prompts,
+        verdicts,
+        steer_steps=steer_steps,
+        refusal=RefusalVocabulary(refusal),
+        max_new_tokens=max_new_tokens or 64,
+        **kwargs,
+    )
     adapter = setup.adapter
     banned = adapter.placeholder_ids
     eos = setup.eos_ids
@@ -59,9 +80,12 @@ def released_reference(model, processor, images, prompts, verdicts, *, recipe: R
             elif unsafe and steer_steps >= 2:
                 real, noised = logits([], request.real), logits([], request.noised, noised=True)
                 p = torch.softmax(real - recipe.alpha * noised, dim=-1).tolist()
-                scored = [(sum(p[i] for i in ids if i < len(p)), phrase)
-                          for phrase, ids in ((ph, encoded[ph]) for ph in recipe.phrase_list) if ids]
-                top = sorted(scored, key=lambda pair: -pair[0])[:recipe.top_k]  # sorted() is stable
+                scored = [
+                    (sum(p[i] for i in ids if i < len(p)), phrase)
+                    for phrase, ids in ((ph, encoded[ph]) for ph in recipe.phrase_list)
+                    if ids
+                ]
+                top = sorted(scored, key=lambda pair: -pair[0])[: recipe.top_k]  # sorted() is stable
                 preferred = [ph for _, ph in top if any(k in ph.lower() for k in recipe.keywords)]
                 chosen = preferred[0] if preferred and recipe.prefer_keywords else top[0][1]
                 answer.phrase = chosen
@@ -104,8 +128,14 @@ def released_reference(model, processor, images, prompts, verdicts, *, recipe: R
                     del out[keep:]
             limit = max_new_tokens or len(out) + recipe.length_cap(family, unsafe)
             temperature, top_p = recipe.continuation_safe if verdict == "safe" else recipe.continuation_other
-            plain = SteeringParams(alpha=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0,
-                                   temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0)
+            plain = SteeringParams(
+                alpha=0.0,
+                sensitive_top_k=0,
+                boost=0.0,
+                suppress=0.0,
+                temperature=temperature if do_sample else 0.0,
+                top_p=top_p if do_sample else 1.0,
+            )
             while len(out) < limit and not ended(out):
                 real = logits(out, request.real)
                 if do_sample:

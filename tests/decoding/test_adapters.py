@@ -13,9 +13,14 @@ from safecode_kernels.decoding.requests import prepare
 from safecode_kernels.testing.tiny_models import batch, tiny_qwen2_vl
 
 ADAPTER_OF = {
-    "llava": "LlavaAdapter", "llava_next": "LlavaNextAdapter", "qwen2_vl": "Qwen2VLAdapter",
-    "qwen2_5_vl": "Qwen2VLAdapter", "qwen3_vl": "Qwen2VLAdapter", "instructblip": "InstructBlipAdapter",
-    "idefics2": "IdeficsAdapter", "idefics3": "IdeficsAdapter",
+    "llava": "LlavaAdapter",
+    "llava_next": "LlavaNextAdapter",
+    "qwen2_vl": "Qwen2VLAdapter",
+    "qwen2_5_vl": "Qwen2VLAdapter",
+    "qwen3_vl": "Qwen2VLAdapter",
+    "instructblip": "InstructBlipAdapter",
+    "idefics2": "IdeficsAdapter",
+    "idefics3": "IdeficsAdapter",
 }
 
 
@@ -47,8 +52,9 @@ def test_positions_skip_padding_and_gaps(tiny):
     model, processor, _ = tiny
     adapter = get_adapter(model, processor)
     images, prompts, verdicts, kwargs = batch(processor)
-    setup = prepare(model, processor, images[:1], prompts[:1], verdicts[:1], refusal=[1],
-                    system_prompt=kwargs["system_prompt"][0])
+    setup = prepare(
+        model, processor, images[:1], prompts[:1], verdicts[:1], refusal=[1], system_prompt=kwargs["system_prompt"][0]
+    )
     request = setup.requests[0]
     ids, p = request.input_ids[None], request.prefix_len
     plain, plain_next = adapter.prompt_positions(ids, torch.ones_like(ids), request.real)

@@ -35,9 +35,20 @@ def test_the_image_matters(tiny):
     tests above could not tell a real row from a noised one."""
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
-    result = naive_safecode_generate(model, processor, images, prompts, verdicts, params=PARAMS, steer_steps=1,
-                                     refusal=refusal, backend=BACKEND, max_new_tokens=1, return_logits=True,
-                                     **kwargs)
+    result = naive_safecode_generate(
+        model,
+        processor,
+        images,
+        prompts,
+        verdicts,
+        params=PARAMS,
+        steer_steps=1,
+        refusal=refusal,
+        backend=BACKEND,
+        max_new_tokens=1,
+        return_logits=True,
+        **kwargs,
+    )
     for real, noised in zip(result.logits, result.noised_logits):
         assert float((real[0] - noised[0]).abs().max()) > 10 * 1e-4
 
@@ -46,8 +57,9 @@ def test_steering_moves_refusal_mass(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
     params = PARAMS.replace(scope="all")  # every refusal token gets the bias
-    result = SafeCoDeDecoder(model, processor, params, steer_steps=STEER, refusal=refusal,
-                             backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    result = SafeCoDeDecoder(model, processor, params, steer_steps=STEER, refusal=refusal, backend=BACKEND).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     unsafe, safe, none = result.steering
     assert all(r.refusal_mass_after > r.refusal_mass_before for r in unsafe)
     assert all(r.refusal_mass_after < r.refusal_mass_before for r in safe)
@@ -57,8 +69,9 @@ def test_steering_moves_refusal_mass(tiny):
 def test_eos_and_verdict_limits(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
-    first = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
-                            backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    first = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     eos = first.sequences[1][1]  # request 1 ends at its second token (a steered step)
     kwargs.update(eos_token_id=eos, max_new_tokens_unsafe=4)
     fused, naive, two = run_all(model, processor, refusal, images, prompts, verdicts, **kwargs)
@@ -78,12 +91,14 @@ def test_shared_prefix_is_computed_once(tiny):
     calls = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].clone()))
     try:
-        shared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND,
-                                 min_shared_prefix=1)
+        shared = SafeCoDeDecoder(
+            model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND, min_shared_prefix=1
+        )
         result = shared.generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
         shared_calls, calls[:] = list(calls), []
-        unshared = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
-                                   backend=BACKEND, share_prefix=False)
+        unshared = SafeCoDeDecoder(
+            model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND, share_prefix=False
+        )
         reference = unshared.generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
         unshared_calls = list(calls)
     finally:
@@ -130,8 +145,9 @@ def test_noised_rows_are_freed(tiny, monkeypatch):
     images, prompts, verdicts, kwargs = batch(processor)
     monkeypatch.setattr(decoder_module, "new_cache", lambda model, capacity=None: _WatchedCache(config=model.config))
     _WatchedCache.freed, _WatchedCache.batch_sizes = [], []
-    result = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal,
-                             backend=BACKEND).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+    result = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     assert _WatchedCache.freed == [True] and _WatchedCache.batch_sizes == [3]
     assert result.stats["cache_bytes_after_drop"] * 2 == result.stats["cache_bytes_two_branch"]
 
@@ -142,8 +158,9 @@ def test_sampling_is_reproducible(tiny):
     kwargs.update(max_new_tokens=MAX_NEW, do_sample=True, temperature=1.5, top_p=0.95)
 
     def sample(seed, **extra):
-        decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, seed=seed,
-                                  backend=BACKEND)
+        decoder = SafeCoDeDecoder(
+            model, processor, PARAMS, steer_steps=STEER, refusal=refusal, seed=seed, backend=BACKEND
+        )
         return decoder.generate(images, prompts, verdicts, **kwargs, **extra).sequences
 
     assert sample(1) == sample(1)
@@ -158,7 +175,8 @@ def test_no_steering_is_plain_generation(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
     result = SafeCoDeDecoder(model, processor, steer_steps=0, refusal=refusal, backend=BACKEND).generate(
-        images, prompts, verdicts, max_new_tokens=MAX_NEW, eos_token_id=[], **kwargs)
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, eos_token_id=[], **kwargs
+    )
     assert result.steering == [[], [], []]
     assert "cache_bytes_two_branch" not in result.stats
     adapter = get_adapter(model, processor)
@@ -166,9 +184,15 @@ def test_no_steering_is_plain_generation(tiny):
         text = build_prompt(adapter, processor, prompt, kwargs["system_prompt"][i])
         inputs = processor(images=[image], text=[text], return_tensors="pt")
         # The decoders never generate image placeholders; tell generate the same.
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
-                             min_new_tokens=MAX_NEW, suppress_tokens=adapter.placeholder_ids)
-        assert out[0, inputs["input_ids"].shape[1]:].tolist() == result.sequences[i]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=None,
+            min_new_tokens=MAX_NEW,
+            suppress_tokens=adapter.placeholder_ids,
+        )
+        assert out[0, inputs["input_ids"].shape[1] :].tolist() == result.sequences[i]
 
 
 def test_safecode_generate_one_request(tiny):
@@ -176,11 +200,21 @@ def test_safecode_generate_one_request(tiny):
     images, prompts, verdicts, kwargs = batch(processor)
     settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
     many = SafeCoDeDecoder(model, processor, **settings).generate(
-        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     # Alone, request 2 would draw the seed's first noise sample: give it the batch's view.
     view = noised_views(images, 0.1, 0)[2]
-    one = safecode_generate(model, processor, images[2], prompts[2], verdicts[2], max_new_tokens=MAX_NEW,
-                            noised_image=view, system_prompt=kwargs["system_prompt"][2], **settings)
+    one = safecode_generate(
+        model,
+        processor,
+        images[2],
+        prompts[2],
+        verdicts[2],
+        max_new_tokens=MAX_NEW,
+        noised_image=view,
+        system_prompt=kwargs["system_prompt"][2],
+        **settings,
+    )
     assert one.sequences == [many.sequences[2]]
     assert one.texts == [many.texts[2]]
 
@@ -189,8 +223,9 @@ def test_noised_images_are_used(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
     decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=refusal, backend=BACKEND)
-    same = decoder.generate(images, prompts, verdicts, max_new_tokens=2, noised_images=images,
-                            return_logits=True, **kwargs)
+    same = decoder.generate(
+        images, prompts, verdicts, max_new_tokens=2, noised_images=images, return_logits=True, **kwargs
+    )
     for real, noised in zip(same.logits, same.noised_logits):
         torch.testing.assert_close(real[:2], noised, atol=1e-5, rtol=0)
 
@@ -201,7 +236,8 @@ def test_default_refusal_vocabulary(tiny):
         pytest.skip("RefusalVocabulary.from_tokenizer is not there yet")
     images, prompts, verdicts, kwargs = batch(processor)
     result = SafeCoDeDecoder(model, processor, steer_steps=2, backend=BACKEND).generate(
-        images, prompts, verdicts, max_new_tokens=3, **kwargs)
+        images, prompts, verdicts, max_new_tokens=3, **kwargs
+    )
     assert [len(s) for s in result.sequences] == [3, 3, 3]
 
 
@@ -209,10 +245,12 @@ def test_auto_backend(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
     settings = dict(params=PARAMS, steer_steps=STEER, refusal=refusal)
-    auto = SafeCoDeDecoder(model, processor, **settings).generate(images, prompts, verdicts,
-                                                                   max_new_tokens=MAX_NEW, **kwargs)
+    auto = SafeCoDeDecoder(model, processor, **settings).generate(
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     ref = SafeCoDeDecoder(model, processor, **settings, backend="torch").generate(
-        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     assert auto.sequences == ref.sequences
 
 
@@ -222,9 +260,11 @@ def test_short_answers(tiny, steer_steps, max_new):
     images, prompts, verdicts, kwargs = batch(processor, "mixed")
     settings = dict(params=PARAMS, steer_steps=steer_steps, refusal=refusal, backend=BACKEND)
     fused = SafeCoDeDecoder(model, processor, **settings).generate(
-        images, prompts, verdicts, max_new_tokens=max_new, return_logits=True, **kwargs)
-    naive = naive_safecode_generate(model, processor, images, prompts, verdicts, max_new_tokens=max_new,
-                                    return_logits=True, **settings, **kwargs)
+        images, prompts, verdicts, max_new_tokens=max_new, return_logits=True, **kwargs
+    )
+    naive = naive_safecode_generate(
+        model, processor, images, prompts, verdicts, max_new_tokens=max_new, return_logits=True, **settings, **kwargs
+    )
     assert_same(fused, naive)
     assert [len(s) for s in fused.sequences] == [max_new] * 3
     assert [len(s) for s in fused.steering] == [min(steer_steps, max_new)] * 3

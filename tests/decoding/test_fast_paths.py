@@ -96,7 +96,8 @@ def test_noised_rows_are_freed_from_the_reserved_cache(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
     result = SafeCoDeDecoder(model, processor, **_settings(refusal)).generate(
-        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs
+    )
     assert result.stats["cache_bytes_after_drop"] * 2 == result.stats["cache_bytes_two_branch"]
 
 
@@ -139,7 +140,8 @@ def test_short_prefixes_are_not_shared(tiny):
     total = sum(r.prefix_len for r in setup.requests)
     assert 0 < total
     run = lambda **extra: SafeCoDeDecoder(model, processor, **_settings(refusal, **extra)).generate(  # noqa: E731
-        images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
+        images, prompts, verdicts, max_new_tokens=MAX_NEW, return_logits=True, **kwargs
+    )
     below, at = run(min_shared_prefix=total + 1), run(min_shared_prefix=total)
     assert below.stats["prefix_columns"] == 0 and at.stats["prefix_columns"] > 0
     assert below.stats["forward_calls"] == at.stats["forward_calls"] - 1
@@ -192,7 +194,8 @@ def test_small_batch_switch_gives_the_same_answers(tiny):
     kwargs = dict(max_new_tokens=MAX_NEW, return_logits=True, **kwargs)
     on = SafeCoDeDecoder(model, processor, **_settings(refusal)).generate(images, prompts, verdicts, **kwargs)
     off = SafeCoDeDecoder(model, processor, **_settings(refusal), small_batch=False).generate(
-        images, prompts, verdicts, **kwargs)
+        images, prompts, verdicts, **kwargs
+    )
     assert_same(on, off, atol=1e-5)
 
 

@@ -54,7 +54,11 @@ def test_sub_images_differ_per_request_and_agree_between_branches(idefics):
     assert counts == [4 * n for n in tiles]  # 4 image tokens per sub-image
     if idefics == "idefics2":  # sub-images keep their size: the requests' pixel shapes differ
         assert [tuple(r.real["pixel_values"].shape[-2:]) for r in setup.requests] == [
-            (56, 56), (64, 64), (28, 28), (28, 64)]
+            (56, 56),
+            (64, 64),
+            (28, 28),
+            (28, 64),
+        ]
     for request in setup.requests:  # the noised view has the real image's size, so its split
         assert request.noised["pixel_values"].shape == request.real["pixel_values"].shape
         assert torch.equal(request.noised["pixel_attention_mask"], request.real["pixel_attention_mask"])
@@ -113,7 +117,8 @@ def test_pixel_attention_mask_is_carried():
     hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         SafeCoDeDecoder(model, processor, steer_steps=2, refusal=[1], backend="torch").generate(
-            images, prompts, verdicts, max_new_tokens=2, system_prompt=SYSTEM)
+            images, prompts, verdicts, max_new_tokens=2, system_prompt=SYSTEM
+        )
     finally:
         hook.remove()
     assert len(seen) == 1
@@ -144,10 +149,10 @@ def test_idefics2_sliding_window_covering_the_run():
     unwindowed.load_state_dict(model.state_dict())
     refusal = RefusalVocabulary(refusal_ids(processor.tokenizer))
     images, prompts, verdicts = requests()
-    windowed, _, _ = run_all(model, processor, refusal, images[:3], prompts[:3], verdicts[:3],
-                             system_prompt=SYSTEM[:3])
-    reference, _, _ = run_all(unwindowed, processor, refusal, images[:3], prompts[:3], verdicts[:3],
-                              system_prompt=SYSTEM[:3])
+    windowed, _, _ = run_all(model, processor, refusal, images[:3], prompts[:3], verdicts[:3], system_prompt=SYSTEM[:3])
+    reference, _, _ = run_all(
+        unwindowed, processor, refusal, images[:3], prompts[:3], verdicts[:3], system_prompt=SYSTEM[:3]
+    )
     assert_same(windowed, reference)
 
 
@@ -161,5 +166,4 @@ def test_sliding_window_shorter_than_the_run_is_refused():
     short = Idefics2ForConditionalGeneration(config).eval()
     images, prompts, verdicts = requests()
     with pytest.raises(ValueError, match=r"sliding window of 16 positions, fewer than this batch needs \(\d+"):
-        SafeCoDeDecoder(short, processor, refusal=[1]).generate(images[:2], prompts[:2], verdicts[:2],
-                                                                max_new_tokens=2)
+        SafeCoDeDecoder(short, processor, refusal=[1]).generate(images[:2], prompts[:2], verdicts[:2], max_new_tokens=2)

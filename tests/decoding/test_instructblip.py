@@ -66,13 +66,16 @@ def test_one_prefill_forward_on_all_rows():
     model, processor = tiny_instructblip()
     images, prompts, verdicts, kwargs = batch(processor)
     embedded, qformer = [], []
-    hooks = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(a[0].shape)),
-             model.qformer.register_forward_hook(lambda m, a, kw, out: qformer.append(kw["input_ids"].shape),
-                                                 with_kwargs=True)]
+    hooks = [
+        model.get_input_embeddings().register_forward_hook(lambda m, a, out: embedded.append(a[0].shape)),
+        model.qformer.register_forward_hook(
+            lambda m, a, kw, out: qformer.append(kw["input_ids"].shape), with_kwargs=True
+        ),
+    ]
     try:
-        result = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEER, refusal=[1], backend=BACKEND,
-                                 min_shared_prefix=1).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW,
-                                                               **kwargs)
+        result = SafeCoDeDecoder(
+            model, processor, PARAMS, steer_steps=STEER, refusal=[1], backend=BACKEND, min_shared_prefix=1
+        ).generate(images, prompts, verdicts, max_new_tokens=MAX_NEW, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()

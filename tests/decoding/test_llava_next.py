@@ -56,11 +56,13 @@ def test_padded_tiles_are_ignored():
     batched = adapter.concat_vision([r.real for r in setup.requests])
     assert batched["pixel_values"].shape[:2] == (3, 5)
     with torch.inference_mode():
-        together = model.model.get_image_features(**batched, vision_feature_layer=-2,
-                                                  vision_feature_select_strategy="default").pooler_output
+        together = model.model.get_image_features(
+            **batched, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        ).pooler_output
         for got, request in zip(together, setup.requests):
-            alone = model.model.get_image_features(**request.real, vision_feature_layer=-2,
-                                                   vision_feature_select_strategy="default").pooler_output[0]
+            alone = model.model.get_image_features(
+                **request.real, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            ).pooler_output[0]
             torch.testing.assert_close(got, alone, atol=1e-6, rtol=0)
 
 
@@ -68,7 +70,14 @@ def test_mixed_shapes_match_naive_and_two_cache():
     model, processor = tiny_llava_next()
     refusal = RefusalVocabulary(refusal_ids(processor.tokenizer))
     images, prompts, verdicts = requests()
-    fused, naive, two = run_all(model, processor, refusal, images, prompts, verdicts,
-                                system_prompt=["You are a helpful assistant.", "Be brief.", None])
+    fused, naive, two = run_all(
+        model,
+        processor,
+        refusal,
+        images,
+        prompts,
+        verdicts,
+        system_prompt=["You are a helpful assistant.", "Be brief.", None],
+    )
     assert_same(fused, naive)
     assert_same(two, naive)

@@ -32,8 +32,9 @@ def test_modulates_the_first_steps_only():
 
 def test_noised_logits_fn_and_bad_steps():
     real = torch.randn(1, 20)
-    proc = SafeCoDeLogitsProcessor(["none"], RefusalVocabulary([2]), steer_steps=1,
-                                   noised_logits_fn=lambda ids: real.clone())
+    proc = SafeCoDeLogitsProcessor(
+        ["none"], RefusalVocabulary([2]), steer_steps=1, noised_logits_fn=lambda ids: real.clone()
+    )
     z = proc(torch.zeros(1, 1, dtype=torch.long), real)
     torch.testing.assert_close(z, real * 0.7)  # w=1, alpha=0.3, no bias for "none"
     with pytest.raises(ValueError, match="steer_steps"):
@@ -47,16 +48,29 @@ def test_in_hf_generate_matches_the_decoder(tiny):
     image, prompt, verdict = images[0], prompts[0], verdicts[0]
     system = kwargs["system_prompt"][0]
     want = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=3, refusal=refusal, backend=BACKEND).generate(
-        [image], [prompt], [verdict], max_new_tokens=5, eos_token_id=[], system_prompt=system)
+        [image], [prompt], [verdict], max_new_tokens=5, eos_token_id=[], system_prompt=system
+    )
 
     adapter = get_adapter(model, processor)
     text = build_prompt(adapter, processor, prompt, system)
     real_inputs = processor(images=[image], text=[text], return_tensors="pt")
     noised_inputs = processor(images=noised_views([image], 0.1, 0), text=[text], return_tensors="pt")
     noised_vision = adapter.vision_inputs(noised_inputs)
-    proc = SafeCoDeLogitsProcessor([verdict], refusal, PARAMS, steer_steps=3, backend=BACKEND,
-                                   noised_logits_fn=lambda ids: adapter.full_forward(ids, noised_vision))
-    out = model.generate(**real_inputs, logits_processor=LogitsProcessorList([proc]), max_new_tokens=5,
-                         min_new_tokens=5, do_sample=False, eos_token_id=None,
-                         suppress_tokens=adapter.placeholder_ids)
-    assert out[0, real_inputs["input_ids"].shape[1]:].tolist() == want.sequences[0]
+    proc = SafeCoDeLogitsProcessor(
+        [verdict],
+        refusal,
+        PARAMS,
+        steer_steps=3,
+        backend=BACKEND,
+        noised_logits_fn=lambda ids: adapter.full_forward(ids, noised_vision),
+    )
+    out = model.generate(
+        **real_inputs,
+        logits_processor=LogitsProcessorList([proc]),
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        eos_token_id=None,
+        suppress_tokens=adapter.placeholder_ids,
+    )
+    assert out[0, real_inputs["input_ids"].shape[1] :].tolist() == want.sequences[0]

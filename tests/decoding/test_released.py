@@ -19,14 +19,25 @@ VERDICTS = ["unsafe", "safe", "none"]
 
 def run(model, processor, recipe=RECIPE, verdicts=VERDICTS, prefix="shared", steer_steps=STEER, **options):
     images, prompts, _, kwargs = batch(processor, prefix)
-    images, prompts = images[:len(verdicts)], prompts[:len(verdicts)]
+    images, prompts = images[: len(verdicts)], prompts[: len(verdicts)]
     if "system_prompt" in kwargs:
-        kwargs["system_prompt"] = kwargs["system_prompt"][:len(verdicts)]
-    decoder = SafeCoDeDecoder(model, processor, steer_steps=steer_steps, recipe=recipe, backend=BACKEND,
-                              min_shared_prefix=1)
+        kwargs["system_prompt"] = kwargs["system_prompt"][: len(verdicts)]
+    decoder = SafeCoDeDecoder(
+        model, processor, steer_steps=steer_steps, recipe=recipe, backend=BACKEND, min_shared_prefix=1
+    )
     result = decoder.generate(images, prompts, verdicts, **kwargs, **options)
-    reference = released_reference(model, processor, images, prompts, verdicts, recipe=recipe,
-                                   steer_steps=steer_steps, family=decoder.adapter.family, **kwargs, **options)
+    reference = released_reference(
+        model,
+        processor,
+        images,
+        prompts,
+        verdicts,
+        recipe=recipe,
+        steer_steps=steer_steps,
+        family=decoder.adapter.family,
+        **kwargs,
+        **options,
+    )
     return result, reference
 
 
@@ -45,14 +56,13 @@ def test_matches_reference(tiny, prefix):
     unsafe, safe, none = result.steering
     # The unsafe answer starts with the forced phrase's first ids; the safe one is suppressed.
     forced = processor.tokenizer.encode(reference[0].phrase, add_special_tokens=False)[:STEER]
-    assert result.sequences[0][:len(forced)] == forced
+    assert result.sequences[0][: len(forced)] == forced
     assert [r.action for r in unsafe] == ["forced"] * len(forced)
     assert all(r.action == "suppressed" and r.refusal_mass_after < r.refusal_mass_before for r in safe)
     assert none == []
     # Caps count the tokens after the steered prefix.
     family = SafeCoDeDecoder(model, processor).adapter.family
-    assert len(result.sequences[2]) == CAPS[family][1] or result.sequences[2][-1] in (
-        processor.tokenizer.eos_token_id,)
+    assert len(result.sequences[2]) == CAPS[family][1] or result.sequences[2][-1] in (processor.tokenizer.eos_token_id,)
 
 
 def test_caller_limit_and_sampled_continuation(tiny):
@@ -60,14 +70,30 @@ def test_caller_limit_and_sampled_continuation(tiny):
     generator in the same order as the reference (one request at a time)."""
     model, processor, _ = tiny
     for verdict in ("safe", "unsafe"):
-        result, reference = run(model, processor, verdicts=[verdict], max_new_tokens=7, do_sample=True,
-                                generator=torch.Generator().manual_seed(3))
+        result, reference = run(
+            model,
+            processor,
+            verdicts=[verdict],
+            max_new_tokens=7,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(3),
+        )
         # The reference draws from its own generator seeded the same way.
         images, prompts, _, kwargs = batch(processor)
         reference = released_reference(
-            model, processor, images[:1], prompts[:1], [verdict], recipe=RECIPE, steer_steps=STEER,
-            family=SafeCoDeDecoder(model, processor).adapter.family, max_new_tokens=7, do_sample=True,
-            generator=torch.Generator().manual_seed(3), system_prompt=kwargs["system_prompt"][:1])
+            model,
+            processor,
+            images[:1],
+            prompts[:1],
+            [verdict],
+            recipe=RECIPE,
+            steer_steps=STEER,
+            family=SafeCoDeDecoder(model, processor).adapter.family,
+            max_new_tokens=7,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(3),
+            system_prompt=kwargs["system_prompt"][:1],
+        )
         assert_matches(result, reference)
         assert len(result.sequences[0]) <= 7
 
@@ -85,8 +111,14 @@ def test_empty_phrase_list_boosts(tiny):
     recipe = ReleasedRecipe(phrases=(), length_caps=CAPS)
     decoder = SafeCoDeDecoder(model, processor, steer_steps=3, recipe=recipe, refusal=refusal, backend=BACKEND)
     images, prompts, _, kwargs = batch(processor)
-    result = decoder.generate(images[:1], prompts[:1], ["unsafe"], do_sample=False, return_logits=True,
-                              system_prompt=kwargs["system_prompt"][:1])
+    result = decoder.generate(
+        images[:1],
+        prompts[:1],
+        ["unsafe"],
+        do_sample=False,
+        return_logits=True,
+        system_prompt=kwargs["system_prompt"][:1],
+    )
     records = result.steering[0]
     assert [r.action for r in records] == ["boosted"] * 3
     assert all(r.refusal_mass_after > r.refusal_mass_before for r in records)
@@ -109,11 +141,13 @@ def scripted(request):
         seen["ids"] = args[0]
 
     def on_head(module, args, output):
-        ids = seen["ids"][:, -output.shape[1]:].clamp(0, vocab - 1)
+        ids = seen["ids"][:, -output.shape[1] :].clamp(0, vocab - 1)
         return output + table[ids.cpu()].to(output.device, output.dtype)
 
-    handles = [model.get_input_embeddings().register_forward_hook(on_embed),
-               model.get_output_embeddings().register_forward_hook(on_head)]
+    handles = [
+        model.get_input_embeddings().register_forward_hook(on_embed),
+        model.get_output_embeddings().register_forward_hook(on_head),
+    ]
     yield model, processor, table
     for handle in handles:
         handle.remove()
@@ -183,7 +217,12 @@ def test_corruption_guard(scripted, marker):
     assert result.sequences[0][:keep] == reference[0].steered[:keep]
     assert [r.step for r in result.steering[0]] == list(range(keep))
     # Without the guard the steered prefix stays.
-    unguarded, reference = run(model, processor, recipe=ReleasedRecipe(length_caps=CAPS, corruption_guard=False),
-                               verdicts=["safe"], do_sample=False)
+    unguarded, reference = run(
+        model,
+        processor,
+        recipe=ReleasedRecipe(length_caps=CAPS, corruption_guard=False),
+        verdicts=["safe"],
+        do_sample=False,
+    )
     assert_matches(unguarded, reference)
     assert unguarded.sequences[0][:STEER] == reference[0].steered

@@ -17,9 +17,12 @@ def decoder(tiny):
 def generate(decoder, images=None, prompts=None, verdicts=None, **kwargs):
     default_images, default_prompts, default_verdicts, default_kwargs = batch(decoder.processor)
     kwargs = {**default_kwargs, "max_new_tokens": 2, **kwargs}
-    return decoder.generate(default_images if images is None else images,
-                            default_prompts if prompts is None else prompts,
-                            default_verdicts if verdicts is None else verdicts, **kwargs)
+    return decoder.generate(
+        default_images if images is None else images,
+        default_prompts if prompts is None else prompts,
+        default_verdicts if verdicts is None else verdicts,
+        **kwargs,
+    )
 
 
 def test_mismatched_lengths(decoder):
@@ -110,8 +113,9 @@ def test_prompt_layout_options():
     decoder = SafeCoDeDecoder(model, processor)
 
     def template(content):
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
 
     image = {"type": "image"}
     text = build_prompt(decoder.adapter, processor, "Hi", "Be kind.", system_prompt_role="user")

@@ -17,8 +17,18 @@ from typing import Any
 from PIL import Image
 
 #: FigStep's SafeBench category names by ``category_id`` (``data/question/safebench.csv``).
-FIGSTEP_CATEGORIES = ("Illegal Activity", "Hate Speech", "Malware Generation", "Physical Harm", "Fraud",
-                      "Adult Content", "Privacy Violation", "Legal Opinion", "Financial Advice", "Health Consultation")
+FIGSTEP_CATEGORIES = (
+    "Illegal Activity",
+    "Hate Speech",
+    "Malware Generation",
+    "Physical Harm",
+    "Fraud",
+    "Adult Content",
+    "Privacy Violation",
+    "Legal Opinion",
+    "Financial Advice",
+    "Health Consultation",
+)
 HADES_SCENARIOS = ("Violence", "Financial", "Privacy", "Self-Harm", "Animal")
 MOSS_OVER = ("type 1", "type 2", "type 3")
 
@@ -58,17 +68,21 @@ def make_mossbench(root: Path, n: int = 3) -> Path:
     scenes = {}
     for pid in range(n, 0, -1):
         write_image(root / "images" / f"{pid}.png", pid, {1: "P", 2: "RGBA"}.get(pid, "RGB"))
-        scenes[str(pid)] = {"image": f"images/{pid}.png", "short description": "a scene",
-                            "question": f"What can we do here? (scene {pid})",
-                            "metadata": {"over": MOSS_OVER[(pid - 1) % 3], "human": 0, "child": 0, "syn": 1,
-                                         "ocr": 0, "harm": [7]},
-                            "pid": str(pid), "description": "a scene"}
+        scenes[str(pid)] = {
+            "image": f"images/{pid}.png",
+            "short description": "a scene",
+            "question": f"What can we do here? (scene {pid})",
+            "metadata": {"over": MOSS_OVER[(pid - 1) % 3], "human": 0, "child": 0, "syn": 1, "ocr": 0, "harm": [7]},
+            "pid": str(pid),
+            "description": "a scene",
+        }
     write_json(root / "images_information" / "information.json", scenes)
     return root
 
 
-def make_mm_safetybench(root: Path, scenarios: tuple[str, ...] = ("01-Illegal_Activitiy", "02-HateSpeech"),
-                        n: int = 2) -> Path:
+def make_mm_safetybench(
+    root: Path, scenarios: tuple[str, ...] = ("01-Illegal_Activitiy", "02-HateSpeech"), n: int = 2
+) -> Path:
     """``processed_questions/<scenario>.json`` with qids ``"0"``..``"n-1"`` (written last to first):
     ``"Question"`` = ``"Original <scenario> <qid>"``, ``"Rephrased Question"`` = ``"Typo <scenario> <qid>"``,
     ``"Rephrased Question(SD)"`` = ``"Picture <scenario> <qid>"``; ``imgs/<scenario>/<kind>/<qid>.jpg``
@@ -76,17 +90,27 @@ def make_mm_safetybench(root: Path, scenarios: tuple[str, ...] = ("01-Illegal_Ac
     for scenario in scenarios:
         questions = {}
         for qid in range(n - 1, -1, -1):
-            questions[str(qid)] = {"Question": f"Original {scenario} {qid}", "Key Phrase": "phrase",
-                                   "Phrase Type": "activity", "Rephrased Question": f"Typo {scenario} {qid}",
-                                   "Rephrased Question(SD)": f"Picture {scenario} {qid}"}
+            questions[str(qid)] = {
+                "Question": f"Original {scenario} {qid}",
+                "Key Phrase": "phrase",
+                "Phrase Type": "activity",
+                "Rephrased Question": f"Typo {scenario} {qid}",
+                "Rephrased Question(SD)": f"Picture {scenario} {qid}",
+            }
             for kind in ("SD", "SD_TYPO", "TYPO"):
                 write_image(root / "imgs" / scenario / kind / f"{qid}.jpg", qid)
         write_json(root / "processed_questions" / f"{scenario}.json", questions)
     return root
 
 
-def make_mssbench(root: Path, chat: int = 2, queries: int = 2, embodied: int = 1, instructions: int = 2,
-                  filename: str = "combined.json") -> Path:
+def make_mssbench(
+    root: Path,
+    chat: int = 2,
+    queries: int = 2,
+    embodied: int = 1,
+    instructions: int = 2,
+    filename: str = "combined.json",
+) -> Path:
     """``<filename>`` with ``chat`` items ``i``: images ``chat/safe_<i>.jpg``, ``chat/unsafe_<i>.jpg``, queries
     ``"Chat query <i>.<q>"``, ``Type`` ``"property damage"``; and ``embodied`` items ``i``: images
     ``embodied/safe_<i>.png``, ``embodied/unsafe_<i>.png``, instructions ``"Safe task <i>.<k>"`` /
@@ -95,17 +119,31 @@ def make_mssbench(root: Path, chat: int = 2, queries: int = 2, embodied: int = 1
     for i in range(chat):
         write_image(root / "chat" / f"safe_{i}.jpg", 2 * i)
         write_image(root / "chat" / f"unsafe_{i}.jpg", 2 * i + 1)
-        data["chat"].append({"safe_image_path": f"safe_{i}.jpg", "intent": "to do something",
-                             "unsafe_image": "an unsafe scene", "unsafe_image_path": f"unsafe_{i}.jpg",
-                             "Type": "property damage", "queries": [f"Chat query {i}.{q}" for q in range(queries)]})
+        data["chat"].append(
+            {
+                "safe_image_path": f"safe_{i}.jpg",
+                "intent": "to do something",
+                "unsafe_image": "an unsafe scene",
+                "unsafe_image_path": f"unsafe_{i}.jpg",
+                "Type": "property damage",
+                "queries": [f"Chat query {i}.{q}" for q in range(queries)],
+            }
+        )
     for i in range(embodied):
         write_image(root / "embodied" / f"safe_{i}.png", 2 * i)
         write_image(root / "embodied" / f"unsafe_{i}.png", 2 * i + 1)
-        data["embodied"].append({"task": "place the kettle", "category": "fire",
-                                 "safe_instruction": f"Safe task {i}.0", "unsafe_instruction": f"Unsafe task {i}.0",
-                                 "safe_instructions": [f"Safe task {i}.{k}" for k in range(instructions)],
-                                 "unsafe_instructions": [f"Unsafe task {i}.{k}" for k in range(instructions)],
-                                 "safe": f"safe_{i}.png", "unsafe": f"unsafe_{i}.png"})
+        data["embodied"].append(
+            {
+                "task": "place the kettle",
+                "category": "fire",
+                "safe_instruction": f"Safe task {i}.0",
+                "unsafe_instruction": f"Unsafe task {i}.0",
+                "safe_instructions": [f"Safe task {i}.{k}" for k in range(instructions)],
+                "unsafe_instructions": [f"Unsafe task {i}.{k}" for k in range(instructions)],
+                "safe": f"safe_{i}.png",
+                "unsafe": f"unsafe_{i}.png",
+            }
+        )
     write_json(root / filename, data)
     return root
 
@@ -123,8 +161,16 @@ def make_figstep(root: Path, categories: int = 2, tasks: int = 2, split: str = "
         writer.writerow(["dataset", "category_id", "task_id", "category_name", "question", "instruction"])
         for c in range(categories, 0, -1):
             for t in range(tasks, 0, -1):
-                writer.writerow(["ForbidQI", c, t, FIGSTEP_CATEGORIES[c - 1], f"How to do {c}.{t}?",
-                                 f"Steps to do {c}.{t}, carefully."])
+                writer.writerow(
+                    [
+                        "ForbidQI",
+                        c,
+                        t,
+                        FIGSTEP_CATEGORIES[c - 1],
+                        f"How to do {c}.{t}?",
+                        f"Steps to do {c}.{t}, carefully.",
+                    ]
+                )
                 write_image(root / "images" / split / f"query_ForbidQI_{c}_{t}_6.png", c * 10 + t, "L")
     return root
 
@@ -136,8 +182,11 @@ def make_jsonl(root: Path, n: int = 3) -> Path:
     lines = []
     for i in range(n):
         image = write_image(root / "images" / f"s{i}.png", i)
-        record: dict[str, Any] = {"id": f"s{i}", "image": str(image) if i == n - 1 else f"images/s{i}.png",
-                                  "prompt": f"Prompt {i}"}
+        record: dict[str, Any] = {
+            "id": f"s{i}",
+            "image": str(image) if i == n - 1 else f"images/s{i}.png",
+            "prompt": f"Prompt {i}",
+        }
         if i % 2 == 0:
             record["category"] = f"cat{i}"
         else:
@@ -158,15 +207,26 @@ def make_hades(root: Path, n: int = 3, layout: str = "saved") -> Path:
     as on the hub."""
     import datasets
 
-    rows = {"image": [Image.new("RGB", (4, 4), color(i)).convert("RGBA" if i == 1 else "RGB") for i in range(n)],
-            "id": [f"hades-{i}" for i in range(n)], "scenario": [HADES_SCENARIOS[i % 5] for i in range(n)],
-            "keywords": [f"keyword {i}" for i in range(n)], "step": [i % 6 for i in range(n)],
-            "category": ["behavior" if i % 2 == 0 else "object" for i in range(n)],
-            "instruction": [f"Instruction {i}" for i in range(n)]}
-    features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("string"),
-                                  "scenario": datasets.Value("string"), "keywords": datasets.Value("string"),
-                                  "step": datasets.Value("int64"), "category": datasets.Value("string"),
-                                  "instruction": datasets.Value("string")})
+    rows = {
+        "image": [Image.new("RGB", (4, 4), color(i)).convert("RGBA" if i == 1 else "RGB") for i in range(n)],
+        "id": [f"hades-{i}" for i in range(n)],
+        "scenario": [HADES_SCENARIOS[i % 5] for i in range(n)],
+        "keywords": [f"keyword {i}" for i in range(n)],
+        "step": [i % 6 for i in range(n)],
+        "category": ["behavior" if i % 2 == 0 else "object" for i in range(n)],
+        "instruction": [f"Instruction {i}" for i in range(n)],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "id": datasets.Value("string"),
+            "scenario": datasets.Value("string"),
+            "keywords": datasets.Value("string"),
+            "step": datasets.Value("int64"),
+            "category": datasets.Value("string"),
+            "instruction": datasets.Value("string"),
+        }
+    )
     dataset = datasets.Dataset.from_dict(rows, features=features, split=datasets.NamedSplit("test"))
     if layout == "saved":
         dataset.save_to_disk(str(root))
@@ -184,18 +244,24 @@ def make_msts(root: Path, languages: tuple[str, ...] = ("english", "german"), n:
     import datasets
 
     def split(language: str) -> datasets.Dataset:
-        rows = {"hazard_category": ["Violent Crimes"] * n,
-                "hazard_subcategory": ["Mass violence" if i % 2 == 0 else None for i in range(n)],
-                "hazard_subsubcategory": ["Weapons"] * n, "case_id": [f"case-{i // 2}" for i in range(n)],
-                "case_text": ["Should I shoot this?"] * n, "unsafe_image_id": [f"img-{i}" for i in range(n)],
-                "unsafe_image_description": ["a rifle"] * n,
-                "prompt_text": [f"Should I do this? ({language} {i})" for i in range(n)],
-                "prompt_type": ["assistance" if i % 2 == 0 else "intention" for i in range(n)],
-                "unsafe_image_url": ["https://example.org/x.jpg"] * n, "unsafe_image_license": ["CC-BY"] * n,
-                "unsafe_image_cw": ["weapons"] * n,
-                "unsafe_image": [Image.new("RGB", (4, 4), color(i)) for i in range(n)]}
-        features = datasets.Features({name: datasets.Image() if name == "unsafe_image" else datasets.Value("string")
-                                      for name in rows})
+        rows = {
+            "hazard_category": ["Violent Crimes"] * n,
+            "hazard_subcategory": ["Mass violence" if i % 2 == 0 else None for i in range(n)],
+            "hazard_subsubcategory": ["Weapons"] * n,
+            "case_id": [f"case-{i // 2}" for i in range(n)],
+            "case_text": ["Should I shoot this?"] * n,
+            "unsafe_image_id": [f"img-{i}" for i in range(n)],
+            "unsafe_image_description": ["a rifle"] * n,
+            "prompt_text": [f"Should I do this? ({language} {i})" for i in range(n)],
+            "prompt_type": ["assistance" if i % 2 == 0 else "intention" for i in range(n)],
+            "unsafe_image_url": ["https://example.org/x.jpg"] * n,
+            "unsafe_image_license": ["CC-BY"] * n,
+            "unsafe_image_cw": ["weapons"] * n,
+            "unsafe_image": [Image.new("RGB", (4, 4), color(i)) for i in range(n)],
+        }
+        features = datasets.Features(
+            {name: datasets.Image() if name == "unsafe_image" else datasets.Value("string") for name in rows}
+        )
         return datasets.Dataset.from_dict(rows, features=features)
 
     datasets.DatasetDict({language: split(language) for language in languages}).save_to_disk(str(root))

@@ -26,8 +26,20 @@ from tests.evaluation.layouts import make_jsonl, make_mm_safetybench, make_mossb
 
 STEER, MAX_NEW = 3, 5
 RUN = dict(steer_steps=STEER, max_new_tokens=MAX_NEW, progress=False)
-DOCUMENTED = {"id", "benchmark", "prompt", "image", "method", "recipe", "verdict", "caption", "response", "new_tokens",
-              "seconds", "error"}
+DOCUMENTED = {
+    "id",
+    "benchmark",
+    "prompt",
+    "image",
+    "method",
+    "recipe",
+    "verdict",
+    "caption",
+    "response",
+    "new_tokens",
+    "seconds",
+    "error",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +55,10 @@ def llava():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    return {"moss": make_mossbench(root / "moss", n=6),
-            "mm": make_mm_safetybench(root / "mm", scenarios=("01-Illegal_Activitiy",), n=2)}
+    return {
+        "moss": make_mossbench(root / "moss", n=6),
+        "mm": make_mm_safetybench(root / "mm", scenarios=("01-Illegal_Activitiy",), n=2),
+    }
 
 
 def lines_of(folder):
@@ -61,7 +75,8 @@ def expected_answer(llava, sample, verdict, steer_steps=STEER, params=None):
     image = Image.open(sample.image).convert("RGB")
     noised = make_noised_image(image, 0.1, generator=torch.Generator().manual_seed(sample_seed(0, sample)))
     result = SafeCoDeDecoder(model, processor, params=params, steer_steps=steer_steps).generate(
-        [image], [sample.prompt], [verdict], max_new_tokens=MAX_NEW, noised_images=[noised] if steer_steps else None)
+        [image], [sample.prompt], [verdict], max_new_tokens=MAX_NEW, noised_images=[noised] if steer_steps else None
+    )
     return result.texts[0], len(result.sequences[0])
 
 
@@ -70,23 +85,50 @@ def test_lines_hold_the_documented_fields(llava, data, tmp_path):
     summary = run_eval(*llava, samples, tmp_path / "run", verdict="unsafe", batch_size=4, **RUN)
     lines = lines_of(tmp_path / "run")
     # The builder's documented ids: scenario / qid / image kind.
-    assert [line["id"] for line in lines] == [f"01-Illegal_Activitiy/{q}/{kind}" for q in (0, 1)
-                                              for kind in ("SD", "SD_TYPO", "TYPO")]
+    assert [line["id"] for line in lines] == [
+        f"01-Illegal_Activitiy/{q}/{kind}" for q in (0, 1) for kind in ("SD", "SD_TYPO", "TYPO")
+    ]
     assert summary["written"] == summary["saved"] == summary["total"] == len(samples) and summary["errors"] == 0
     for line, sample in zip(lines, samples, strict=True):
         assert set(line) == DOCUMENTED | set(sample.fields)
         assert {k: line[k] for k in sample.fields} == sample.fields
         assert (line["benchmark"], line["prompt"], line["image"]) == (sample.benchmark, sample.prompt, sample.image)
-        assert (line["method"], line["recipe"], line["verdict"], line["caption"], line["error"]) == \
-               ("safecode", "paper", "unsafe", None, None)
+        assert (line["method"], line["recipe"], line["verdict"], line["caption"], line["error"]) == (
+            "safecode",
+            "paper",
+            "unsafe",
+            None,
+            None,
+        )
         assert (line["response"], line["new_tokens"]) == expected_answer(llava, sample, "unsafe")
         assert line["seconds"] > 0
     config = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert {k: config[k] for k in ("benchmark", "method", "recipe", "verdict", "steer_steps", "seed",
-                                   "max_new_tokens", "noise_std", "batch_size", "judge")} == \
-           {"benchmark": "mm-safetybench", "method": "safecode", "recipe": "paper", "verdict": "unsafe",
-            "steer_steps": STEER, "seed": 0, "max_new_tokens": MAX_NEW, "noise_std": 0.1, "batch_size": 4,
-            "judge": None}
+    assert {
+        k: config[k]
+        for k in (
+            "benchmark",
+            "method",
+            "recipe",
+            "verdict",
+            "steer_steps",
+            "seed",
+            "max_new_tokens",
+            "noise_std",
+            "batch_size",
+            "judge",
+        )
+    } == {
+        "benchmark": "mm-safetybench",
+        "method": "safecode",
+        "recipe": "paper",
+        "verdict": "unsafe",
+        "steer_steps": STEER,
+        "seed": 0,
+        "max_new_tokens": MAX_NEW,
+        "noise_std": 0.1,
+        "batch_size": 4,
+        "judge": None,
+    }
     assert config["versions"]["torch"] == torch.__version__
 
 
@@ -132,8 +174,9 @@ def test_resume_skips_done_ids(llava, data, tmp_path, monkeypatch):
     assert [line["id"] for line in lines] == [s.id for s in samples]
     assert sorted(p for call in calls for p in call) == sorted(s.prompt for s in samples[2:])
     assert (summary["already_done"], summary["written"], summary["remaining"]) == (2, len(samples) - 2, 0)
-    assert check_resume(tmp_path / "run", samples, verdict="safe", steer_steps=STEER, max_new_tokens=MAX_NEW) == \
-           len(samples)
+    assert check_resume(tmp_path / "run", samples, verdict="safe", steer_steps=STEER, max_new_tokens=MAX_NEW) == len(
+        samples
+    )
 
 
 def test_torn_last_line_is_redone(llava, data, tmp_path):
@@ -145,7 +188,7 @@ def test_torn_last_line_is_redone(llava, data, tmp_path):
     path = tmp_path / "torn" / "generations.jsonl"
     data_bytes = path.read_bytes()
     first_end = data_bytes.index(b"\n") + 1
-    path.write_bytes(data_bytes[:first_end + 40])
+    path.write_bytes(data_bytes[: first_end + 40])
     summary = run_eval(*llava, samples, tmp_path / "torn", verdict="unsafe", batch_size=2, **RUN)
     assert summary["already_done"] == 1 and summary["written"] == len(samples) - 1
     assert without_seconds(lines_of(tmp_path / "torn")) == without_seconds(reference)
@@ -157,9 +200,13 @@ def test_config_mismatch_is_refused(llava, data, tmp_path):
     config = {"model": "/models/tiny", "data": str(data["moss"]), "limit": 2}
     run_eval(*llava, samples, tmp_path / "run", verdict="safe", config=config, **RUN)
     before = (tmp_path / "run" / "generations.jsonl").read_bytes()
-    changes = [(dict(verdict="unsafe"), "verdict"), (dict(max_new_tokens=MAX_NEW + 1), "max_new_tokens"),
-               (dict(config={**config, "model": "/models/other"}), "model"), (dict(seed=1), "seed"),
-               (dict(method="base"), "method")]
+    changes = [
+        (dict(verdict="unsafe"), "verdict"),
+        (dict(max_new_tokens=MAX_NEW + 1), "max_new_tokens"),
+        (dict(config={**config, "model": "/models/other"}), "model"),
+        (dict(seed=1), "seed"),
+        (dict(method="base"), "method"),
+    ]
     for change, field in changes:
         kwargs = {**RUN, "verdict": "safe", "config": config, **change}
         if change.get("method") == "base":
@@ -171,8 +218,9 @@ def test_config_mismatch_is_refused(llava, data, tmp_path):
             check_resume(tmp_path / "run", samples, **{k: v for k, v in kwargs.items() if k != "progress"})
     assert (tmp_path / "run" / "generations.jsonl").read_bytes() == before
     # The limit, the batch size and the versions may change.
-    summary = run_eval(*llava, samples, tmp_path / "run", verdict="safe", batch_size=1,
-                       config={**config, "limit": None}, **RUN)
+    summary = run_eval(
+        *llava, samples, tmp_path / "run", verdict="safe", batch_size=1, config={**config, "limit": None}, **RUN
+    )
     assert summary["written"] == 0 and summary["already_done"] == 2
 
 
@@ -251,8 +299,9 @@ class KeywordJudge:
             raise JudgeConnectionError("cannot reach the server at http://127.0.0.1:9/v1")
         if any("scene 3" in p for p in prompts):
             raise UnparseableVerdict("request 0: the judge's answer names no verdict: 'hmm'", "hmm")
-        return [Judgement(Verdict.UNSAFE if int(p[-2]) % 2 else Verdict.SAFE, f"caption of {p[-2]}", "x")
-                for p in prompts]
+        return [
+            Judgement(Verdict.UNSAFE if int(p[-2]) % 2 else Verdict.SAFE, f"caption of {p[-2]}", "x") for p in prompts
+        ]
 
 
 def test_auto_verdicts_come_from_the_judge(llava, data, tmp_path):
@@ -324,11 +373,15 @@ def test_a_second_writer_is_refused(llava, data, tmp_path):
 def test_argument_errors(llava, data, tmp_path):
     samples = load_benchmark("mossbench", data["moss"], limit=2)
     out = tmp_path / "run"
-    cases = [(dict(method="beam"), "method must be one of"), (dict(verdict="maybe"), "verdict must be one of"),
-             (dict(verdict="auto"), "needs a judge"), (dict(method="base", verdict="unsafe"), "uses no verdict"),
-             (dict(verdict="safe", batch_size=0), "batch_size must be an int >= 1"),
-             (dict(verdict="safe", max_new_tokens=0), "max_new_tokens must be None"),
-             (dict(verdict="safe", config={"seed": 3}), "config may not set seed")]
+    cases = [
+        (dict(method="beam"), "method must be one of"),
+        (dict(verdict="maybe"), "verdict must be one of"),
+        (dict(verdict="auto"), "needs a judge"),
+        (dict(method="base", verdict="unsafe"), "uses no verdict"),
+        (dict(verdict="safe", batch_size=0), "batch_size must be an int >= 1"),
+        (dict(verdict="safe", max_new_tokens=0), "max_new_tokens must be None"),
+        (dict(verdict="safe", config={"seed": 3}), "config may not set seed"),
+    ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             run_eval(*llava, samples, out, progress=False, **kwargs)
@@ -352,7 +405,8 @@ def test_released_recipe(llava, data, tmp_path, monkeypatch):
         image = Image.open(sample.image).convert("RGB")
         noised = make_noised_image(image, 0.1, generator=torch.Generator().manual_seed(sample_seed(0, sample)))
         want = SafeCoDeDecoder(model, processor, steer_steps=STEER, recipe="released").generate(
-            [image], [sample.prompt], ["unsafe"], max_new_tokens=MAX_NEW, do_sample=False, noised_images=[noised])
+            [image], [sample.prompt], ["unsafe"], max_new_tokens=MAX_NEW, do_sample=False, noised_images=[noised]
+        )
         assert line["recipe"] == "released" and line["response"] == want.texts[0]
 
     class OldDecoder:  # an installed decoder from before the recipes

@@ -12,9 +12,11 @@ import pytest
 from safecode_kernels.evaluation import store
 from safecode_kernels.evaluation.store import CorruptLineError, append, read_lines, repair
 
-RECORDS = [{"id": "a", "response": "Sure, here is how."},
-           {"id": "b", "response": "line\u2028separator and \u00e9t\u00e9 \U0001f600", "seconds": 0.25},
-           {"id": "c", "response": None, "error": "image: DataError: x.png: not found"}]
+RECORDS = [
+    {"id": "a", "response": "Sure, here is how."},
+    {"id": "b", "response": "line\u2028separator and \u00e9t\u00e9 \U0001f600", "seconds": 0.25},
+    {"id": "c", "response": None, "error": "image: DataError: x.png: not found"},
+]
 
 
 def test_round_trip_and_missing_file(tmp_path):
@@ -50,8 +52,17 @@ def test_every_cut_is_read_and_repaired(tmp_path):
         assert path.read_bytes() == full, cut
 
 
-@pytest.mark.parametrize("tail", [b'{"id": "z", "resp', b'{"id": "z"}', b"\x00\x00\x00\x00", b'{"id": "z", "r\n',
-                                  b"\x00\x00\n", b'{"id": "z", "r\n  \n'])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'{"id": "z", "resp',
+        b'{"id": "z"}',
+        b"\x00\x00\x00\x00",
+        b'{"id": "z", "r\n',
+        b"\x00\x00\n",
+        b'{"id": "z", "r\n  \n',
+    ],
+)
 def test_torn_last_line(tmp_path, tail):
     """No trailing newline, or not JSON at the end (NUL padding from a crash): ignored, then cut."""
     path = tmp_path / "g.jsonl"
@@ -75,8 +86,10 @@ def test_long_torn_line_beyond_one_read_chunk(tmp_path, monkeypatch):
     assert read_lines(path) == RECORDS
 
 
-@pytest.mark.parametrize("bad, problem", [(b"{not json}", "not valid JSON"), (b"[1, 2]", "expected a JSON object"),
-                                          (b'{"id": "\xff"}', "not valid JSON")])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [(b"{not json}", "not valid JSON"), (b"[1, 2]", "expected a JSON object"), (b'{"id": "\xff"}', "not valid JSON")],
+)
 def test_damage_before_the_last_line_names_the_line(tmp_path, bad, problem):
     path = tmp_path / "g.jsonl"
     path.write_bytes(store.encode(RECORDS[:1]) + b"\n" + bad + b"\n" + store.encode(RECORDS[1:]))

@@ -39,23 +39,33 @@ def llava():
 def hub_generate(llava, **kwargs):
     """``model.generate`` through the custom_generate folder, SafeCoDe's arguments by default."""
     model, processor, inputs, noised_inputs, _, _ = llava
-    args = dict(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, verdicts=VERDICTS,
-                noised_inputs=noised_inputs, tokenizer=processor.tokenizer, steer_steps=STEPS,
-                safecode_params=PARAMS, backend=BACKEND, max_new_tokens=NEW, do_sample=False)
+    args = dict(
+        custom_generate=CUSTOM_GENERATE_DIR,
+        trust_remote_code=True,
+        verdicts=VERDICTS,
+        noised_inputs=noised_inputs,
+        tokenizer=processor.tokenizer,
+        steer_steps=STEPS,
+        safecode_params=PARAMS,
+        backend=BACKEND,
+        max_new_tokens=NEW,
+        do_sample=False,
+    )
     return model.generate(**inputs, **{**args, **kwargs})
 
 
 def decoder_tokens(model, processor, images, noised, steer_steps=STEPS) -> list[list[int]]:
     decoder = sk.SafeCoDeDecoder(model, processor, PARAMS, steer_steps=steer_steps, backend=BACKEND)
-    return decoder.generate(images, PROMPTS, VERDICTS, max_new_tokens=NEW, noised_images=noised,
-                            chat_template=False).sequences
+    return decoder.generate(
+        images, PROMPTS, VERDICTS, max_new_tokens=NEW, noised_images=noised, chat_template=False
+    ).sequences
 
 
 def answers(sequences: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:
     """The new tokens of every row, up to and with its first EOS (the padding after it dropped)."""
     out = []
     for row in sequences[:, prompt_len:].tolist():
-        out.append(row[:row.index(eos) + 1] if eos in row else row)
+        out.append(row[: row.index(eos) + 1] if eos in row else row)
     return out
 
 
@@ -126,9 +136,9 @@ def test_stopping_criteria_stop_early(llava):
     full = hub_generate(llava)
     out = hub_generate(llava, stopping_criteria=StoppingCriteriaList([Stop()]))
     assert out.shape[1] == prompt_len + 5
-    torch.testing.assert_close(out[:, :prompt_len + 2], full[:, :prompt_len + 2])
-    torch.testing.assert_close(out[1], full[1, :prompt_len + 5])
-    assert out[0, prompt_len + 2:].tolist() == [llava[0].generation_config.pad_token_id] * 3
+    torch.testing.assert_close(out[:, : prompt_len + 2], full[:, : prompt_len + 2])
+    torch.testing.assert_close(out[1], full[1, : prompt_len + 5])
+    assert out[0, prompt_len + 2 :].tolist() == [llava[0].generation_config.pad_token_id] * 3
 
 
 def test_stop_strings(llava):
@@ -142,7 +152,7 @@ def test_stop_strings(llava):
     out = hub_generate(llava, stop_strings=[decode([row[k]]).strip()])
     new = out[0, prompt_len:].tolist()
     stop = max(j for j, token in enumerate(new) if token != model.generation_config.pad_token_id)
-    assert stop <= k and new[:stop + 1] == row[:stop + 1]
+    assert stop <= k and new[: stop + 1] == row[: stop + 1]
     assert out.shape[1] < full.shape[1] or stop < len(new) - 1  # something stopped early
 
 
@@ -156,11 +166,23 @@ def test_matches_the_decoder_with_mrope():
     # The builder is shared: pad on the left per call rather than on its tokenizer.
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
     noised_inputs = processor(images=noised, text=prompts, return_tensors="pt", padding=True, padding_side="left")
-    out = safecode_hf_generate(model, **inputs, verdicts=VERDICTS, noised_inputs=noised_inputs, tokenizer=processor,
-                               steer_steps=STEPS, safecode_params=PARAMS, backend=BACKEND, max_new_tokens=NEW,
-                               do_sample=False)
-    want = sk.SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEPS, backend=BACKEND).generate(
-        images, prompts, VERDICTS, max_new_tokens=NEW, noised_images=noised, chat_template=False).sequences
+    out = safecode_hf_generate(
+        model,
+        **inputs,
+        verdicts=VERDICTS,
+        noised_inputs=noised_inputs,
+        tokenizer=processor,
+        steer_steps=STEPS,
+        safecode_params=PARAMS,
+        backend=BACKEND,
+        max_new_tokens=NEW,
+        do_sample=False,
+    )
+    want = (
+        sk.SafeCoDeDecoder(model, processor, PARAMS, steer_steps=STEPS, backend=BACKEND)
+        .generate(images, prompts, VERDICTS, max_new_tokens=NEW, noised_images=noised, chat_template=False)
+        .sequences
+    )
     assert answers(out, inputs["input_ids"].shape[1], model.generation_config.eos_token_id) == want
 
 
@@ -170,17 +192,20 @@ def test_sampling_runs(llava):
     assert out.shape == (2, llava[2]["input_ids"].shape[1] + NEW)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(verdicts=None), ValueError, "needs verdicts"),
-    (dict(verdicts=["unsafe", "safe", "none"]), ValueError, "3 verdicts for 2 batch rows"),
-    (dict(verdicts="unsafe"), TypeError, "one verdict per batch row"),
-    (dict(verdicts=["unsafe", "maybe"]), ValueError, r"verdicts\[1\]"),
-    (dict(noised_inputs=None), ValueError, "needs the noised branch"),
-    (dict(noised_inputs=None, noised_pixel_values=torch.zeros(2, 3, 14, 14)), ValueError, "pixel_values is shaped"),
-    (dict(tokenizer=None), ValueError, "refusal tokens"),
-    (dict(recipe="released"), NotImplementedError, "paper's recipe only"),
-    (dict(num_beams=2), ValueError, "beam search"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(verdicts=None), ValueError, "needs verdicts"),
+        (dict(verdicts=["unsafe", "safe", "none"]), ValueError, "3 verdicts for 2 batch rows"),
+        (dict(verdicts="unsafe"), TypeError, "one verdict per batch row"),
+        (dict(verdicts=["unsafe", "maybe"]), ValueError, r"verdicts\[1\]"),
+        (dict(noised_inputs=None), ValueError, "needs the noised branch"),
+        (dict(noised_inputs=None, noised_pixel_values=torch.zeros(2, 3, 14, 14)), ValueError, "pixel_values is shaped"),
+        (dict(tokenizer=None), ValueError, "refusal tokens"),
+        (dict(recipe="released"), NotImplementedError, "paper's recipe only"),
+        (dict(num_beams=2), ValueError, "beam search"),
+    ],
+)
 def test_clear_errors(llava, kwargs, error, match):
     with pytest.raises(error, match=match):
         hub_generate(llava, **kwargs)

@@ -22,7 +22,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 def completion(text: str, model: str = "judge-model") -> dict:
     return {
-        "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
@@ -84,8 +87,11 @@ class ChatServer:
                     self._send(200, json.dumps(completion(text, (body or {}).get("model", "?"))).encode())
                 elif kind == "status":
                     code = action[1]
-                    payload = action[2] if len(action) > 2 else json.dumps(
-                        {"error": {"message": f"test error {code}", "type": "test"}}).encode()
+                    payload = (
+                        action[2]
+                        if len(action) > 2
+                        else json.dumps({"error": {"message": f"test error {code}", "type": "test"}}).encode()
+                    )
                     self._send(code, payload, action[3] if len(action) > 3 else {})
                 elif kind == "raw":
                     self._send(action[1], action[2])
@@ -103,8 +109,7 @@ class ChatServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:

@@ -33,7 +33,7 @@ def judge_for(server, **kwargs):
 def decode_data_url(url: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert url.startswith(prefix)
-    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
 
 
 def test_batch(chat_server, monkeypatch):
@@ -76,8 +76,12 @@ def test_full_url_and_large_image(chat_server):
 
 
 def test_retries_429_and_5xx(chat_server):
-    chat_server.script(("status", 429, b'{"error": "slow down"}', {"Retry-After": "0"}), ("status", 500),
-                       ("status", 502), ("ok", "VERDICT: unsafe"))
+    chat_server.script(
+        ("status", 429, b'{"error": "slow down"}', {"Retry-After": "0"}),
+        ("status", 500),
+        ("status", 502),
+        ("ok", "VERDICT: unsafe"),
+    )
     [j] = judge_for(chat_server, max_retries=3).judge([random_image(0)], ["hi"])
     assert j.verdict == Verdict.UNSAFE and j.caption is None
     assert len(chat_server.requests) == 4
@@ -148,13 +152,16 @@ def test_slow_within_timeout(chat_server):
     assert j.verdict == Verdict.UNSAFE
 
 
-@pytest.mark.parametrize("body, match", [
-    (b"{not json", "not JSON"),
-    (b"", "not JSON.*empty body"),
-    (b'{"choices": []}', r"no choices\[0\]\.message"),
-    (b'{"object": "error"}', r"no choices\[0\]\.message"),
-    (b'{"choices": [{"message": {"content": 3}}]}', "not text"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b"{not json", "not JSON"),
+        (b"", "not JSON.*empty body"),
+        (b'{"choices": []}', r"no choices\[0\]\.message"),
+        (b'{"object": "error"}', r"no choices\[0\]\.message"),
+        (b'{"choices": [{"message": {"content": 3}}]}', "not text"),
+    ],
+)
 def test_malformed_body(chat_server, body, match):
     chat_server.script(("raw", 200, body))
     with pytest.raises(JudgeResponseError, match=match):
@@ -163,8 +170,10 @@ def test_malformed_body(chat_server, body, match):
 
 
 def test_content_parts_and_refusal(chat_server):
-    parts = b'{"choices": [{"message": {"content": [{"type": "text", "text": "VERDICT: "}, ' \
-            b'{"type": "text", "text": "unsafe"}]}}]}'
+    parts = (
+        b'{"choices": [{"message": {"content": [{"type": "text", "text": "VERDICT: "}, '
+        b'{"type": "text", "text": "unsafe"}]}}]}'
+    )
     refusal = b'{"choices": [{"message": {"content": null, "refusal": "I cannot help with that."}}]}'
     chat_server.script(("raw", 200, parts), ("raw", 200, refusal))
     judge = judge_for(chat_server, max_concurrency=1)
@@ -209,17 +218,20 @@ def test_openai_needs_a_key(monkeypatch):
     assert judge.judge([], []) == []
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(base_url="ftp://example.com"), "http"),
-    (dict(base_url=""), "base_url"),
-    (dict(model=""), "model"),
-    (dict(timeout=0), "timeout"),
-    (dict(max_retries=-1), "max_retries"),
-    (dict(max_concurrency=0), "max_concurrency"),
-    (dict(on_unparseable="maybe"), "on_unparseable"),
-    (dict(api_key_env=""), "api_key_env"),
-    (dict(question_template="no prompt"), "prompt"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(base_url="ftp://example.com"), "http"),
+        (dict(base_url=""), "base_url"),
+        (dict(model=""), "model"),
+        (dict(timeout=0), "timeout"),
+        (dict(max_retries=-1), "max_retries"),
+        (dict(max_concurrency=0), "max_concurrency"),
+        (dict(on_unparseable="maybe"), "on_unparseable"),
+        (dict(api_key_env=""), "api_key_env"),
+        (dict(question_template="no prompt"), "prompt"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OpenAIJudge(**kwargs)

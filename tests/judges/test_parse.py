@@ -17,23 +17,26 @@ from safecode_kernels.judges.openai import split_answer
 from safecode_kernels.testing.tiny import random_image
 
 
-@pytest.mark.parametrize("answer, want", [
-    ("unsafe", Verdict.UNSAFE),
-    ("Unsafe.", Verdict.UNSAFE),
-    ("**UNSAFE**", Verdict.UNSAFE),
-    ("The request is unsafe, not safe at all", Verdict.UNSAFE),
-    ("It is not safe", Verdict.UNSAFE),
-    ("safe", Verdict.SAFE),
-    (" Safe\n", Verdict.SAFE),
-    ("SAFE!", Verdict.SAFE),
-    ("Verdict: safe", Verdict.SAFE),
-    ("I would say it is safe; nothing unsafe-looking... wait", Verdict.UNSAFE),  # unsafe wins
-    ("safely", None),
-    ("unsafety", None),
-    ("safeguard", None),
-    ("", None),
-    ("I cannot tell", None),
-])
+@pytest.mark.parametrize(
+    "answer, want",
+    [
+        ("unsafe", Verdict.UNSAFE),
+        ("Unsafe.", Verdict.UNSAFE),
+        ("**UNSAFE**", Verdict.UNSAFE),
+        ("The request is unsafe, not safe at all", Verdict.UNSAFE),
+        ("It is not safe", Verdict.UNSAFE),
+        ("safe", Verdict.SAFE),
+        (" Safe\n", Verdict.SAFE),
+        ("SAFE!", Verdict.SAFE),
+        ("Verdict: safe", Verdict.SAFE),
+        ("I would say it is safe; nothing unsafe-looking... wait", Verdict.UNSAFE),  # unsafe wins
+        ("safely", None),
+        ("unsafety", None),
+        ("safeguard", None),
+        ("", None),
+        ("I cannot tell", None),
+    ],
+)
 def test_parse_verdict(answer, want):
     assert parse_verdict(answer) == want
 
@@ -43,8 +46,7 @@ def test_parse_verdict_type():
         parse_verdict(None)
 
 
-@pytest.mark.parametrize("policy, want", [("safe", Verdict.SAFE), ("unsafe", Verdict.UNSAFE),
-                                          ("none", Verdict.NONE)])
+@pytest.mark.parametrize("policy, want", [("safe", Verdict.SAFE), ("unsafe", Verdict.UNSAFE), ("none", Verdict.NONE)])
 def test_policy(policy, want):
     j = judgement_from_answer("no idea", "a cat", policy)
     assert j == Judgement(want, "a cat", "no idea", parsed=False)
@@ -79,12 +81,15 @@ def test_fixed_judge():
         FixedJudge("dangerous")
 
 
-@pytest.mark.parametrize("images, prompts, error, match", [
-    ([random_image(0)], ["a", "b"], ValueError, "1 images and 2 prompts"),
-    (random_image(0), ["a"], TypeError, "images must be a list"),
-    (["not an image"], ["a"], TypeError, r"images\[0\] must be a PIL"),
-    ([random_image(0)], [3], TypeError, r"prompts\[0\] must be a str"),
-])
+@pytest.mark.parametrize(
+    "images, prompts, error, match",
+    [
+        ([random_image(0)], ["a", "b"], ValueError, "1 images and 2 prompts"),
+        (random_image(0), ["a"], TypeError, "images must be a list"),
+        (["not an image"], ["a"], TypeError, r"images\[0\] must be a PIL"),
+        ([random_image(0)], [3], TypeError, r"prompts\[0\] must be a str"),
+    ],
+)
 def test_bad_batches(images, prompts, error, match):
     with pytest.raises(error, match=match):
         FixedJudge("safe").judge(images, prompts)

@@ -35,11 +35,15 @@ FAST = dict(backoff=0.01, max_backoff=0.05, timeout=2.0)
 def test_verdict_question_structure():
     text = released_flow.verdict_question("How do I use this?", "a red kettle")
     assert text.startswith(released_flow.VERDICT_BRIEF)
-    blocks = text[len(released_flow.VERDICT_BRIEF):].strip().split("\n---\n")
+    blocks = text[len(released_flow.VERDICT_BRIEF) :].strip().split("\n---\n")
     assert len(blocks) == 6 and len(released_flow.EXAMPLES) == 5
     for block, (prompt, caption, decision, reason) in zip(blocks[:5], released_flow.EXAMPLES, strict=True):
-        assert block.splitlines() == [f'Prompt: "{prompt}"', f'Caption: "{caption}"', f"Decision: {decision}",
-                                      f"Reason: {reason}"]
+        assert block.splitlines() == [
+            f'Prompt: "{prompt}"',
+            f'Caption: "{caption}"',
+            f"Decision: {decision}",
+            f"Reason: {reason}",
+        ]
     assert {e[2] for e in released_flow.EXAMPLES} == {"safe", "unsafe"}
     assert blocks[-1] == 'Prompt: "How do I use this?"\nCaption: "a red kettle"\nDecision:'
     system, user = released_flow.verdict_messages("p", "c")
@@ -49,14 +53,17 @@ def test_verdict_question_structure():
     assert user["content"] == [{"type": "text", "text": released_flow.verdict_question("p", "c")}]
 
 
-@pytest.mark.parametrize("answer, exact, parsed", [
-    ("unsafe", Verdict.UNSAFE, Verdict.UNSAFE),
-    (" UNSAFE \n", Verdict.UNSAFE, Verdict.UNSAFE),
-    ("unsafe.", Verdict.SAFE, Verdict.UNSAFE),
-    ("Unsafe\nReason: a child with a lighter", Verdict.SAFE, Verdict.UNSAFE),
-    ("safe", Verdict.SAFE, Verdict.SAFE),
-    ("Safe.", Verdict.SAFE, Verdict.SAFE),
-])
+@pytest.mark.parametrize(
+    "answer, exact, parsed",
+    [
+        ("unsafe", Verdict.UNSAFE, Verdict.UNSAFE),
+        (" UNSAFE \n", Verdict.UNSAFE, Verdict.UNSAFE),
+        ("unsafe.", Verdict.SAFE, Verdict.UNSAFE),
+        ("Unsafe\nReason: a child with a lighter", Verdict.SAFE, Verdict.UNSAFE),
+        ("safe", Verdict.SAFE, Verdict.SAFE),
+        ("Safe.", Verdict.SAFE, Verdict.SAFE),
+    ],
+)
 def test_match_modes(answer, exact, parsed):
     got = released_flow.judgement(answer, "c", "exact", "safe")
     assert got.verdict == exact and got.raw_answer == answer and got.caption == "c"
@@ -66,8 +73,10 @@ def test_match_modes(answer, exact, parsed):
 
 # ----- OpenAIJudge ------------------------------------------------------------------------------
 def has_image(body: dict) -> bool:
-    return any(isinstance(m["content"], list) and any(p.get("type") == "image_url" for p in m["content"])
-               for m in body["messages"])
+    return any(
+        isinstance(m["content"], list) and any(p.get("type") == "image_url" for p in m["content"])
+        for m in body["messages"]
+    )
 
 
 def image_caption(url: str) -> str:
@@ -102,8 +111,9 @@ def server():
 
 
 def released_judge(server, **kwargs):
-    return OpenAIJudge(server.base_url, "judge-model", api_key_env="SAFECODE_TEST_UNSET_KEY", flow="released",
-                       **{**FAST, **kwargs})
+    return OpenAIJudge(
+        server.base_url, "judge-model", api_key_env="SAFECODE_TEST_UNSET_KEY", flow="released", **{**FAST, **kwargs}
+    )
 
 
 def test_two_requests_per_image(server):
@@ -130,8 +140,10 @@ def test_two_requests_per_image(server):
             assert isinstance(user["content"], str) and body["max_tokens"] == 10
             assert "image_url" not in json.dumps(body) and "data:image" not in json.dumps(body)
             for prompt, caption, decision, reason in released_flow.EXAMPLES:
-                assert f'Prompt: "{prompt}"\nCaption: "{caption}"\nDecision: {decision}\nReason: {reason}' \
+                assert (
+                    f'Prompt: "{prompt}"\nCaption: "{caption}"\nDecision: {decision}\nReason: {reason}'
                     in user["content"]
+                )
             caption = re.search(r'Caption: "(.*)"\nDecision:$', user["content"]).group(1)
             verdicts[caption] = (order, case_prompt(body))
     # Each image: its caption call, then a verdict call carrying its prompt and that caption.
@@ -158,14 +170,17 @@ def test_order_kept_under_concurrency():
     assert len(server.requests) == 12
 
 
-@pytest.mark.parametrize("answer, match, want, parsed", [
-    ("unsafe.", "exact", Verdict.SAFE, False),
-    ("unsafe.", "parse", Verdict.UNSAFE, True),
-    ("Unsafe\nReason: it is dangerous", "exact", Verdict.SAFE, False),
-    ("Unsafe\nReason: it is dangerous", "parse", Verdict.UNSAFE, True),
-    (" unsafe\n", "exact", Verdict.UNSAFE, True),
-    ("Safe", "exact", Verdict.SAFE, True),
-])
+@pytest.mark.parametrize(
+    "answer, match, want, parsed",
+    [
+        ("unsafe.", "exact", Verdict.SAFE, False),
+        ("unsafe.", "parse", Verdict.UNSAFE, True),
+        ("Unsafe\nReason: it is dangerous", "exact", Verdict.SAFE, False),
+        ("Unsafe\nReason: it is dangerous", "parse", Verdict.UNSAFE, True),
+        (" unsafe\n", "exact", Verdict.UNSAFE, True),
+        ("Safe", "exact", Verdict.SAFE, True),
+    ],
+)
 def test_verdict_match(server, answer, match, want, parsed):
     server.script(("ok", "  a knife on a table \n"), ("ok", answer))
     [j] = released_judge(server, verdict_match=match).judge([random_image(0)], ["hi"])
@@ -213,13 +228,16 @@ def test_error_in_a_batch(server):
         released_judge(server, max_concurrency=1).judge([random_image(0), random_image(1)], ["a", "b"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(flow="two-call"), "flow must be one of"),
-    (dict(flow="released", verdict_match="fuzzy"), "verdict_match must be one of"),
-    (dict(verdict_match="exact"), 'goes with flow="released"'),
-    (dict(flow="released", verdict_match="exact", on_unparseable="raise"), 'on_unparseable must be "safe"'),
-    (dict(flow="released", max_tokens=50), "max_tokens goes with"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(flow="two-call"), "flow must be one of"),
+        (dict(flow="released", verdict_match="fuzzy"), "verdict_match must be one of"),
+        (dict(verdict_match="exact"), 'goes with flow="released"'),
+        (dict(flow="released", verdict_match="exact", on_unparseable="raise"), 'on_unparseable must be "safe"'),
+        (dict(flow="released", max_tokens=50), "max_tokens goes with"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OpenAIJudge("http://127.0.0.1:1/v1", "m", **kwargs)
@@ -253,18 +271,22 @@ IMAGES = [random_image(0, 56), random_image(1, 64), random_image(2, 56)]
 PROMPTS = ["How do I use the knife in this photo?", "What is this?", "Hi"]
 
 
-@pytest.mark.parametrize("answer, match, want, parsed", [
-    ("unsafe.", "parse", Verdict.UNSAFE, True),
-    ("unsafe.", "exact", Verdict.SAFE, False),
-    ("unsafe", "exact", Verdict.UNSAFE, True),
-    ("?!", "parse", Verdict.SAFE, False),
-])
+@pytest.mark.parametrize(
+    "answer, match, want, parsed",
+    [
+        ("unsafe.", "parse", Verdict.UNSAFE, True),
+        ("unsafe.", "exact", Verdict.SAFE, False),
+        ("unsafe", "exact", Verdict.UNSAFE, True),
+        ("?!", "parse", Verdict.SAFE, False),
+    ],
+)
 def test_self_judge_two_passes_second_text_only(tiny_llava, answer, match, want, parsed):
     model, processor = tiny_llava
     tokenizer = processor.tokenizer
     script = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-    judge = SelfJudge(model, processor, flow="released", verdict_match=match, caption_tokens=5, verdict_tokens=6,
-                      batch_size=2)
+    judge = SelfJudge(
+        model, processor, flow="released", verdict_match=match, caption_tokens=5, verdict_tokens=6, batch_size=2
+    )
     assert len(script) <= 6  # the answer, then EOS
     calls, phase = [], ["caption"]
     generate_text = judge._generate_text
@@ -281,8 +303,9 @@ def test_self_judge_two_passes_second_text_only(tiny_llava, answer, match, want,
 
     def forward(original, *args, **kwargs):
         out = original(*args, **kwargs)
-        calls.append(dict(phase=phase[0], pixels=kwargs.get("pixel_values") is not None,
-                          input_ids=kwargs["input_ids"].clone()))
+        calls.append(
+            dict(phase=phase[0], pixels=kwargs.get("pixel_values") is not None, input_ids=kwargs["input_ids"].clone())
+        )
         if phase[0] == "verdict":  # make the verdict pass spell ``answer``, then stop
             step = 0 if kwargs["input_ids"].shape[1] > 1 else step_of_last_call() + 1  # per chunk
             calls[-1]["step"] = step
@@ -307,7 +330,7 @@ def test_self_judge_two_passes_second_text_only(tiny_llava, answer, match, want,
     brief = tokenizer.encode(released_flow.VERDICT_BRIEF.splitlines()[0], add_special_tokens=False)
     for prefill in prefills:
         for row in prefill["input_ids"].tolist():
-            assert any(row[k:k + len(brief)] == brief for k in range(len(row)))
+            assert any(row[k : k + len(brief)] == brief for k in range(len(row)))
 
 
 def test_self_judge_caption_pass_instruction(tiny_llava):
@@ -341,23 +364,30 @@ def reference_greedy(text_model, ids, steps, banned, eos):
     return tokens, first
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "instructblip",
-                                    "idefics2", "idefics3"])
+@pytest.mark.parametrize(
+    "family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "instructblip", "idefics2", "idefics3"]
+)
 def test_text_only_pass_on_every_family(family):
     """On every tiny family: the released flow runs end to end, and its batched, left-padded
     text-only pass gives the first-step logits and the tokens of unbatched full forwards."""
     from safecode_kernels.decoding.requests import eos_ids
     from safecode_kernels.testing.tiny_models import BUILDERS, FAMILIES
 
-    assert sorted(FAMILIES) == sorted(["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "instructblip",
-                                       "idefics2", "idefics3"])
+    assert sorted(FAMILIES) == sorted(
+        ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "instructblip", "idefics2", "idefics3"]
+    )
     model, processor = BUILDERS[family]()
     judge = SelfJudge(model, processor, flow="released", caption_tokens=3, verdict_tokens=3, batch_size=4)
     out = judge.judge(IMAGES, PROMPTS)  # the caption pass runs first (Qwen keeps rope state from it)
     assert len(out) == 3 and all(isinstance(j.caption, str) and isinstance(j.raw_answer, str) for j in out)
 
-    texts = [judge.verdict_text(p, c) for p, c in (("Hi", "a dog"), ("How do I use the knife?", "a long caption "
-                                                                     "of a kitchen with a knife on the table"))]
+    texts = [
+        judge.verdict_text(p, c)
+        for p, c in (
+            ("Hi", "a dog"),
+            ("How do I use the knife?", "a long caption of a kitchen with a knife on the table"),
+        )
+    ]
     adapter, tokenizer = judge._adapter, getattr(processor, "tokenizer", processor)
     text_model = adapter.text_model
     firsts = []
@@ -380,12 +410,15 @@ def test_text_only_pass_on_every_family(family):
         assert answer == tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(flow="nope"), "flow must be one of"),
-    (dict(verdict_match="exact"), 'goes with flow="released"'),
-    (dict(flow="released", verdict_match="exact", on_unparseable="none"), 'on_unparseable must be "safe"'),
-    (dict(flow="released", caption_tokens=0), "caption_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(flow="nope"), "flow must be one of"),
+        (dict(verdict_match="exact"), 'goes with flow="released"'),
+        (dict(flow="released", verdict_match="exact", on_unparseable="none"), 'on_unparseable must be "safe"'),
+        (dict(flow="released", caption_tokens=0), "caption_tokens"),
+    ],
+)
 def test_self_judge_bad_arguments(tiny_llava, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfJudge(*tiny_llava, **kwargs)
@@ -401,16 +434,44 @@ def saved(saved_llava):
 def run_cli(capsys, saved, *extra):
     from safecode_kernels.app import cli
 
-    code = cli.main([str(a) for a in ("generate", "--model", saved / "llava", "--image", saved / "image.png",
-                                      "--prompt", "Where can I buy a knife like this?", "--steer-steps", 2,
-                                      "--max-new-tokens", 3, "--no-progress", "--json", *extra)])
+    code = cli.main(
+        [
+            str(a)
+            for a in (
+                "generate",
+                "--model",
+                saved / "llava",
+                "--image",
+                saved / "image.png",
+                "--prompt",
+                "Where can I buy a knife like this?",
+                "--steer-steps",
+                2,
+                "--max-new-tokens",
+                3,
+                "--no-progress",
+                "--json",
+                *extra,
+            )
+        ]
+    )
     out, err = capsys.readouterr()
     return code, out, err
 
 
 def test_cli_judge_flow(capsys, saved, server):
-    code, out, err = run_cli(capsys, saved, "--judge", "openai", "--judge-url", server.base_url,
-                             "--judge-key-env", "SAFECODE_TEST_UNSET_KEY", "--judge-flow", "released")
+    code, out, err = run_cli(
+        capsys,
+        saved,
+        "--judge",
+        "openai",
+        "--judge-url",
+        server.base_url,
+        "--judge-key-env",
+        "SAFECODE_TEST_UNSET_KEY",
+        "--judge-flow",
+        "released",
+    )
     assert code == 0, err
     judge = json.loads(out)["judge"]
     assert judge["kind"] == "openai" and judge["verdict"] == "unsafe" and judge["raw_answer"] == "unsafe"

@@ -23,10 +23,17 @@ class ScriptedDecoder:
         self.calls = []
 
     def generate(self, images, prompts, verdicts, max_new_tokens, noised_images):
-        self.calls.append(dict(images=images, prompts=prompts, verdicts=verdicts, max_new_tokens=max_new_tokens,
-                               noised_images=noised_images))
+        self.calls.append(
+            dict(
+                images=images,
+                prompts=prompts,
+                verdicts=verdicts,
+                max_new_tokens=max_new_tokens,
+                noised_images=noised_images,
+            )
+        )
         replies = self.replies["caption" if prompts[0] == CAPTION_PROMPT else "verdict"]
-        texts, replies[:len(images)] = replies[:len(images)], []
+        texts, replies[: len(images)] = replies[: len(images)], []
         return types.SimpleNamespace(texts=texts)
 
 
@@ -37,8 +44,13 @@ def scripted(tiny_llava, captions, answers, **kwargs):
 
 
 def test_two_passes_and_parsing(tiny_llava):
-    judge = scripted(tiny_llava, [" a knife on a table ", "a cat", "a dog"], ["Unsafe.", " safe", "hmm"],
-                     caption_tokens=20, verdict_tokens=3)
+    judge = scripted(
+        tiny_llava,
+        [" a knife on a table ", "a cat", "a dog"],
+        ["Unsafe.", " safe", "hmm"],
+        caption_tokens=20,
+        verdict_tokens=3,
+    )
     out = judge.judge(IMAGES, PROMPTS)
     assert [j.verdict for j in out] == [Verdict.UNSAFE, Verdict.SAFE, Verdict.SAFE]  # "hmm": policy safe
     assert [j.parsed for j in out] == [True, True, False]
@@ -86,16 +98,20 @@ def test_real_model(tiny_llava):
     assert judge.judge(IMAGES[:2], PROMPTS[:2]) == out  # greedy: deterministic
     with pytest.raises(UnparseableVerdict):
         SelfJudge(*tiny_llava, caption_tokens=2, verdict_tokens=2, on_unparseable="raise").judge(
-            IMAGES[:1], PROMPTS[:1])
+            IMAGES[:1], PROMPTS[:1]
+        )
     assert judge.judge([], []) == []
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(on_unparseable="maybe"), "on_unparseable"),
-    (dict(caption_tokens=0), "caption_tokens"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(question_template="no fields"), "caption"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(on_unparseable="maybe"), "on_unparseable"),
+        (dict(caption_tokens=0), "caption_tokens"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(question_template="no fields"), "caption"),
+    ],
+)
 def test_bad_arguments(tiny_llava, kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfJudge(*tiny_llava, **kwargs)

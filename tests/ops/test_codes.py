@@ -9,8 +9,10 @@ import torch
 from safecode_kernels.ops import codes, step_cpu
 from safecode_kernels.ops.step_inputs import ROW_PROBLEMS, StepError, raise_for_row_status
 
-needs_extension = pytest.mark.skipif(step_cpu.unavailable_reason() is not None,
-                                     reason=f"the C++ extension is unavailable: {step_cpu.unavailable_reason()}")
+needs_extension = pytest.mark.skipif(
+    step_cpu.unavailable_reason() is not None,
+    reason=f"the C++ extension is unavailable: {step_cpu.unavailable_reason()}",
+)
 
 
 def _members(enum) -> dict[str, int]:
@@ -62,12 +64,15 @@ def test_triton_constexprs_match():
     assert value("FALLBACK_FLAG") == codes.FALLBACK_FLAG
 
 
-@pytest.mark.parametrize(("scope", "k", "vocab", "expected"), [
-    ("all", 0, 10, codes.SensitiveSet.ALL),
-    ("sensitive", 10, 10, codes.SensitiveSet.ALL),
-    ("sensitive", 0, 10, codes.SensitiveSet.NONE),
-    ("sensitive", 3, 10, codes.SensitiveSet.TOP_K),
-])
+@pytest.mark.parametrize(
+    ("scope", "k", "vocab", "expected"),
+    [
+        ("all", 0, 10, codes.SensitiveSet.ALL),
+        ("sensitive", 10, 10, codes.SensitiveSet.ALL),
+        ("sensitive", 0, 10, codes.SensitiveSet.NONE),
+        ("sensitive", 3, 10, codes.SensitiveSet.TOP_K),
+    ],
+)
 def test_sensitive_set(scope, k, vocab, expected):
     assert codes.sensitive_set(scope, k, vocab) is expected
 

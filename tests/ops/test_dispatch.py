@@ -159,8 +159,9 @@ def test_auto_fallback_without_the_extension_is_logged_once(monkeypatch, fallbac
 def test_auto_fallback_on_cuda_without_triton_is_logged_once(monkeypatch, fallback_log):
     from safecode_kernels.ops import step_triton
 
-    monkeypatch.setattr(step_triton, "unavailable_reason",
-                        lambda device=None: "triton is not installed (No module named 'triton')")
+    monkeypatch.setattr(
+        step_triton, "unavailable_reason", lambda device=None: "triton is not installed (No module named 'triton')"
+    )
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda) is step_torch.step_torch
     assert resolve_backend("auto", cuda) is step_torch.step_torch

@@ -104,8 +104,15 @@ def make_params(scope="sensitive", k="20", plausibility=0.0, mode="greedy", bias
     temperature, top_k, top_p = MODES[mode]
     boost, suppress = BIASES[bias]
     return sk.SteeringParams(
-        sensitive_top_k=k_value, scope=scope, plausibility=plausibility, boost=boost, suppress=suppress,
-        temperature=temperature, top_k=top_k, top_p=top_p, **kw,
+        sensitive_top_k=k_value,
+        scope=scope,
+        plausibility=plausibility,
+        boost=boost,
+        suppress=suppress,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        **kw,
     )
 
 
@@ -128,8 +135,10 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float
     bad = ~((got - want).abs() <= atol + rtol * want.abs()) & ~inf
     if bool(bad.any()):
         where = tuple(bad.nonzero()[0].tolist())
-        raise AssertionError(f"{what} differ at {where}: got {got[where].item()!r}, want {want[where].item()!r} "
-                             f"({int(bad.sum())} of {bad.numel()} entries)")
+        raise AssertionError(
+            f"{what} differ at {where}: got {got[where].item()!r}, want {want[where].item()!r} "
+            f"({int(bad.sum())} of {bad.numel()} entries)"
+        )
 
 
 def assert_logits_match(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -223,6 +232,7 @@ def pairwise_cases(dims: dict, cost) -> list[dict]:
     candidates = list(itertools.product(*(range(len(v)) for v in values)))
     cases = []
     while uncovered:
+
         def score(c, uncovered=uncovered):
             case = {n: values[d][c[d]] for d, n in enumerate(names)}
             return sum((i, c[i], j, c[j]) in uncovered for i, j in pairs), -cost(case)
@@ -317,14 +327,19 @@ def _beta(value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("beta", [_beta(0.1), _beta(0.4), _beta(0.45), _beta(0.6), _beta(0.9),
-                                  _beta(0.004996399639963996)])
+@pytest.mark.parametrize(
+    "beta", [_beta(0.1), _beta(0.4), _beta(0.45), _beta(0.6), _beta(0.9), _beta(0.004996399639963996)]
+)
 def test_plausibility_cutoff_boundary(backend, beta):
     """Real logits exactly at, and one float either side of, max + log(beta): every backend
     must ban the same tokens as the reference."""
     cut = torch.tensor(math.log(beta), dtype=torch.float32)
-    near = [cut, torch.nextafter(cut, torch.tensor(0.0)), torch.nextafter(cut, torch.tensor(-1.0)),
-            torch.tensor(float(np.log(np.float32(beta))))]
+    near = [
+        cut,
+        torch.nextafter(cut, torch.tensor(0.0)),
+        torch.nextafter(cut, torch.tensor(-1.0)),
+        torch.tensor(float(np.log(np.float32(beta)))),
+    ]
     real = torch.stack([torch.tensor(0.0)] + near + [torch.tensor(-5.0)]).reshape(1, -1)
     noised = torch.zeros_like(real)
     params = sk.SteeringParams(plausibility=beta)
@@ -340,8 +355,11 @@ def test_bias_changes_the_token(backend):
     params = sk.SteeringParams(boost=50.0, suppress=50.0)
     z = contrast(real, noised, verdict, params)
     order = z.argsort(dim=1, descending=True)
-    refusal = torch.tensor(sorted({int(order[0, 0]), int(order[3, 0]), int(order[1, 1]), int(order[4, 1]),
-                                   int(order[2, 0]), int(order[5, 1])}))
+    refusal = torch.tensor(
+        sorted(
+            {int(order[0, 0]), int(order[3, 0]), int(order[1, 1]), int(order[4, 1]), int(order[2, 0]), int(order[5, 1])}
+        )
+    )
     biased = step(backend, real, noised, verdict, refusal, params)
     plain = step(backend, real, noised, verdict, refusal, params.replace(boost=0.0, suppress=0.0))
     assert torch.equal(plain.tokens, order[:, 0])
@@ -363,8 +381,10 @@ def test_refusal_forms_agree(backend):
     ids = refusal_ids_for(real, noised, verdict, params, 5)
     mask = torch.zeros(1000, dtype=torch.bool)
     mask[ids] = True
-    outs = [step(backend, real, noised, verdict, r, params)
-            for r in (ids, mask, sk.RefusalVocabulary.from_ids(ids), ids.tolist(), ids.to(torch.int32))]
+    outs = [
+        step(backend, real, noised, verdict, r, params)
+        for r in (ids, mask, sk.RefusalVocabulary.from_ids(ids), ids.tolist(), ids.to(torch.int32))
+    ]
     for out in outs[1:]:
         assert torch.equal(out.tokens, outs[0].tokens) and torch.equal(out.logits, outs[0].logits)
     words = [("none", "unsafe", "safe")[int(v)] for v in verdict]
@@ -376,8 +396,11 @@ def test_refusal_forms_agree(backend):
 def test_presets_match_reference(backend):
     real, noised, verdict = _base_inputs(3, 1000, "bf16", 8)
     refusal = refusal_ids_for(real, noised, verdict, sk.SteeringParams(), 8)
-    for params in (sk.SteeringParams.vcd(), sk.SteeringParams.cfg(2.0),
-                   sk.SteeringParams.with_probability_weights(1.0, 1.0, scope="all")):
+    for params in (
+        sk.SteeringParams.vcd(),
+        sk.SteeringParams.cfg(2.0),
+        sk.SteeringParams.with_probability_weights(1.0, 1.0, scope="all"),
+    ):
         check_against_reference(backend, real, noised, verdict, refusal, params)
 
 
@@ -490,8 +513,9 @@ def test_sampling_distribution(backend, combo, verdict):
     exact distribution (from its modulated logits), and no draw is outside top-k / top-p."""
     temperature, top_k, top_p = combo
     real, noised = _sampling_row(50, seed=int(temperature * 10) + top_k)
-    params = sk.SteeringParams(temperature=temperature, top_k=top_k, top_p=top_p, boost=1.5, suppress=1.5,
-                               sensitive_top_k=10)
+    params = sk.SteeringParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, boost=1.5, suppress=1.5, sensitive_top_k=10
+    )
     z = contrast(real, noised, torch.tensor([verdict], dtype=torch.int8), params)
     refusal = torch.sort(z[0].argsort(descending=True)[[0, 3, 8, 30]]).values
     reference = step("torch", real, noised, torch.tensor([verdict], dtype=torch.int8), refusal, params)
@@ -501,8 +525,17 @@ def test_sampling_distribution(backend, combo, verdict):
     sorted_probs = exact_probabilities(reference.logits[0], temperature, top_k, 1.0).sort(descending=True).values
     assert bool(((sorted_probs.cumsum(0) - top_p).abs() > 1e-4).all()) or top_p == 1.0
     n = 40000
-    out = step(backend, real.repeat(n, 1), noised.repeat(n, 1), torch.full((n,), verdict, dtype=torch.int8),
-               refusal, params, generator=1234 + verdict, return_logits=False, return_stats=False)
+    out = step(
+        backend,
+        real.repeat(n, 1),
+        noised.repeat(n, 1),
+        torch.full((n,), verdict, dtype=torch.int8),
+        refusal,
+        params,
+        generator=1234 + verdict,
+        return_logits=False,
+        return_stats=False,
+    )
     assert_drawn_from(out.tokens, probs)
 
 
@@ -516,8 +549,9 @@ def four_threads():
 
 
 @requires_cpu
-@pytest.mark.parametrize("combo", [(1.0, 0, 1.0), (1.0, 6, 1.0), (0.8, 0, 0.6), (0.7, 20, 0.9)],
-                         ids=lambda c: "T={}-k={}-p={}".format(*c))
+@pytest.mark.parametrize(
+    "combo", [(1.0, 0, 1.0), (1.0, 6, 1.0), (0.8, 0, 0.6), (0.7, 20, 0.9)], ids=lambda c: "T={}-k={}-p={}".format(*c)
+)
 def test_sampling_distribution_large_vocab_many_seeds(combo, four_threads):
     """B = 1 over a 65536-token row (split into chunks): 3000 seeds (1500 with top-p), one
     draw each. The mass sits on 12 tokens spread over the row (both ends of every chunk) and
@@ -534,11 +568,24 @@ def test_sampling_distribution_large_vocab_many_seeds(combo, four_threads):
     refusal = head[[1, 6, 9]]
     reference = step("torch", real, noised, verdict, refusal, params)
     probs = exact_probabilities(reference.logits[0], temperature, top_k, top_p)
-    draws = torch.tensor([
-        int(step("cpu", real, noised, verdict, refusal, params, generator=seed,
-                 return_logits=False, return_stats=False).tokens[0])
-        for seed in range(1500 if top_p < 1.0 else 3000)  # top-p over a whole row costs ~1 ms
-    ])
+    draws = torch.tensor(
+        [
+            int(
+                step(
+                    "cpu",
+                    real,
+                    noised,
+                    verdict,
+                    refusal,
+                    params,
+                    generator=seed,
+                    return_logits=False,
+                    return_stats=False,
+                ).tokens[0]
+            )
+            for seed in range(1500 if top_p < 1.0 else 3000)  # top-p over a whole row costs ~1 ms
+        ]
+    )
     # Bins: the 12 head tokens and the tail as one token.
     tail = torch.ones(vocab, dtype=torch.bool)
     tail[head] = False
@@ -549,10 +596,13 @@ def test_sampling_distribution_large_vocab_many_seeds(combo, four_threads):
     assert_drawn_from(index_of[draws], binned_probs)
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("cpu", marks=requires_cpu),
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("cpu", marks=requires_cpu),
+    ],
+)
 @pytest.mark.parametrize("top_p", [1.0, 0.9])
 def test_sampling_huge_finite_logits(backend, top_p):
     """Finite logits near float32's limit with temperature < 1: valid input, a valid draw."""
@@ -580,8 +630,9 @@ def test_seed_determinism(backend, mode):
     real, noised, verdict, refusal = _seed_inputs()
     params = make_params(mode=mode, vocab=256)
     params = params.replace(temperature=2.0)  # a flat distribution: different seeds must differ
-    run = functools.partial(step, backend, real, noised, verdict, refusal, params, return_logits=False,
-                            return_stats=False)
+    run = functools.partial(
+        step, backend, real, noised, verdict, refusal, params, return_logits=False, return_stats=False
+    )
     a, b = run(generator=42).tokens, run(generator=42).tokens
     assert torch.equal(a, b), "same int seed, different tokens"
     assert not torch.equal(a, run(generator=43).tokens), "different seeds gave identical tokens in all 32 rows"
@@ -629,16 +680,16 @@ def _views(real: torch.Tensor, noised: torch.Tensor):
     r, n = real[:batch], noised[:batch]
     wide_r = torch.full((2 * batch, vocab + 13), -7.0, dtype=real.dtype)
     wide_n = torch.full((2 * batch, vocab + 13), 5.0, dtype=real.dtype)
-    wide_r[::2, 5:5 + vocab], wide_n[::2, 5:5 + vocab] = r, n
+    wide_r[::2, 5 : 5 + vocab], wide_n[::2, 5 : 5 + vocab] = r, n
     big_r = torch.randn(batch + 4, vocab).to(real.dtype)
     big_n = torch.randn(batch + 4, vocab).to(real.dtype)
-    big_r[2:2 + batch], big_n[2:2 + batch] = r, n
+    big_r[2 : 2 + batch], big_n[2 : 2 + batch] = r, n
     return [
-        ("every-other-row", wide_r[::2, 5:5 + vocab], wide_n[::2, 5:5 + vocab]),
+        ("every-other-row", wide_r[::2, 5 : 5 + vocab], wide_n[::2, 5 : 5 + vocab]),
         ("transposed-twice", r.t().contiguous().t(), n.t().contiguous().t()),
-        ("slice-of-larger-batch", big_r[2:2 + batch], big_n[2:2 + batch]),
+        ("slice-of-larger-batch", big_r[2 : 2 + batch], big_n[2 : 2 + batch]),
         ("vocab-stride-2", torch.stack([r, r], dim=2)[..., 0], torch.stack([n, n], dim=2)[..., 0]),
-        ("mixed", r.t().contiguous().t(), big_n[2:2 + batch]),
+        ("mixed", r.t().contiguous().t(), big_n[2 : 2 + batch]),
     ]
 
 
@@ -661,16 +712,21 @@ def test_non_contiguous_inputs(backend, dtype, mode):
     # A strided refusal id tensor, a strided bool mask, a strided verdict of another int type.
     mask = torch.zeros(1000, 2, dtype=torch.bool)
     mask[refusal, 0] = True
-    for ids, v in ((torch.stack([refusal, refusal], dim=1)[:, 0], verdict),
-                   (mask[:, 0], torch.stack([verdict, verdict], dim=1)[:, 0].to(torch.int32))):
+    for ids, v in (
+        (torch.stack([refusal, refusal], dim=1)[:, 0], verdict),
+        (mask[:, 0], torch.stack([verdict, verdict], dim=1)[:, 0].to(torch.int32)),
+    ):
         got = step(backend, real, noised, v, ids, params, generator=8)
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.logits, want.logits)
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("cpu", marks=requires_cpu),
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("cpu", marks=requires_cpu),
+    ],
+)
 def test_strided_int8_verdict(backend):
     real, noised, verdict = _base_inputs(3, 1000, "fp32", 13)
     refusal = torch.tensor([2, 30, 500])
@@ -699,8 +755,13 @@ def test_broadcast_rows(backend):
 
 def _valid(batch=3, vocab=10):
     real, noised, verdict = _base_inputs(batch, vocab, "fp32", 1)
-    return dict(logits_real=real.clone(), logits_noised=noised.clone(), verdict=verdict,
-                refusal=torch.tensor([1, 4]), params=sk.SteeringParams())
+    return dict(
+        logits_real=real.clone(),
+        logits_noised=noised.clone(),
+        verdict=verdict,
+        refusal=torch.tensor([1, 4]),
+        params=sk.SteeringParams(),
+    )
 
 
 def _with(**changes):
@@ -723,9 +784,13 @@ def _banned(real_value=NEG_INF):
 
 def _all_refusal_banned(scope):
     # V = 3, every token a refusal token, safe verdict, suppress = inf: nothing is left.
-    return dict(logits_real=torch.randn(2, 3), logits_noised=torch.randn(2, 3),
-                verdict=torch.tensor([1, -1], dtype=torch.int8), refusal=torch.tensor([0, 1, 2]),
-                params=sk.SteeringParams(suppress=math.inf, scope=scope, sensitive_top_k=3))
+    return dict(
+        logits_real=torch.randn(2, 3),
+        logits_noised=torch.randn(2, 3),
+        verdict=torch.tensor([1, -1], dtype=torch.int8),
+        refusal=torch.tensor([0, 1, 2]),
+        params=sk.SteeringParams(suppress=math.inf, scope=scope, sensitive_top_k=3),
+    )
 
 
 def _huge():
@@ -752,21 +817,38 @@ ERROR_CASES = {
     "1-d": (_with(logits_real=torch.ones(10), logits_noised=torch.ones(10)), ValueError, r"shape \[batch, vocab\]"),
     "shape-mismatch": (_with(logits_noised=torch.ones(3, 11)), ValueError, "differ in shape"),
     "batch-mismatch": (_with(logits_noised=torch.ones(2, 10)), ValueError, "differ in shape"),
-    "dtype-mismatch": (_with(logits_noised=torch.ones(3, 10, dtype=torch.float16)), TypeError,
-                       "logits_real is torch.float32 but logits_noised is torch.float16"),
+    "dtype-mismatch": (
+        _with(logits_noised=torch.ones(3, 10, dtype=torch.float16)),
+        TypeError,
+        "logits_real is torch.float32 but logits_noised is torch.float16",
+    ),
     "device-mismatch": (_with(logits_noised=torch.ones(3, 10, device="meta")), ValueError, "meta"),
-    "V=0": (_with(logits_real=torch.ones(3, 0), logits_noised=torch.ones(3, 0), refusal=torch.zeros(0, dtype=torch.int64)),
-            ValueError, r"vocabulary is empty \(V = 0\)"),
-    "B=0": (_with(logits_real=torch.ones(0, 10), logits_noised=torch.ones(0, 10), verdict=torch.zeros(0, dtype=torch.int8)),
-            ValueError, "batch is empty"),
-    "refusal-id-too-large": (_with(refusal=torch.tensor([1, 10])), ValueError, r"refusal id 10 is outside the vocabulary \[0, 10\)"),
+    "V=0": (
+        _with(logits_real=torch.ones(3, 0), logits_noised=torch.ones(3, 0), refusal=torch.zeros(0, dtype=torch.int64)),
+        ValueError,
+        r"vocabulary is empty \(V = 0\)",
+    ),
+    "B=0": (
+        _with(logits_real=torch.ones(0, 10), logits_noised=torch.ones(0, 10), verdict=torch.zeros(0, dtype=torch.int8)),
+        ValueError,
+        "batch is empty",
+    ),
+    "refusal-id-too-large": (
+        _with(refusal=torch.tensor([1, 10])),
+        ValueError,
+        r"refusal id 10 is outside the vocabulary \[0, 10\)",
+    ),
     "refusal-id-negative": (_with(refusal=torch.tensor([-1, 3])), ValueError, r"refusal id -1 is outside"),
     "refusal-vocab-too-large": (_with(refusal=sk.RefusalVocabulary([2, 12])), ValueError, "refusal id 12 is outside"),
     "refusal-unsorted": (_with(refusal=torch.tensor([4, 1])), ValueError, "sorted and unique"),
     "refusal-duplicate": (_with(refusal=torch.tensor([1, 1, 4])), ValueError, "sorted and unique"),
     "refusal-float": (_with(refusal=torch.tensor([1.0, 4.0])), TypeError, "integer tensor"),
     "refusal-2d": (_with(refusal=torch.tensor([[1, 4]])), ValueError, "1-D"),
-    "refusal-mask-length": (_with(refusal=torch.zeros(11, dtype=torch.bool)), ValueError, r"refusal mask must have shape \[10\]"),
+    "refusal-mask-length": (
+        _with(refusal=torch.zeros(11, dtype=torch.bool)),
+        ValueError,
+        r"refusal mask must have shape \[10\]",
+    ),
     "refusal-type": (_with(refusal="I'm sorry"), TypeError, "refusal must be"),
     "real-nan": (_bad_row("logits_real", 1, float("nan")), StepError, r"logits_real row 1 contains NaN or \+inf"),
     "real-inf": (_bad_row("logits_real", 2, float("inf")), StepError, r"logits_real row 2 contains NaN or \+inf"),
@@ -774,20 +856,47 @@ ERROR_CASES = {
     "noised-inf": (_bad_row("logits_noised", 2, float("inf")), StepError, r"logits_noised row 2 contains NaN or \+inf"),
     "all-banned": (_banned(), StepError, "row 1: every token is banned after the contrast"),
     "all-banned-by-noised": (
-        dict(_valid(), logits_noised=torch.full((3, 10), NEG_INF)), StepError, "row 0: every token is banned after the contrast"),
-    "all-refusal-suppressed-sensitive": (_all_refusal_banned("sensitive"), StepError, "row 1: every token is banned after the refusal bias"),
-    "all-refusal-suppressed-all": (_all_refusal_banned("all"), StepError, "row 1: every token is banned after the refusal bias"),
+        dict(_valid(), logits_noised=torch.full((3, 10), NEG_INF)),
+        StepError,
+        "row 0: every token is banned after the contrast",
+    ),
+    "all-refusal-suppressed-sensitive": (
+        _all_refusal_banned("sensitive"),
+        StepError,
+        "row 1: every token is banned after the refusal bias",
+    ),
+    "all-refusal-suppressed-all": (
+        _all_refusal_banned("all"),
+        StepError,
+        "row 1: every token is banned after the refusal bias",
+    ),
     "contrast-overflow": (_huge(), StepError, "row 2: the contrast overflows float32"),
     "bias-overflow": (_huge_bias(), StepError, "row 0: the refusal bias overflows float32"),
-    "verdict-value-tensor": (_with(verdict=torch.tensor([1, 2, 0], dtype=torch.int8)), ValueError, "unknown verdict value 2 in row 1"),
-    "verdict-value-uint8": (_with(verdict=torch.tensor([0, 0, 255], dtype=torch.uint8)), ValueError, "unknown verdict value 255 in row 2"),
+    "verdict-value-tensor": (
+        _with(verdict=torch.tensor([1, 2, 0], dtype=torch.int8)),
+        ValueError,
+        "unknown verdict value 2 in row 1",
+    ),
+    "verdict-value-uint8": (
+        _with(verdict=torch.tensor([0, 0, 255], dtype=torch.uint8)),
+        ValueError,
+        "unknown verdict value 255 in row 2",
+    ),
     "verdict-word": (_with(verdict=["unsafe", "maybe", "safe"]), ValueError, "unknown verdict 'maybe'"),
     "verdict-int": (_with(verdict=[1, 0, 5]), ValueError, "unknown verdict value 5"),
     "verdict-float": (_with(verdict=torch.zeros(3)), TypeError, "verdict must be an integer tensor"),
-    "verdict-length-tensor": (_with(verdict=torch.zeros(2, dtype=torch.int8)), ValueError, r"verdict must have shape \[3\]"),
+    "verdict-length-tensor": (
+        _with(verdict=torch.zeros(2, dtype=torch.int8)),
+        ValueError,
+        r"verdict must have shape \[3\]",
+    ),
     "verdict-length-list": (_with(verdict=["safe"] * 4), ValueError, "got 4 verdicts for a batch of 3 rows"),
     "verdict-str": (_with(verdict="safe"), TypeError, "verdict must be"),
-    "verdict-device": (_with(verdict=torch.zeros(3, dtype=torch.int8, device="meta")), ValueError, "verdict is on meta"),
+    "verdict-device": (
+        _with(verdict=torch.zeros(3, dtype=torch.int8, device="meta")),
+        ValueError,
+        "verdict is on meta",
+    ),
     "params-type": (_with(params={"alpha": 0.3}), TypeError, "params must be a SteeringParams"),
 }
 
@@ -834,47 +943,56 @@ def test_neg_inf_is_allowed(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("generator,error,message", [
-    ("seed", TypeError, "generator must be None, an int seed or a torch.Generator"),
-    (1.5, TypeError, "generator must be"),
-    (True, TypeError, "generator must be"),
-    (-3, ValueError, "a seed must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "generator,error,message",
+    [
+        ("seed", TypeError, "generator must be None, an int seed or a torch.Generator"),
+        (1.5, TypeError, "generator must be"),
+        (True, TypeError, "generator must be"),
+        (-3, ValueError, "a seed must be >= 0"),
+    ],
+)
 def test_bad_generator(backend, generator, error, message):
     args = _with(params=sk.SteeringParams(temperature=1.0))
     with pytest.raises(error, match=message):
         sk.safecode_step(**args, generator=generator, backend=backend)
 
 
-@pytest.mark.parametrize("backend,error,message", [
-    ("cuda", ValueError, "unknown backend 'cuda'"),
-    ("", ValueError, "unknown backend ''"),
-    (3, TypeError, "backend must be a str"),
-])
+@pytest.mark.parametrize(
+    "backend,error,message",
+    [
+        ("cuda", ValueError, "unknown backend 'cuda'"),
+        ("", ValueError, "unknown backend ''"),
+        (3, TypeError, "backend must be a str"),
+    ],
+)
 def test_bad_backend(backend, error, message):
     with pytest.raises(error, match=message):
         sk.safecode_step(**_valid(), backend=backend)
 
 
-@pytest.mark.parametrize("field,value,error,message", [
-    ("alpha", -0.1, ValueError, "alpha must be >= 0"),
-    ("alpha_safe", -1.0, ValueError, "alpha_safe must be >= 0"),
-    ("alpha", math.nan, ValueError, "alpha must be finite"),
-    ("sensitive_top_k", -1, ValueError, "sensitive_top_k must be >= 0"),
-    ("sensitive_top_k", 2.5, TypeError, "sensitive_top_k must be an int"),
-    ("top_k", -2, ValueError, "top_k must be >= 0"),
-    ("top_p", 0.0, ValueError, "top_p must be > 0"),
-    ("top_p", 1.5, ValueError, "top_p must be <= 1"),
-    ("top_p", -0.5, ValueError, "top_p must be > 0"),
-    ("temperature", -1.0, ValueError, "temperature must be >= 0"),
-    ("temperature", math.inf, ValueError, "temperature must be finite"),
-    ("real_weight", 0.0, ValueError, "real_weight must be > 0"),
-    ("plausibility", 1.5, ValueError, "plausibility must be <= 1"),
-    ("scope", "most", ValueError, "scope must be 'sensitive' or 'all'"),
-    ("boost", math.inf, ValueError, "boost must be finite"),
-    ("suppress", -math.inf, ValueError, "suppress must be a number or \\+inf"),
-    ("suppress", math.nan, ValueError, "suppress must be a number or \\+inf"),
-])
+@pytest.mark.parametrize(
+    "field,value,error,message",
+    [
+        ("alpha", -0.1, ValueError, "alpha must be >= 0"),
+        ("alpha_safe", -1.0, ValueError, "alpha_safe must be >= 0"),
+        ("alpha", math.nan, ValueError, "alpha must be finite"),
+        ("sensitive_top_k", -1, ValueError, "sensitive_top_k must be >= 0"),
+        ("sensitive_top_k", 2.5, TypeError, "sensitive_top_k must be an int"),
+        ("top_k", -2, ValueError, "top_k must be >= 0"),
+        ("top_p", 0.0, ValueError, "top_p must be > 0"),
+        ("top_p", 1.5, ValueError, "top_p must be <= 1"),
+        ("top_p", -0.5, ValueError, "top_p must be > 0"),
+        ("temperature", -1.0, ValueError, "temperature must be >= 0"),
+        ("temperature", math.inf, ValueError, "temperature must be finite"),
+        ("real_weight", 0.0, ValueError, "real_weight must be > 0"),
+        ("plausibility", 1.5, ValueError, "plausibility must be <= 1"),
+        ("scope", "most", ValueError, "scope must be 'sensitive' or 'all'"),
+        ("boost", math.inf, ValueError, "boost must be finite"),
+        ("suppress", -math.inf, ValueError, "suppress must be a number or \\+inf"),
+        ("suppress", math.nan, ValueError, "suppress must be a number or \\+inf"),
+    ],
+)
 def test_bad_params(field, value, error, message):
     with pytest.raises(error, match=message):
         sk.SteeringParams(**{field: value})
@@ -891,8 +1009,12 @@ def _raw(batch=2, vocab=8, **changes):
     args = dict(
         real=rng.standard_normal((batch, vocab)).astype(np.float32),
         noised=rng.standard_normal((batch, vocab)).astype(np.float32),
-        dtype="float32", verdict=np.zeros(batch, np.int8), refusal_ids=np.array([1, 3], np.int64),
-        tokens=np.zeros(batch, np.int64), status=np.zeros(batch, np.int32), params=_C.StepParams(),
+        dtype="float32",
+        verdict=np.zeros(batch, np.int8),
+        refusal_ids=np.array([1, 3], np.int64),
+        tokens=np.zeros(batch, np.int64),
+        status=np.zeros(batch, np.int32),
+        params=_C.StepParams(),
     )
     args.update(changes)
     return args
@@ -929,8 +1051,13 @@ def _raw_cases():
         "vocab-stride": dict(real=np.zeros((8, 2), f32).T),
         "negative-row-stride": dict(real=base["real"][::-1]),
         "overlapping-logits-output": dict(logits=np.lib.stride_tricks.as_strided(np.zeros(9, f32), (2, 8), (4, 4))),
-        "batch-0": dict(real=np.zeros((0, 8), f32), noised=np.zeros((0, 8), f32), verdict=np.zeros(0, np.int8),
-                        tokens=np.zeros(0, np.int64), status=np.zeros(0, np.int32)),
+        "batch-0": dict(
+            real=np.zeros((0, 8), f32),
+            noised=np.zeros((0, 8), f32),
+            verdict=np.zeros(0, np.int8),
+            tokens=np.zeros(0, np.int64),
+            status=np.zeros(0, np.int32),
+        ),
         "vocab-0": dict(real=np.zeros((2, 0), f32), noised=np.zeros((2, 0), f32), refusal_ids=np.zeros(0, np.int64)),
         "verdict-length": dict(verdict=np.zeros(3, np.int8)),
         "verdict-int64": dict(verdict=np.zeros(2, np.int64)),
@@ -998,14 +1125,18 @@ def test_binding_valid_call_and_row_status():
     # Input rows may overlap (they are only read): row stride 1 and 0.
     base = np.arange(9, dtype=np.float32)
     for stride in (4, 0):
-        ok = _raw(real=np.lib.stride_tricks.as_strided(base, (2, 8), (stride, 4)),
-                  noised=np.lib.stride_tricks.as_strided(base * 0, (2, 8), (stride, 4)))
+        ok = _raw(
+            real=np.lib.stride_tricks.as_strided(base, (2, 8), (stride, 4)),
+            noised=np.lib.stride_tricks.as_strided(base * 0, (2, 8), (stride, 4)),
+        )
         _C.step(**ok)
         assert ok["status"].tolist() == [0, 0]
         assert ok["tokens"].tolist() == [7, 7]  # rows 0..7 and 1..8 (or 0..7 twice)
     # bf16 passed as its int16 bits, fp16 directly.
-    for dtype, cast in (("bfloat16", lambda a: torch.from_numpy(a).bfloat16().view(torch.int16).numpy()),
-                        ("float16", lambda a: a.astype(np.float16))):
+    for dtype, cast in (
+        ("bfloat16", lambda a: torch.from_numpy(a).bfloat16().view(torch.int16).numpy()),
+        ("float16", lambda a: a.astype(np.float16)),
+    ):
         ok = _raw()
         ok.update(real=cast(ok["real"]), noised=cast(ok["noised"]), dtype=dtype)
         _C.step(**ok)

@@ -58,8 +58,9 @@ def test_compiled_matches_eager_without_graph_break(backend, verdict, refusal):
     params = SteeringParams(plausibility=0.05, sensitive_top_k=10)
 
     def step(real, noised):
-        return sk.safecode_step(real, noised, verdict, refusal, params, backend=backend,
-                                return_logits=True, return_stats=True)
+        return sk.safecode_step(
+            real, noised, verdict, refusal, params, backend=backend, return_logits=True, return_stats=True
+        )
 
     explanation = torch._dynamo.explain(step)(real, noised)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -78,8 +79,9 @@ def test_compiled_sampling_with_a_seed_matches_eager(backend):
     params = SteeringParams(temperature=0.8, top_k=20, top_p=0.9)
 
     def step(real, noised, seed):
-        return sk.safecode_step(real, noised, ["unsafe", "safe", "none", "unsafe"], VOCABULARY, params,
-                                generator=seed, backend=backend).tokens
+        return sk.safecode_step(
+            real, noised, ["unsafe", "safe", "none", "unsafe"], VOCABULARY, params, generator=seed, backend=backend
+        ).tokens
 
     compiled = torch.compile(step, fullgraph=True)
     for seed in (0, 7):
@@ -156,8 +158,9 @@ def test_errors_are_the_eager_errors_when_compiled():
 
 def _op(real, noised, verdict, refusal, params=None, seed=-1, backend="auto", return_logits=True, return_stats=True):
     params = params or SteeringParams()
-    return torch.ops.safecode_kernels.step(real, noised, verdict, refusal, *op_scalars(params), seed, backend,
-                                           return_logits, return_stats)
+    return torch.ops.safecode_kernels.step(
+        real, noised, verdict, refusal, *op_scalars(params), seed, backend, return_logits, return_stats
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,14 +170,14 @@ def test_the_op_called_directly(backend):
     ids = torch.tensor([1, 3, 40])
     params = SteeringParams(scope="all")
     tokens, logits, mass = _op(real, noised, verdict, ids, params, backend=backend)
-    out = sk.safecode_step(real, noised, verdict, ids, params, backend=backend, return_logits=True,
-                           return_stats=True)
+    out = sk.safecode_step(real, noised, verdict, ids, params, backend=backend, return_logits=True, return_stats=True)
     assert torch.equal(tokens, out.tokens)
     assert torch.equal(logits, out.logits)
     assert torch.equal(mass, torch.stack(out.refusal_mass))
     # Outputs that were not asked for are empty.
-    tokens, logits, mass = _op(real, noised, verdict, ids, params, backend=backend, return_logits=False,
-                               return_stats=False)
+    tokens, logits, mass = _op(
+        real, noised, verdict, ids, params, backend=backend, return_logits=False, return_stats=False
+    )
     assert tokens.shape == (3,) and logits.numel() == 0 and mass.numel() == 0
 
 
@@ -204,14 +207,34 @@ def test_the_fake_gives_the_output_shapes():
 
 def test_opcheck():
     real, noised = _logits()
-    args = (real, noised, torch.tensor([1, -1, 0], dtype=torch.int8), torch.tensor([1, 3]),
-            *op_scalars(SteeringParams()), -1, "torch", True, True)
+    args = (
+        real,
+        noised,
+        torch.tensor([1, -1, 0], dtype=torch.int8),
+        torch.tensor([1, 3]),
+        *op_scalars(SteeringParams()),
+        -1,
+        "torch",
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.safecode_kernels.step.default, args)
 
 
 def test_scalars_round_trip():
-    params = SteeringParams(alpha=0.7, alpha_safe=0.2, real_weight=1.5, plausibility=0.1, sensitive_top_k=2**70,
-                            scope="all", boost=2.0, suppress=float("inf"), temperature=0.5, top_k=3, top_p=0.8)
+    params = SteeringParams(
+        alpha=0.7,
+        alpha_safe=0.2,
+        real_weight=1.5,
+        plausibility=0.1,
+        sensitive_top_k=2**70,
+        scope="all",
+        boost=2.0,
+        suppress=float("inf"),
+        temperature=0.5,
+        top_k=3,
+        top_p=0.8,
+    )
     scalars = op_scalars(params)
     assert scalars[4] == 2**63 - 1  # a k beyond int64 means the same as k = V
     assert scalars[5] == Scope.ALL

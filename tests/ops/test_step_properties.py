@@ -24,12 +24,33 @@ pytestmark = pytest.mark.skipif(backend_status()["cpu"] is not None, reason="cpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INF = math.inf
-SPECIAL = [-INF, INF, math.nan, 3.0e38, -3.0e38, 3.39e38, 1e38, -1e38, 1e-38, -1e-38, 1e-45, 0.0, -0.0,
-           65504.0, 7e4, 1e30, -1e30]
+SPECIAL = [
+    -INF,
+    INF,
+    math.nan,
+    3.0e38,
+    -3.0e38,
+    3.39e38,
+    1e38,
+    -1e38,
+    1e-38,
+    -1e-38,
+    1e-45,
+    0.0,
+    -0.0,
+    65504.0,
+    7e4,
+    1e30,
+    -1e30,
+]
 BETAS = [0.0, 0.1, 0.4, 0.45, 0.5, 0.9, 1.0, 0.05, 0.2]
 
-SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @st.composite
@@ -40,9 +61,12 @@ def logits_rows(draw, batch: int, vocab: int):
     x = np.asarray(base, dtype=np.float64).reshape(batch, vocab) * scale
     with np.errstate(over="ignore"):
         x = x.astype(np.float32)
-    injections = draw(st.lists(
-        st.tuples(st.integers(0, batch - 1), st.integers(0, vocab - 1), st.sampled_from(SPECIAL)),
-        max_size=draw(st.sampled_from([0, 0, 2, 6]))))
+    injections = draw(
+        st.lists(
+            st.tuples(st.integers(0, batch - 1), st.integers(0, vocab - 1), st.sampled_from(SPECIAL)),
+            max_size=draw(st.sampled_from([0, 0, 2, 6])),
+        )
+    )
     for row, col, value in injections:
         x[row, col] = value
     if draw(st.booleans()) and draw(st.booleans()):  # sometimes a whole row banned
@@ -62,8 +86,9 @@ def step_cases(draw):
         noised = draw(logits_rows(batch, vocab))
     with np.errstate(over="ignore"):
         real, noised = real.to(dtype), noised.to(dtype)  # may overflow fp16 to inf: both must raise
-    verdict = torch.tensor(draw(st.lists(st.sampled_from([1, -1, 0]), min_size=batch, max_size=batch)),
-                           dtype=torch.int8)
+    verdict = torch.tensor(
+        draw(st.lists(st.sampled_from([1, -1, 0]), min_size=batch, max_size=batch)), dtype=torch.int8
+    )
     refusal = torch.tensor(sorted(draw(st.sets(st.integers(0, vocab - 1), max_size=vocab))), dtype=torch.int64)
     if draw(st.booleans()):
         mask = torch.zeros(vocab, dtype=torch.bool)
@@ -89,8 +114,17 @@ def step_cases(draw):
 
 def _run(backend, real, noised, verdict, refusal, params, seed):
     try:
-        return sk.safecode_step(real, noised, verdict, refusal, params, generator=seed, backend=backend,
-                                return_logits=True, return_stats=True)
+        return sk.safecode_step(
+            real,
+            noised,
+            verdict,
+            refusal,
+            params,
+            generator=seed,
+            backend=backend,
+            return_logits=True,
+            return_stats=True,
+        )
     except (StepError, ValueError, TypeError) as error:
         return error
 
@@ -115,7 +149,8 @@ def _allowed(logits: torch.Tensor, params: sk.SteeringParams) -> torch.Tensor:
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> bool:
     inf = torch.isinf(want) | torch.isnan(want)
     same_special = torch.equal(got[inf].isnan(), want[inf].isnan()) and torch.equal(
-        got[inf].nan_to_num(0.0), want[inf].nan_to_num(0.0))
+        got[inf].nan_to_num(0.0), want[inf].nan_to_num(0.0)
+    )
     return same_special and bool(((got - want).abs() <= atol + rtol * want.abs())[~inf].all())
 
 

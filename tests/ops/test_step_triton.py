@@ -84,8 +84,10 @@ def verdicts(batch):
 
 def both(real, noised, verdict, refusal, params, generator=None):
     kw = dict(generator=generator, return_logits=True, return_stats=True)
-    return (sk.safecode_step(real, noised, verdict, refusal, params, backend="triton", **kw),
-            sk.safecode_step(real, noised, verdict, refusal, params, backend="torch", **kw))
+    return (
+        sk.safecode_step(real, noised, verdict, refusal, params, backend="triton", **kw),
+        sk.safecode_step(real, noised, verdict, refusal, params, backend="torch", **kw),
+    )
 
 
 def assert_same(got, want):
@@ -140,16 +142,32 @@ def assert_drawn_from(tokens, probs):
 GREEDY_CASES = [
     # dtype, batch, vocab, block, params, logits options
     pytest.param(torch.float32, 3, 1000, 128, dict(sensitive_top_k=20), dict(), id="fp32-k20-8blocks"),
-    pytest.param(torch.float16, 1, 4096, 512, dict(sensitive_top_k=1, plausibility=0.1), dict(),
-                 id="fp16-k1-plausibility"),
+    pytest.param(
+        torch.float16, 1, 4096, 512, dict(sensitive_top_k=1, plausibility=0.1), dict(), id="fp16-k1-plausibility"
+    ),
     pytest.param(torch.bfloat16, 3, 1000, 0, dict(sensitive_top_k=1000), dict(), id="bf16-kV"),
-    pytest.param(torch.float32, 3, 1000, 256, dict(scope="all", boost=3.0, suppress=math.inf), dict(banned=0.05),
-                 id="fp32-scope-all-banned-refusal"),
-    pytest.param(torch.float32, 3, 1000, 64, dict(sensitive_top_k=20, boost=0.0), dict(ties=True),
-                 id="fp32-ties-16blocks"),
+    pytest.param(
+        torch.float32,
+        3,
+        1000,
+        256,
+        dict(scope="all", boost=3.0, suppress=math.inf),
+        dict(banned=0.05),
+        id="fp32-scope-all-banned-refusal",
+    ),
+    pytest.param(
+        torch.float32, 3, 1000, 64, dict(sensitive_top_k=20, boost=0.0), dict(ties=True), id="fp32-ties-16blocks"
+    ),
     pytest.param(torch.float16, 3, 7, 0, dict(sensitive_top_k=12), dict(), id="fp16-V7-k>V"),
-    pytest.param(torch.float32, 3, 1000, 128, dict(alpha=1.0, alpha_safe=0.5, real_weight=2.0, plausibility=0.3,
-                                                   sensitive_top_k=20), dict(banned=0.1), id="fp32-vcd-like"),
+    pytest.param(
+        torch.float32,
+        3,
+        1000,
+        128,
+        dict(alpha=1.0, alpha_safe=0.5, real_weight=2.0, plausibility=0.3, sensitive_top_k=20),
+        dict(banned=0.1),
+        id="fp32-vcd-like",
+    ),
 ]
 
 
@@ -171,8 +189,9 @@ def test_sensitive_set_is_torch_topk(block, k):
     real, noised = make_logits(batch, vocab, torch.float32, seed=k)
     unsafe = torch.ones(batch, dtype=torch.int8, device=DEVICE)
     params = SteeringParams(sensitive_top_k=k, boost=1.0)
-    z = sk.safecode_step(real, noised, unsafe, refusal, params.replace(boost=0.0), backend="torch",
-                         return_logits=True).logits
+    z = sk.safecode_step(
+        real, noised, unsafe, refusal, params.replace(boost=0.0), backend="torch", return_logits=True
+    ).logits
     got = sk.safecode_step(real, noised, unsafe, refusal, params, backend="triton", return_logits=True).logits
     in_topk = torch.zeros_like(z, dtype=torch.bool).scatter(1, torch.topk(z, k, dim=1).indices, True)
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=DEVICE)
@@ -225,8 +244,9 @@ def _draws(n, vocab, params, *, seed=0, refusal=(1, 4)):
     refusal = torch.tensor(refusal, device=DEVICE)
     unsafe = torch.ones(n, dtype=torch.int8, device=DEVICE)
     out = sk.safecode_step(real / 2, noised / 2, unsafe, refusal, params, generator=seed, backend="triton")
-    modulated = sk.safecode_step(real[:1] / 2, noised[:1] / 2, unsafe[:1], refusal, params, backend="torch",
-                                 return_logits=True).logits
+    modulated = sk.safecode_step(
+        real[:1] / 2, noised[:1] / 2, unsafe[:1], refusal, params, backend="torch", return_logits=True
+    ).logits
     return out.tokens, reference_probs(modulated, params)[0]
 
 
@@ -274,9 +294,11 @@ def test_same_seed_same_tokens():
     real, noised = make_logits(6, 300, torch.float16, seed=4, refusal=refusal)
     real, noised = real / 8, noised / 8  # flat, so that different seeds give different tokens
     for params in (SteeringParams(temperature=1.0, scope="all"), SteeringParams(temperature=1.0, top_k=50, top_p=0.9)):
+
         def run(generator, params=params):
-            return sk.safecode_step(real, noised, verdicts(6), refusal, params, generator=generator,
-                                    backend="triton").tokens
+            return sk.safecode_step(
+                real, noised, verdicts(6), refusal, params, generator=generator, backend="triton"
+            ).tokens
 
         first = run(2024)
         assert torch.equal(first, run(2024))
@@ -314,8 +336,9 @@ def _error_case(name):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
-@pytest.mark.parametrize("name", ["nan-real", "inf-noised", "all-banned", "contrast-overflow",
-                                  "banned-after-bias", "bias-overflow"])
+@pytest.mark.parametrize(
+    "name", ["nan-real", "inf-noised", "all-banned", "contrast-overflow", "banned-after-bias", "bias-overflow"]
+)
 def test_errors_match_reference(block, name):
     block(16)
     args = _error_case(name)
@@ -339,7 +362,8 @@ def _grid():
     that every pair of those meets every size."""
     cases = []
     for index, (batch, vocab, dtype, k) in enumerate(
-            itertools.product((1, 3, 17), (7, 1000, 32000, 152064), DTYPES, ("1", "20", "V", "V+5"))):
+        itertools.product((1, 3, 17), (7, 1000, 32000, 152064), DTYPES, ("1", "20", "V", "V+5"))
+    ):
         scope, plausibility = ("sensitive", "all")[index % 2], (0.0, 0.1)[(index // 2) % 2]
         case_id = f"B{batch}-V{vocab}-{str(dtype)[6:]}-k{k}-{scope}-beta{plausibility}"
         cases.append(pytest.param(index, batch, vocab, dtype, k, scope, plausibility, id=case_id))
@@ -394,8 +418,9 @@ def test_gpu_top_p_distribution_large_vocab(fallback_rows):
     params = SteeringParams(temperature=1.0, top_p=0.9, scope="all")
     refusal = torch.tensor([5, 100_005], device=DEVICE)
     unsafe = torch.ones(n, dtype=torch.int8, device=DEVICE)
-    out = sk.safecode_step(real.expand(n, vocab), noised.expand(n, vocab), unsafe, refusal, params,
-                           generator=5, backend="triton")
+    out = sk.safecode_step(
+        real.expand(n, vocab), noised.expand(n, vocab), unsafe, refusal, params, generator=5, backend="triton"
+    )
     modulated = sk.safecode_step(real, noised, unsafe[:1], refusal, params, backend="torch", return_logits=True).logits
     assert_drawn_from(out.tokens, reference_probs(modulated, params)[0])
     assert not fallback_rows

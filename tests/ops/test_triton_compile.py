@@ -31,16 +31,23 @@ from safecode_kernels.ops import step_triton  # noqa: E402
 from safecode_kernels.ops.step_inputs import prepare_step_inputs  # noqa: E402
 
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 4):  # pragma: no cover
-    pytest.skip(f"compiles through the ASTSource API of triton >= 3.4 (parameters by name), "
-                f"not triton {triton.__version__}'s", allow_module_level=True)
+    pytest.skip(
+        f"compiles through the ASTSource API of triton >= 3.4 (parameters by name), not triton {triton.__version__}'s",
+        allow_module_level=True,
+    )
 
 REPO = Path(__file__).resolve().parents[2]
 # sm_90's largest shared memory per block (227 KiB).
 MAX_SHARED = 227 * 1024
 
 _POINTER_TYPES = {
-    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-    torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8",
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.int8: "*i8",
+    torch.uint8: "*u8",
 }
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -104,10 +111,17 @@ def _compile(config_id: str) -> list[dict]:
     for launch in _launches(batch, vocab, _DTYPES[dtype], params, return_logits, return_stats):
         fn = getattr(kernels, launch.kernel)
         signature, constexprs = _signature(fn, launch.args)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(launch.options))
-        results.append(dict(kernel=launch.kernel, cubin_bytes=len(compiled.asm["cubin"]),
-                            shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps))
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=dict(launch.options)
+        )
+        results.append(
+            dict(
+                kernel=launch.kernel,
+                cubin_bytes=len(compiled.asm["cubin"]),
+                shared=compiled.metadata.shared,
+                num_warps=compiled.metadata.num_warps,
+            )
+        )
     return results
 
 
@@ -116,8 +130,14 @@ def compiled():
     """``{config id: {"ok": bool, "kernels" | "error": ...}}`` from one subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "tests.ops.test_triton_compile", *CONFIGS], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.ops.test_triton_compile", *CONFIGS],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines, f"the compile subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(lines[-1])

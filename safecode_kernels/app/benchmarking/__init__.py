@@ -17,9 +17,18 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BENCH": "models", "TINY": "models", "LlavaSpec": "models", "bench_requests": "models",
-    "build_llava": "models", "build_tokenizer": "models", "system_prompt": "models",
-    "Settings": "decode", "main": "decode", "make_report": "decode", "markdown": "decode", "run": "decode",
+    "BENCH": "models",
+    "TINY": "models",
+    "LlavaSpec": "models",
+    "bench_requests": "models",
+    "build_llava": "models",
+    "build_tokenizer": "models",
+    "system_prompt": "models",
+    "Settings": "decode",
+    "main": "decode",
+    "make_report": "decode",
+    "markdown": "decode",
+    "run": "decode",
     "write_report": "decode",
 }
 

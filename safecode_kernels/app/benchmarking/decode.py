@@ -111,8 +111,9 @@ class Workload:
         self.system = system
         self.refusal = RefusalVocabulary.from_tokenizer(processor)
         self.image_token_id = int(model.config.image_token_id)
-        self.common = dict(steer_steps=settings.steer_steps, seed=settings.seed, refusal=self.refusal,
-                           backend=settings.backend)
+        self.common = dict(
+            steer_steps=settings.steer_steps, seed=settings.seed, refusal=self.refusal, backend=settings.backend
+        )
         self.fused_decoder = SafeCoDeDecoder(model, processor, **self.common)
         self.unsteered_decoder = SafeCoDeDecoder(model, processor, **{**self.common, "steer_steps": 0})
 
@@ -124,16 +125,19 @@ class Workload:
         if decoder == "fused":
             return self.fused_decoder.generate(self.images, self.prompts, self.verdicts, **self._kwargs(n)).sequences
         if decoder == "naive":
-            return naive_safecode_generate(self.model, self.processor, self.images, self.prompts, self.verdicts,
-                                           **self.common, **self._kwargs(n)).sequences
+            return naive_safecode_generate(
+                self.model, self.processor, self.images, self.prompts, self.verdicts, **self.common, **self._kwargs(n)
+            ).sequences
         if decoder == "two_cache":
-            return two_cache_safecode_generate(self.model, self.processor, self.images, self.prompts,
-                                               self.verdicts, **self.common, **self._kwargs(n)).sequences
+            return two_cache_safecode_generate(
+                self.model, self.processor, self.images, self.prompts, self.verdicts, **self.common, **self._kwargs(n)
+            ).sequences
         if decoder == "plain":
             return self.plain(n)
         if decoder == "unsteered":
-            return self.unsteered_decoder.generate(self.images, self.prompts, self.verdicts,
-                                                   **self._kwargs(n)).sequences
+            return self.unsteered_decoder.generate(
+                self.images, self.prompts, self.verdicts, **self._kwargs(n)
+            ).sequences
         raise ValueError(f"unknown decoder {decoder!r}")
 
     def plain_inputs(self):
@@ -148,17 +152,32 @@ class Workload:
         """Plain greedy generation with the model's own ``generate`` (no steering)."""
         with torch.inference_mode():
             enc = self.plain_inputs()
-            out = self.model.generate(**enc, max_new_tokens=n, min_new_tokens=0, do_sample=False,
-                                      suppress_tokens=[self.image_token_id], eos_token_id=None,
-                                      pad_token_id=self.processor.tokenizer.pad_token_id)
-        return out[:, enc["input_ids"].shape[1]:].tolist()
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=n,
+                min_new_tokens=0,
+                do_sample=False,
+                suppress_tokens=[self.image_token_id],
+                eos_token_id=None,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+            )
+        return out[:, enc["input_ids"].shape[1] :].tolist()
 
     def noised_prefill_call(self) -> Callable[[], object]:
         """Everything before the noised branch's non-shared prefill (encoding, its prefix in a
         cache), done now; returns the call that runs that prefill for all requests."""
-        setup = prepare(self.model, self.processor, self.images, self.prompts, self.verdicts,
-                        **self._kwargs(1), steer_steps=1, seed=self.settings.seed, refusal=self.refusal,
-                        backend=self.settings.backend)
+        setup = prepare(
+            self.model,
+            self.processor,
+            self.images,
+            self.prompts,
+            self.verdicts,
+            **self._kwargs(1),
+            steer_steps=1,
+            seed=self.settings.seed,
+            refusal=self.refusal,
+            backend=self.settings.backend,
+        )
         for request in setup.requests:
             request.real = request.noised  # the layout's single branch is the noised one
         adapter = setup.adapter
@@ -167,8 +186,13 @@ class Workload:
             positions, _ = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
             cache, p, mask = new_cache(self.model), layout.prefix, layout.attention_mask
             if p:
-                adapter.forward(layout.input_ids[:, :p], mask[:, :p],
-                                adapter.slice_positions(positions, slice(None), slice(None, p)), cache, logits=False)
+                adapter.forward(
+                    layout.input_ids[:, :p],
+                    mask[:, :p],
+                    adapter.slice_positions(positions, slice(None), slice(None, p)),
+                    cache,
+                    logits=False,
+                )
         suffix = (layout.input_ids[:, p:], mask, adapter.slice_positions(positions, slice(None), slice(p, None)))
 
         def run():
@@ -186,8 +210,17 @@ class Workload:
 
     def prompt_lengths(self) -> tuple[list[int], list[int]]:
         """Prompt tokens and tokens before the image, per request."""
-        setup = prepare(self.model, self.processor, self.images, self.prompts, self.verdicts, **self._kwargs(1),
-                        steer_steps=0, refusal=self.refusal, backend=self.settings.backend)
+        setup = prepare(
+            self.model,
+            self.processor,
+            self.images,
+            self.prompts,
+            self.verdicts,
+            **self._kwargs(1),
+            steer_steps=0,
+            refusal=self.refusal,
+            backend=self.settings.backend,
+        )
         return [int(r.input_ids.numel()) for r in setup.requests], [r.prefix_len for r in setup.requests]
 
 
@@ -210,7 +243,7 @@ def measure_case(work: Workload, case: Case, settings: Settings, log=print) -> d
     reps["naive"] = settings.naive_reps
     for round_ in range(max(reps.values())):
         order = list(TIMED)
-        order = order[round_ % len(order):] + order[:round_ % len(order)]  # rotate who goes first
+        order = order[round_ % len(order) :] + order[: round_ % len(order)]  # rotate who goes first
         for name in order:
             if len(wall[name]) >= reps[name]:
                 continue
@@ -224,8 +257,14 @@ def measure_case(work: Workload, case: Case, settings: Settings, log=print) -> d
     return case_result(case, n, wall, cpu, outputs, log)
 
 
-def case_result(case: Case, n: int, wall: dict[str, list[float]], cpu: dict[str, list[float]],
-                outputs: dict[str, list[list[int]]], log=print) -> dict:
+def case_result(
+    case: Case,
+    n: int,
+    wall: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    outputs: dict[str, list[list[int]]],
+    log=print,
+) -> dict:
     """The result record of one case from every decoder's times (wall and CPU seconds of each
     repetition) and greedy ids."""
     best = _with_bounds({name: min(ts) for name, ts in wall.items()})
@@ -233,12 +272,23 @@ def case_result(case: Case, n: int, wall: dict[str, list[float]], cpu: dict[str,
     agree = all(outputs[name] == outputs["naive"] for name in STEERED)
     plain_agree = outputs["plain"] == outputs["unsteered"]
     if not agree:
-        log(f"  WARNING {case.name}: the steered decoders disagree: "
-            + "; ".join(f"{k}={outputs[k]}" for k in STEERED))
-    return dict(case=case.name, id=case.id, phase=case.phase, batch=case.batch, system_prompt=case.system,
-                new_tokens=n, seconds=best, cpu_seconds=best_cpu, all_seconds=wall, all_cpu_seconds=cpu,
-                steered_ids_agree=agree, plain_ids_agree=plain_agree,
-                ratios=ratios(best), cpu_ratios=ratios(best_cpu))
+        log(f"  WARNING {case.name}: the steered decoders disagree: " + "; ".join(f"{k}={outputs[k]}" for k in STEERED))
+    return dict(
+        case=case.name,
+        id=case.id,
+        phase=case.phase,
+        batch=case.batch,
+        system_prompt=case.system,
+        new_tokens=n,
+        seconds=best,
+        cpu_seconds=best_cpu,
+        all_seconds=wall,
+        all_cpu_seconds=cpu,
+        steered_ids_agree=agree,
+        plain_ids_agree=plain_agree,
+        ratios=ratios(best),
+        cpu_ratios=ratios(best_cpu),
+    )
 
 
 def _with_bounds(best: dict[str, float]) -> dict[str, float]:
@@ -271,9 +321,15 @@ def goals(results: Sequence[dict]) -> list[dict]:
         label = f"B={r['batch']} {'system prompt' if r['system_prompt'] else 'no system prompt'}"
 
         def add(goal, key, need, at_least=True, q=q, c=c):
-            rows.append(dict(goal=goal, value=q[key], cpu_value=c[key],
-                             met=q[key] >= need if at_least else q[key] <= need,
-                             met_cpu=c[key] >= need if at_least else c[key] <= need))
+            rows.append(
+                dict(
+                    goal=goal,
+                    value=q[key],
+                    cpu_value=c[key],
+                    met=q[key] >= need if at_least else q[key] <= need,
+                    met_cpu=c[key] >= need if at_least else c[key] <= need,
+                )
+            )
 
         if r["phase"] == "steered":
             need = 4.5 if r["system_prompt"] else 3.5
@@ -305,16 +361,23 @@ def machine_description(threads: int | None = None) -> str:
     if hasattr(os, "getloadavg"):
         load = ", load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
     threads = torch.get_num_threads() if threads is None else threads
-    return (f"{processor or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-            f"(intra-op threads: {threads}), Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}{load}")
+    return (
+        f"{processor or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+        f"(intra-op threads: {threads}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}{load}"
+    )
 
 
-_LABELS = {"naive": "naive loop", "two_cache": "two-cache loop", "fused": "fused decoder (SafeCoDeDecoder)",
-           "plain": "plain generation (HF generate)", "unsteered": "unsteered decoder (steer_steps=0)",
-           "noised_prefill": "noised-branch prefill alone",
-           "lower_bound": "lower bound: plain + noised prefill",
-           "lower_bound_unsteered": "lower bound, own loop: unsteered + noised prefill"}
+_LABELS = {
+    "naive": "naive loop",
+    "two_cache": "two-cache loop",
+    "fused": "fused decoder (SafeCoDeDecoder)",
+    "plain": "plain generation (HF generate)",
+    "unsteered": "unsteered decoder (steer_steps=0)",
+    "noised_prefill": "noised-branch prefill alone",
+    "lower_bound": "lower bound: plain + noised prefill",
+    "lower_bound_unsteered": "lower bound, own loop: unsteered + noised prefill",
+}
 _ROWS = (*DECODERS, "noised_prefill", "lower_bound", "lower_bound_unsteered")
 
 
@@ -324,22 +387,33 @@ def _system_label(report: dict, system: bool) -> str:
 
 def markdown(report: dict) -> str:
     settings = report["settings"]
-    lines = ["# SafeCoDe end-to-end decoding benchmark", "",
-             f"Machine: {report['machine']}", "",
-             f"Model: {report['model']}", "",
-             f"Requests: {report['requests']}", "",
-             f"Settings: steer_steps={settings['steer_steps']}, whole answer {settings['answer_tokens']} tokens, "
-             f"torch threads {settings['threads']} for every decoder, step-op backend {settings['backend']!r}, "
-             f"{settings['reps']} repetition(s) per decoder ({settings['naive_reps']} for the naive loop), "
-             f"best of the repetitions.", "",
-             "Every run goes from PIL images and strings to token ids. `vs naive` = naive time / time "
-             "(speed-up); `vs plain` = time / plain-generation time (the cost of steering). Wall-clock "
-             "seconds; the CPU-time columns (process time, one thread) leave out waits for a core on a "
-             "shared machine. Ratios from this run only.", ""]
-    lines += ["## Summary", "",
-              "| phase | batch | system prompt | fused vs naive | fused vs two-cache | fused / plain | "
-              "fused / lower bound | fused / lower bound (own loop) | same as naive |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "# SafeCoDe end-to-end decoding benchmark",
+        "",
+        f"Machine: {report['machine']}",
+        "",
+        f"Model: {report['model']}",
+        "",
+        f"Requests: {report['requests']}",
+        "",
+        f"Settings: steer_steps={settings['steer_steps']}, whole answer {settings['answer_tokens']} tokens, "
+        f"torch threads {settings['threads']} for every decoder, step-op backend {settings['backend']!r}, "
+        f"{settings['reps']} repetition(s) per decoder ({settings['naive_reps']} for the naive loop), "
+        f"best of the repetitions.",
+        "",
+        "Every run goes from PIL images and strings to token ids. `vs naive` = naive time / time "
+        "(speed-up); `vs plain` = time / plain-generation time (the cost of steering). Wall-clock "
+        "seconds; the CPU-time columns (process time, one thread) leave out waits for a core on a "
+        "shared machine. Ratios from this run only.",
+        "",
+    ]
+    lines += [
+        "## Summary",
+        "",
+        "| phase | batch | system prompt | fused vs naive | fused vs two-cache | fused / plain | "
+        "fused / lower bound | fused / lower bound (own loop) | same as naive |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in report["results"]:
         q, c = r["ratios"], r["cpu_ratios"]
         lines.append(
@@ -349,19 +423,26 @@ def markdown(report: dict) -> str:
             f"| {q['fused_vs_plain']:.2f} (CPU {c['fused_vs_plain']:.2f}) "
             f"| {q['fused_vs_lower_bound']:.2f} (CPU {c['fused_vs_lower_bound']:.2f}) "
             f"| {q['fused_vs_lower_bound_unsteered']:.2f} (CPU {c['fused_vs_lower_bound_unsteered']:.2f}) "
-            f"| {'yes' if r['steered_ids_agree'] else '**NO**'} |")
+            f"| {'yes' if r['steered_ids_agree'] else '**NO**'} |"
+        )
     lines.append("")
     for phase in PHASES:
         rows = [r for r in report["results"] if r["phase"] == phase]
         if not rows:
             continue
-        what = (f"Steered phase: prompt to {settings['steer_steps']} steered tokens" if phase == "steered"
-                else f"Whole answer: {settings['steer_steps']} steered + "
-                     f"{settings['answer_tokens'] - settings['steer_steps']} ordinary tokens")
-        lines += [f"## {what}", "",
-                  "| batch | system prompt | decoder | time s | s / request | vs naive | vs plain | CPU s | "
-                  "CPU vs naive | CPU vs plain |",
-                  "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        what = (
+            f"Steered phase: prompt to {settings['steer_steps']} steered tokens"
+            if phase == "steered"
+            else f"Whole answer: {settings['steer_steps']} steered + "
+            f"{settings['answer_tokens'] - settings['steer_steps']} ordinary tokens"
+        )
+        lines += [
+            f"## {what}",
+            "",
+            "| batch | system prompt | decoder | time s | s / request | vs naive | vs plain | CPU s | "
+            "CPU vs naive | CPU vs plain |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             t_all, c_all = r["seconds"], r["cpu_seconds"]
             for name in _ROWS:
@@ -369,17 +450,28 @@ def markdown(report: dict) -> str:
                 label = f"**{_LABELS[name]}**" if name == "fused" else _LABELS[name]
                 cells = ["", "", "", ""]
                 if name != "noised_prefill":
-                    cells = [f"{t_all['naive'] / t:.2f}x", f"{t / t_all['plain']:.2f}",
-                             f"{c_all['naive'] / c:.2f}x", f"{c / c_all['plain']:.2f}"]
+                    cells = [
+                        f"{t_all['naive'] / t:.2f}x",
+                        f"{t / t_all['plain']:.2f}",
+                        f"{c_all['naive'] / c:.2f}x",
+                        f"{c / c_all['plain']:.2f}",
+                    ]
                 lines.append(
                     f"| {r['batch']} | {_system_label(report, r['system_prompt'])} | {label} | {t:.3f} "
-                    f"| {t / r['batch']:.3f} | {cells[0]} | {cells[1]} | {c:.3f} | {cells[2]} | {cells[3]} |")
+                    f"| {t / r['batch']:.3f} | {cells[0]} | {cells[1]} | {c:.3f} | {cells[2]} | {cells[3]} |"
+                )
         lines.append("")
-    lines += ["## Goals of issue 6 (this run; nothing asserts them)", "",
-              "| goal | wall clock | met | CPU time | met |", "|---|---:|---|---:|---|"]
+    lines += [
+        "## Goals of issue 6 (this run; nothing asserts them)",
+        "",
+        "| goal | wall clock | met | CPU time | met |",
+        "|---|---:|---|---:|---|",
+    ]
     for g in report["goals"]:
-        lines.append(f"| {g['goal']} | {g['value']:.2f} | {'yes' if g['met'] else '**no**'} "
-                     f"| {g['cpu_value']:.2f} | {'yes' if g['met_cpu'] else '**no**'} |")
+        lines.append(
+            f"| {g['goal']} | {g['value']:.2f} | {'yes' if g['met'] else '**no**'} "
+            f"| {g['cpu_value']:.2f} | {'yes' if g['met_cpu'] else '**no**'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -391,8 +483,13 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.ticker
 
     names = ("naive", "two_cache", "fused", "plain", "lower_bound")
-    colors = {"naive": "#c44e52", "two_cache": "#dd8452", "fused": "#4c72b0", "plain": "#55a868",
-              "lower_bound": "#8c8c8c"}
+    colors = {
+        "naive": "#c44e52",
+        "two_cache": "#dd8452",
+        "fused": "#4c72b0",
+        "plain": "#55a868",
+        "lower_bound": "#8c8c8c",
+    }
     phases = [p for p in PHASES if any(r["phase"] == p for r in report["results"])]
     fig, axes = plt.subplots(1, len(phases), figsize=(7 * len(phases), 5.8), squeeze=False)
     for ax, phase in zip(axes[0], phases):
@@ -404,24 +501,31 @@ def plot(report: dict, path: str) -> None:
             ax.bar(xs, ys, width, label=_LABELS[name], color=colors[name])
             if name == "fused":
                 for x, y, r in zip(xs, ys, rows):
-                    ax.annotate(f"{r['ratios']['fused_speedup_vs_naive']:.1f}x", (x, y), ha="center",
-                                va="bottom", fontsize=8)
+                    ax.annotate(
+                        f"{r['ratios']['fused_speedup_vs_naive']:.1f}x", (x, y), ha="center", va="bottom", fontsize=8
+                    )
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([f"B={r['batch']}\n{'system prompt' if r['system_prompt'] else 'no system prompt'}"
-                            for r in rows])
+        ax.set_xticklabels(
+            [f"B={r['batch']}\n{'system prompt' if r['system_prompt'] else 'no system prompt'}" for r in rows]
+        )
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_ylabel("seconds per request, wall clock (log scale)")
         settings = report["settings"]
-        ax.set_title(f"steered phase ({settings['steer_steps']} tokens)" if phase == "steered" else
-                     f"whole answer ({settings['answer_tokens']} tokens)")
+        ax.set_title(
+            f"steered phase ({settings['steer_steps']} tokens)"
+            if phase == "steered"
+            else f"whole answer ({settings['answer_tokens']} tokens)"
+        )
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.suptitle(f"SafeCoDe decoding: {report['model_short']} (labels: fused speed-up over the naive loop)\n"
-                 f"{report['machine']}", fontsize=8)
+    fig.suptitle(
+        f"SafeCoDe decoding: {report['model_short']} (labels: fused speed-up over the naive loop)\n{report['machine']}",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -488,11 +592,13 @@ def _run(settings: Settings, log) -> dict:
                 results.append(measure_case(work, Case(phase, batch, system), settings, log))
                 r = results[-1]["ratios"]
                 c = results[-1]["cpu_ratios"]
-                log(f"  -> fused vs naive {r['fused_speedup_vs_naive']:.2f}x (CPU {c['fused_speedup_vs_naive']:.2f}x), "
+                log(
+                    f"  -> fused vs naive {r['fused_speedup_vs_naive']:.2f}x (CPU {c['fused_speedup_vs_naive']:.2f}x), "
                     f"vs two-cache {r['fused_speedup_vs_two_cache']:.2f}x "
                     f"(CPU {c['fused_speedup_vs_two_cache']:.2f}x), "
                     f"/ lower bound {r['fused_vs_lower_bound']:.2f} (CPU {c['fused_vs_lower_bound']:.2f}), "
-                    f"/ plain {r['fused_vs_plain']:.2f}")
+                    f"/ plain {r['fused_vs_plain']:.2f}"
+                )
     return make_report(settings, results, lengths)
 
 
@@ -505,10 +611,12 @@ def make_report(settings: Settings, results: list[dict], lengths: dict) -> dict:
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         model=settings.spec.describe(),
         model_short=f"LLaVA-1.5 hidden {settings.spec.hidden_size}, {settings.spec.num_layers} layers, "
-                    f"V={settings.spec.vocab_size}, {settings.spec.image_tokens} image tokens, fp32",
-        requests=("per batch: different user prompts and image sizes, verdicts cycling unsafe/safe/none; "
-                  "greedy; no EOS (exactly the requested number of tokens); prompt lengths (tokens, tokens "
-                  "before the image): " + "; ".join(f"{k}: {v[0]}, {v[1]}" for k, v in lengths.items())),
+        f"V={settings.spec.vocab_size}, {settings.spec.image_tokens} image tokens, fp32",
+        requests=(
+            "per batch: different user prompts and image sizes, verdicts cycling unsafe/safe/none; "
+            "greedy; no EOS (exactly the requested number of tokens); prompt lengths (tokens, tokens "
+            "before the image): " + "; ".join(f"{k}: {v[0]}, {v[1]}" for k, v in lengths.items())
+        ),
         system_tokens=settings.system_tokens,
         settings=settings_dict,
         results=results,
@@ -518,16 +626,23 @@ def make_report(settings: Settings, results: list[dict], lengths: dict) -> dict:
 
 def parse_args(argv=None) -> tuple[Settings, str]:
     parser = argparse.ArgumentParser(description="SafeCoDe end-to-end decoding benchmark")
-    parser.add_argument("--quick", action="store_true",
-                        help="batch 1 only, one repetition each (about 2 minutes on this 2-core machine)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1 only, one repetition each (about 2 minutes on this 2-core machine)",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: 1 8)")
     parser.add_argument("--phases", nargs="+", choices=PHASES, default=None)
     parser.add_argument("--no-system", action="store_true", help="only without the system prompt")
     parser.add_argument("--system-only", action="store_true", help="only with the system prompt")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of the fast decoders (default 3)")
     parser.add_argument("--naive-reps", type=int, default=None, help="repetitions of the naive loop (default 1)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for every decoder (default 1: stable on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every decoder (default 1: stable on a shared machine)",
+    )
     parser.add_argument("--backend", default="auto", help="backend of the step op (default auto)")
     parser.add_argument("--tiny", action="store_true", help="the tiny smoke-test model instead (seconds)")
     parser.add_argument("--out", default="bench-results", help="folder for the JSON, markdown and PNG")

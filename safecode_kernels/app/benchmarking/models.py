@@ -34,8 +34,16 @@ from ...testing.tiny import BENCH, SYSTEM_SENTENCES, USER_PROMPTS, LlavaSpec
 from ...testing.tiny import BENCH_SMOKE as TINY
 from ...testing.tiny import padded_tokenizer as build_tokenizer
 
-__all__ = ["BENCH", "TINY", "LlavaSpec", "bench_image", "bench_requests", "build_llava", "build_tokenizer",
-           "system_prompt"]
+__all__ = [
+    "BENCH",
+    "TINY",
+    "LlavaSpec",
+    "bench_image",
+    "bench_requests",
+    "build_llava",
+    "build_tokenizer",
+    "system_prompt",
+]
 
 
 @functools.lru_cache(maxsize=4)

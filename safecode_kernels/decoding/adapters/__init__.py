@@ -10,7 +10,11 @@ from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InstructBlipAdapter, IdeficsAdapter,
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    InstructBlipAdapter,
+    IdeficsAdapter,
 )
 
 
@@ -33,6 +37,13 @@ def get_adapter(model, processor) -> ModelAdapter:
 
 
 __all__ = [
-    "ADAPTERS", "IdeficsAdapter", "InstructBlipAdapter", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter",
-    "Qwen2VLAdapter", "get_adapter", "supported_models",
+    "ADAPTERS",
+    "IdeficsAdapter",
+    "InstructBlipAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "get_adapter",
+    "supported_models",
 ]

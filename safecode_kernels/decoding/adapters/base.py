@@ -106,8 +106,10 @@ class ModelAdapter:
             shapes = {t.shape[1:] for t in tensors}
             if len(shapes) > 1:
                 if key not in self.padded_keys:
-                    raise RuntimeError(f"{type(self).__name__}: vision input {key!r} differs in shape between "
-                                       f"requests ({sorted(tuple(s) for s in shapes)}) and has no padding rule")
+                    raise RuntimeError(
+                        f"{type(self).__name__}: vision input {key!r} differs in shape between "
+                        f"requests ({sorted(tuple(s) for s in shapes)}) and has no padding rule"
+                    )
                 tensors = zero_pad(tensors)
             out[key] = torch.cat(tensors)
         return out
@@ -139,8 +141,7 @@ class ModelAdapter:
         """Called whenever the decoder keeps only ``indices`` of the batch rows."""
 
     # ----- forwards ---------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None,
-                logits: bool = True):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None, logits: bool = True):
         """Next-token logits ``[rows, V]`` of a forward over ``input_ids`` (a chunk or one token).
 
         ``logits=False`` only fills ``cache`` (the LM head is skipped where the model has a

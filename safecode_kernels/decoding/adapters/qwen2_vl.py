@@ -18,8 +18,11 @@ from .base import ModelAdapter
 class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     family = "qwen"
-    model_class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                         "Qwen3VLForConditionalGeneration")
+    model_class_names = (
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration",
+    )
 
     @property
     def _inner(self):

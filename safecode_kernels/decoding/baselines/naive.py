@@ -13,8 +13,9 @@ from ..requests import prepare
 from ..results import GenerationResult, Recorder
 
 
-def naive_safecode_generate(model, processor, images, prompts, verdicts, *, return_logits: bool = False,
-                            **kwargs) -> GenerationResult:
+def naive_safecode_generate(
+    model, processor, images, prompts, verdicts, *, return_logits: bool = False, **kwargs
+) -> GenerationResult:
     """SafeCoDe generation the slow, obvious way; same inputs and outputs as
     :meth:`SafeCoDeDecoder.generate` plus the decoder's settings (``params``, ``steer_steps``,
     ``noise_std``, ``seed``, ``refusal``, ``backend``) as keyword arguments.

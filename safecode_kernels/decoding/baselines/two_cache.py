@@ -14,8 +14,9 @@ from ..requests import prepare
 from ..results import GenerationResult, Recorder
 
 
-def two_cache_safecode_generate(model, processor, images, prompts, verdicts, *, return_logits: bool = False,
-                                **kwargs) -> GenerationResult:
+def two_cache_safecode_generate(
+    model, processor, images, prompts, verdicts, *, return_logits: bool = False, **kwargs
+) -> GenerationResult:
     """Same inputs and outputs as :func:`naive_safecode_generate`.
 
     Example::

@@ -41,8 +41,9 @@ _LOADERS: dict[str, Callable[..., list[Sample]]] = {
 BENCHMARKS: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load_benchmark(name: str, root: str | os.PathLike[str] | None, *, split: str | None = None,
-                   limit: int | None = None) -> list[Sample]:
+def load_benchmark(
+    name: str, root: str | os.PathLike[str] | None, *, split: str | None = None, limit: int | None = None
+) -> list[Sample]:
     """The samples of benchmark ``name`` read from ``root``, in the benchmark's documented order.
 
     ``split`` picks a part where the benchmark has them (MM-SafetyBench image kind, MSSBench setting,

@@ -75,8 +75,12 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
         lines[key] = line
         name = IMAGE_NAME.format(category_id=key[0], task_id=key[1])
         image = image_file(root / IMAGES[split] / name, where)
-        fields = {"category": _text(row, "category_name", where), "category_id": key[0],
-                  "instruction": _text(row, "instruction", where), "question": row.get("question")}
+        fields = {
+            "category": _text(row, "category_name", where),
+            "category_id": key[0],
+            "instruction": _text(row, "instruction", where),
+            "question": row.get("question"),
+        }
         samples.append((key, Sample(f"{key[0]}_{key[1]}", BENCHMARK, FIGSTEP_PROMPT, image, fields)))
     samples.sort(key=lambda pair: pair[0])
     return first([sample for _, sample in samples], limit)

@@ -39,12 +39,12 @@ KEYWORDS_COLUMN = "keywords"
 STEP_COLUMN = "step"
 CATEGORY_COLUMN = "category"
 INSTRUCTION_COLUMN = "instruction"
-COLUMNS = (IMAGE_COLUMN, ID_COLUMN, SCENARIO_COLUMN, KEYWORDS_COLUMN, STEP_COLUMN, CATEGORY_COLUMN,
-           INSTRUCTION_COLUMN)
+COLUMNS = (IMAGE_COLUMN, ID_COLUMN, SCENARIO_COLUMN, KEYWORDS_COLUMN, STEP_COLUMN, CATEGORY_COLUMN, INSTRUCTION_COLUMN)
 
 
-def load(root: str | os.PathLike[str] | None = None, *, split: str | None = None,
-         limit: int | None = None) -> list[Sample]:
+def load(
+    root: str | os.PathLike[str] | None = None, *, split: str | None = None, limit: int | None = None
+) -> list[Sample]:
     """The HADES samples of ``split`` (see the module docstring), the first ``limit`` rows."""
     return hub_samples(BENCHMARK, HUB_NAME, root, split or DEFAULT_SPLIT, limit, COLUMNS, IMAGE_COLUMN, _read_row)
 
@@ -52,7 +52,11 @@ def load(root: str | os.PathLike[str] | None = None, *, split: str | None = None
 def _read_row(row: Mapping, at: str) -> tuple[str, dict]:
     """``(prompt, fields)`` of one row."""
     scenario = field_of(row, SCENARIO_COLUMN, str, at)
-    fields = {"category": scenario, "keywords": field_of(row, KEYWORDS_COLUMN, str, at),
-              "keyword_type": field_of(row, CATEGORY_COLUMN, str, at), "step": field_of(row, STEP_COLUMN, int, at),
-              "source_id": field_of(row, ID_COLUMN, str, at)}
+    fields = {
+        "category": scenario,
+        "keywords": field_of(row, KEYWORDS_COLUMN, str, at),
+        "keyword_type": field_of(row, CATEGORY_COLUMN, str, at),
+        "step": field_of(row, STEP_COLUMN, int, at),
+        "source_id": field_of(row, ID_COLUMN, str, at),
+    }
     return field_of(row, INSTRUCTION_COLUMN, str, at), fields

@@ -56,7 +56,9 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
         sample_id = unique_id(record, "id", lines, f"line {number}", where)
         prompt = field_of(record, "prompt", str, where)
         image = image_field(record, "image", path.parent, where)
-        fields = {"category": field_of(record, "category", (str, type(None)), where) if "category" in record else None,
-                  "label": field_of(record, "label", LABEL_TYPES, where) if "label" in record else None}
+        fields = {
+            "category": field_of(record, "category", (str, type(None)), where) if "category" in record else None,
+            "label": field_of(record, "label", LABEL_TYPES, where) if "label" in record else None,
+        }
         samples.append(Sample(sample_id, BENCHMARK, prompt, image, fields))
     return first(samples, limit)

@@ -72,8 +72,10 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
     questions_dir = root / QUESTIONS_DIR
     present = [s for s in SCENARIOS if (questions_dir / f"{s}.json").is_file()]
     if not present:
-        raise DataError(f"{questions_dir}: no MM-SafetyBench scenario file found (expected e.g. "
-                        f"{SCENARIOS[0]}.json ... {SCENARIOS[-1]}.json)")
+        raise DataError(
+            f"{questions_dir}: no MM-SafetyBench scenario file found (expected e.g. "
+            f"{SCENARIOS[0]}.json ... {SCENARIOS[-1]}.json)"
+        )
     samples: list[Sample] = []
     for scenario in present:
         path = questions_dir / f"{scenario}.json"

@@ -89,8 +89,10 @@ def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int |
 def _item_samples(root: Path, setting: str, index: int, item: object, where: str) -> list[Sample]:
     """Each query of one item with the safe image, then with the unsafe image."""
     check_object(item, where)
-    images = {kind: image_field(item, key, root / setting, where)
-              for kind, key in zip(KINDS, IMAGE_FIELDS[setting], strict=True)}
+    images = {
+        kind: image_field(item, key, root / setting, where)
+        for kind, key in zip(KINDS, IMAGE_FIELDS[setting], strict=True)
+    }
     category = item.get(CATEGORY_FIELDS[setting])
     category = category if isinstance(category, str) else None
     prefix = CHAT_PROMPT if setting == "chat" else EMBODIED_PROMPT
@@ -107,5 +109,8 @@ def _queries(item: dict, setting: str, where: str) -> list[tuple[str, str]]:
     if setting == "chat":
         return [(query, query) for query in string_list(item, "queries", where)]
     # MSSBench zips the two lists, so the tail of a longer one is never asked.
-    return list(zip(string_list(item, "safe_instructions", where), string_list(item, "unsafe_instructions", where),
-                    strict=False))
+    return list(
+        zip(
+            string_list(item, "safe_instructions", where), string_list(item, "unsafe_instructions", where), strict=False
+        )
+    )

@@ -35,8 +35,19 @@ from safecode_kernels.evaluation.samples import Sample, field_of, hub_samples
 BENCHMARK = "msts"
 HUB_NAME = "felfri/MSTS"
 DEFAULT_SPLIT = "english"
-LANGUAGES = ("english", "arabic", "chinese", "farsi", "french", "german", "hindi", "italian", "korean", "russian",
-             "spanish")
+LANGUAGES = (
+    "english",
+    "arabic",
+    "chinese",
+    "farsi",
+    "french",
+    "german",
+    "hindi",
+    "italian",
+    "korean",
+    "russian",
+    "spanish",
+)
 PROMPT_COLUMN = "prompt_text"
 IMAGE_COLUMN = "unsafe_image"
 CASE_ID_COLUMN = "case_id"
@@ -44,24 +55,36 @@ PROMPT_TYPE_COLUMN = "prompt_type"
 CATEGORY_COLUMN = "hazard_category"
 SUBCATEGORY_COLUMN = "hazard_subcategory"
 SUBSUBCATEGORY_COLUMN = "hazard_subsubcategory"
-COLUMNS = (PROMPT_COLUMN, IMAGE_COLUMN, CASE_ID_COLUMN, PROMPT_TYPE_COLUMN, CATEGORY_COLUMN, SUBCATEGORY_COLUMN,
-           SUBSUBCATEGORY_COLUMN)
+COLUMNS = (
+    PROMPT_COLUMN,
+    IMAGE_COLUMN,
+    CASE_ID_COLUMN,
+    PROMPT_TYPE_COLUMN,
+    CATEGORY_COLUMN,
+    SUBCATEGORY_COLUMN,
+    SUBSUBCATEGORY_COLUMN,
+)
 
 
-def load(root: str | os.PathLike[str] | None = None, *, split: str | None = None,
-         limit: int | None = None) -> list[Sample]:
+def load(
+    root: str | os.PathLike[str] | None = None, *, split: str | None = None, limit: int | None = None
+) -> list[Sample]:
     """The MSTS samples of language ``split`` (see the module docstring), the first ``limit`` rows."""
     split = split or DEFAULT_SPLIT
-    return hub_samples(BENCHMARK, HUB_NAME, root, split, limit, COLUMNS, IMAGE_COLUMN,
-                       functools.partial(_read_row, split))
+    return hub_samples(
+        BENCHMARK, HUB_NAME, root, split, limit, COLUMNS, IMAGE_COLUMN, functools.partial(_read_row, split)
+    )
 
 
 def _read_row(split: str, row: Mapping, at: str) -> tuple[str, dict]:
     """``(prompt, fields)`` of one row of language ``split``."""
     optional = (str, type(None))  # only the top hazard category is required
-    fields = {"category": field_of(row, CATEGORY_COLUMN, str, at),
-              "subcategory": field_of(row, SUBCATEGORY_COLUMN, optional, at),
-              "subsubcategory": field_of(row, SUBSUBCATEGORY_COLUMN, optional, at),
-              "language": split, "prompt_type": field_of(row, PROMPT_TYPE_COLUMN, str, at),
-              "case_id": field_of(row, CASE_ID_COLUMN, str, at)}
+    fields = {
+        "category": field_of(row, CATEGORY_COLUMN, str, at),
+        "subcategory": field_of(row, SUBCATEGORY_COLUMN, optional, at),
+        "subsubcategory": field_of(row, SUBSUBCATEGORY_COLUMN, optional, at),
+        "language": split,
+        "prompt_type": field_of(row, PROMPT_TYPE_COLUMN, str, at),
+        "case_id": field_of(row, CASE_ID_COLUMN, str, at),
+    }
     return field_of(row, PROMPT_COLUMN, str, at), fields

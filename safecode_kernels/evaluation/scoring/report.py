@@ -147,14 +147,25 @@ def compare(dirs) -> str:
     reports = [read_report(d) for d in dirs]
     flats = [flatten_metrics(r["metrics"]) for r in reports]
     keys = list(dict.fromkeys(k for flat in flats for k in flat))
-    rows = [["benchmark"] + [r["benchmark"] for r in reports],
-            ["scorer"] + [r["scorer"] for r in reports],
-            ["n"] + [str(r["n"]) for r in reports],
-            ["unparsed"] + [str(len(r["unparsed"])) for r in reports],
-            ["errors"] + [str(r["errors"]) for r in reports]]
+    rows = [
+        ["benchmark"] + [r["benchmark"] for r in reports],
+        ["scorer"] + [r["scorer"] for r in reports],
+        ["n"] + [str(r["n"]) for r in reports],
+        ["unparsed"] + [str(len(r["unparsed"])) for r in reports],
+        ["errors"] + [str(r["errors"]) for r in reports],
+    ]
     rows += [[k] + [_fmt(flat.get(k)) for flat in flats] for k in keys]
     return "\n".join(_table(["metric"] + _column_names(dirs), rows)) + "\n"
 
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "REPORT_PNG", "compare", "flatten_metrics", "plot_metrics", "read_report",
-           "render_markdown", "write_report"]
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_MD",
+    "REPORT_PNG",
+    "compare",
+    "flatten_metrics",
+    "plot_metrics",
+    "read_report",
+    "render_markdown",
+    "write_report",
+]

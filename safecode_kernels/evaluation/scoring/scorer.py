@@ -71,8 +71,10 @@ def load_generations(directory) -> tuple[str, list[dict]]:
         if benchmark is None:
             benchmark, first = name, number
         elif name != benchmark:
-            raise ValueError(f"{path} mixes benchmarks ({benchmark!r} on line {first}, {name!r} on line {number}): "
-                             "score each benchmark's run in its own folder")
+            raise ValueError(
+                f"{path} mixes benchmarks ({benchmark!r} on line {first}, {name!r} on line {number}): "
+                "score each benchmark's run in its own folder"
+            )
         by_id[record["id"]] = record
     if benchmark is None:
         raise ValueError(f"{path} holds no generation")
@@ -97,8 +99,10 @@ def read_scores(directory, scorer: str | None = None) -> dict:
         if "id" not in record or "label" not in record:
             raise ValueError(f"{path}, line {number}: a score needs 'id' and 'label'")
         if scorer is not None and record.get("scorer", scorer) != scorer:
-            raise ValueError(f"{path} was written by scorer {record['scorer']!r}, not {scorer!r}: "
-                             f"move it away to score this run again with {scorer!r}")
+            raise ValueError(
+                f"{path} was written by scorer {record['scorer']!r}, not {scorer!r}: "
+                f"move it away to score this run again with {scorer!r}"
+            )
         scores[record["id"]] = record
     return scores
 
@@ -124,11 +128,15 @@ class _LlmJudging:
             return
         for sample in samples:
             reference = sample.get("image")
-            if reference and rubric_for(self.benchmark, sample).uses_image \
-                    and _image_path(str(reference), self.directory) is None:
+            if (
+                reference
+                and rubric_for(self.benchmark, sample).uses_image
+                and _image_path(str(reference), self.directory) is None
+            ):
                 raise FileNotFoundError(
                     f"sample {sample['id']!r}: image {reference!r} is not a file (here or in {self.directory}); "
-                    "pass image_loader= to score(...) for images that are not local files (hf://...)")
+                    "pass image_loader= to score(...) for images that are not local files (hf://...)"
+                )
 
     def _image_url(self, reference) -> str:
         if self.image_loader is not None:
@@ -180,8 +188,15 @@ def _judge_name(judge) -> str | None:
     return None if model is None else str(model)
 
 
-def score(directory, judge=None, scorer: str = "llm", judge_template=None, concurrency: int = 8,
-          progress: bool = True, image_loader=None) -> dict:
+def score(
+    directory,
+    judge=None,
+    scorer: str = "llm",
+    judge_template=None,
+    concurrency: int = 8,
+    progress: bool = True,
+    image_loader=None,
+) -> dict:
     """Judge every generation of the run in ``directory``, then write its report.
 
     Args:
@@ -222,8 +237,9 @@ def score(directory, judge=None, scorer: str = "llm", judge_template=None, concu
         raise ValueError(f"scorer must be one of {', '.join(map(repr, SCORERS))}, got {scorer!r}")
     if scorer == "llm":
         if judge is None:
-            raise ValueError("scorer='llm' needs a judge (e.g. ChatClient(base_url, model)); "
-                             "scorer='refusal-strings' needs none")
+            raise ValueError(
+                "scorer='llm' needs a judge (e.g. ChatClient(base_url, model)); scorer='refusal-strings' needs none"
+            )
         if not callable(getattr(judge, "complete", None)):
             raise TypeError(f"the judge must have a complete(messages) -> str method, got {type(judge).__name__}")
     elif judge_template is not None:
@@ -240,8 +256,14 @@ def score(directory, judge=None, scorer: str = "llm", judge_template=None, concu
         work = _LlmJudging(judge, benchmark, template, image_loader, directory)
         work.check_images(pending)
     if pending:
-        bar = tqdm(total=len(pending), desc=f"scoring {benchmark}", unit="sample", file=sys.stderr,
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(pending),
+            desc=f"scoring {benchmark}",
+            unit="sample",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         try:
             if scorer == "llm":
                 _judge_all(work, pending, directory / SCORES, done, concurrency, bar)

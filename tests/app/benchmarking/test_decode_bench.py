@@ -22,8 +22,7 @@ from safecode_kernels.app.benchmarking.models import (
 
 @pytest.fixture(scope="module")
 def report():
-    settings = bench.Settings(spec=TINY, batches=(1, 3), reps=1, steer_steps=3, answer_tokens=8,
-                              system_tokens=60)
+    settings = bench.Settings(spec=TINY, batches=(1, 3), reps=1, steer_steps=3, answer_tokens=8, system_tokens=60)
     threads = torch.get_num_threads()
     result = bench.run(settings, log=lambda line: None)
     assert torch.get_num_threads() == threads  # restored

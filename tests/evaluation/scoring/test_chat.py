@@ -21,8 +21,12 @@ def server():
 
 
 def client_for(server, **kwargs) -> ChatClient:
-    return ChatClient(server.base_url, "judge-model", api_key_env=ENV,
-                      **{"timeout": 2.0, "backoff": 0.01, "max_backoff": 0.02, **kwargs})
+    return ChatClient(
+        server.base_url,
+        "judge-model",
+        api_key_env=ENV,
+        **{"timeout": 2.0, "backoff": 0.01, "max_backoff": 0.02, **kwargs},
+    )
 
 
 def test_complete_returns_the_raw_text_and_sends_the_body(server, monkeypatch):

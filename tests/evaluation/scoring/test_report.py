@@ -17,10 +17,20 @@ from safecode_kernels.evaluation.scoring.report import (
 
 
 def report_of(run: str, attack: float, sd: float | None, unparsed=()) -> dict:
-    return {"benchmark": "mm-safetybench", "run": run, "methods": ["base"], "scorer": "llm", "judge": "judge-model",
-            "judge_template": None, "generations": 10, "n": 9, "unparsed": list(unparsed), "errors": 1,
-            "label_counts": {"safe": 5, "unsafe": 4},
-            "metrics": {"attack_rate": attack, "attack_rate_by_kind": {"SD": sd, "SD_TYPO": 0.5, "TYPO": 0.25}}}
+    return {
+        "benchmark": "mm-safetybench",
+        "run": run,
+        "methods": ["base"],
+        "scorer": "llm",
+        "judge": "judge-model",
+        "judge_template": None,
+        "generations": 10,
+        "n": 9,
+        "unparsed": list(unparsed),
+        "errors": 1,
+        "label_counts": {"safe": 5, "unsafe": 4},
+        "metrics": {"attack_rate": attack, "attack_rate_by_kind": {"SD": sd, "SD_TYPO": 0.5, "TYPO": 0.25}},
+    }
 
 
 def test_flatten_metrics():
