@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from safecode_kernels.app import cli
 from safecode_kernels.evaluation import store
 from safecode_kernels.evaluation.loaders import load_benchmark
+from tests.evaluation.killed_run import kill_after_first_batch
 from tests.evaluation.layouts import make_jsonl, make_mm_safetybench, make_mossbench
 from tests.judges.chat_server import ChatServer
 
@@ -101,54 +101,10 @@ def test_eval_writes_one_line_per_sample_and_resumes(capsys, saved, tmp_path):
     assert code == 0 and f"all {len(samples)} samples are done" in out
 
 
-# Installed into the child process with PYTHONPATH: after each batch is appended, wait until the
-# file named by SAFECODE_TEST_RELEASE exists, so the test can kill it at a known point.
-STALL = """
-import os, time
-import safecode_kernels.evaluation.store as store
-
-_append = store.append
-
-def append(path, records):
-    _append(path, records)
-    release = os.environ["SAFECODE_TEST_RELEASE"]
-    for _ in range(3000):
-        if os.path.exists(release):
-            return
-        time.sleep(0.02)
-
-store.append = append
-"""
-
-
 def test_eval_killed_after_a_batch_resumes_to_the_same_lines(capsys, saved, tmp_path):
     samples = load_benchmark("mossbench", saved / "moss")
     argv = eval_argv(saved, tmp_path / "killed", "mossbench", "moss", "--verdict", "unsafe", "--batch-size", "2")
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(STALL)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(tmp_path / "hook"),
-        "SAFECODE_TEST_RELEASE": str(tmp_path / "never"),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "safecode_kernels", *map(str, argv)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    path = tmp_path / "killed" / "generations.jsonl"
-    try:
-        deadline = time.monotonic() + 120
-        while not (path.exists() and path.read_bytes().count(b"\n") >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no batch was written"
-            time.sleep(0.02)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_first_batch(argv, tmp_path / "killed", tmp_path, timeout=120)
     assert [line["id"] for line in lines_of(tmp_path / "killed")] == [s.id for s in samples[:2]]
 
     code, out, err = run(capsys, *argv)  # the same command resumes

@@ -45,6 +45,7 @@ from safecode_kernels.evaluation.run import _check_arguments, run_eval  # noqa: 
 from safecode_kernels.evaluation.run_config import differences, read_config  # noqa: E402
 from safecode_kernels.judges import JudgeHTTPError  # noqa: E402
 from safecode_kernels.testing.tiny import tiny_llava  # noqa: E402
+from tests.evaluation.killed_run import kill_after_first_batch  # noqa: E402
 from tests.evaluation.layouts import make_jsonl  # noqa: E402
 from tests.judges.chat_server import ChatServer, keyword_judge  # noqa: E402
 
@@ -239,59 +240,15 @@ def test_an_interrupted_ray_run_resumes_with_and_without_ray(
     assert all("worker" not in line for line in lines_of(tmp_path / "without")[2:])
 
 
-# Installed into the child process with PYTHONPATH: after each batch is appended, wait until the
-# file named by SAFECODE_TEST_RELEASE exists, so the test can kill it at a known point.
-STALL = """
-import os, time
-import safecode_kernels.evaluation.store as store
-
-_append = store.append
-
-def append(path, records):
-    _append(path, records)
-    release = os.environ["SAFECODE_TEST_RELEASE"]
-    for _ in range(3000):
-        if os.path.exists(release):
-            return
-        time.sleep(0.02)
-
-store.append = append
-"""
-
-
 def test_a_killed_driver_loses_at_most_the_batches_in_flight(
     ray_session, one_thread, capsys, saved, reference, tmp_path
 ):
     """The command's own local Ray start, in a child process killed once a batch is saved."""
     _, ref = reference
     argv = eval_argv(saved, tmp_path / "killed", *RAY)
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(STALL)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(tmp_path / "hook"),
-        "SAFECODE_TEST_RELEASE": str(tmp_path / "never"),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "safecode_kernels", *map(str, argv)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    path = tmp_path / "killed" / "generations.jsonl"
-    try:
-        deadline = time.monotonic() + 240
-        while not (path.exists() and path.read_bytes().count(b"\n") >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no batch was written"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+    pid = kill_after_first_batch(argv, tmp_path / "killed", tmp_path, timeout=240)
     first = lines_of(tmp_path / "killed")
-    assert len(first) == 2 and first[0]["worker"]["pid"] != proc.pid
+    assert len(first) == 2 and first[0]["worker"]["pid"] != pid
 
     code, out, err = run(capsys, *eval_argv(saved, tmp_path / "killed"))  # resumed without Ray
     assert code == 0, err
