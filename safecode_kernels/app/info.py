@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-PACKAGES = ("safecode-kernels", "torch", "transformers", "tokenizers", "numpy", "pillow", "triton", "httpx", "tqdm")
+PACKAGES = ("safecode-kernels", "torch", "transformers", "tokenizers", "numpy", "pillow", "triton", "openai", "tqdm")
 
 
 def _version(name: str) -> str | None:

@@ -7,10 +7,12 @@ Every judge has ``judge(images, prompts) -> list[Judgement]`` (one per request, 
   safe/unsafe question through its chat template (no extra weights);
 - :class:`OpenAIJudge`: any OpenAI-compatible chat-completions server, key from the
   environment only, with timeouts and bounded retries (through :class:`ChatClient`, the one
-  chat-completions client, which the evaluation's scorer uses too).
+  chat-completions client on the official ``openai`` client, which the evaluation's scorer
+  uses too).
 
 An answer that names no verdict follows a policy: ``"safe"`` by default (as in the authors'
-released code), or ``"unsafe"``, ``"none"``, ``"raise"``.
+released code), or ``"unsafe"``, ``"none"``, ``"raise"``. A reasoning model's reasoning
+(``<think>...</think>`` and the like) is left out before an answer is read (:func:`strip_reasoning`).
 
 ``SelfJudge`` and ``OpenAIJudge`` also offer ``flow="released"``, the two-call flow of the
 authors' released code (a caption call, then a text-only few-shot verdict call); its texts are
@@ -23,7 +25,16 @@ Example::
     result = decoder.generate(images, prompts, [j.verdict for j in judgements])
 """
 
-from .base import POLICIES, Judge, JudgeError, Judgement, UnparseableVerdict, judgement_from_answer, parse_verdict
+from .base import (
+    POLICIES,
+    Judge,
+    JudgeError,
+    Judgement,
+    UnparseableVerdict,
+    judgement_from_answer,
+    parse_verdict,
+    strip_reasoning,
+)
 from .chat_client import ChatClient, JudgeConnectionError, JudgeHTTPError, JudgeResponseError, JudgeTimeout
 from .fixed import FixedJudge
 from .openai import OpenAIJudge, image_data_url
@@ -46,4 +57,5 @@ __all__ = [
     "image_data_url",
     "judgement_from_answer",
     "parse_verdict",
+    "strip_reasoning",
 ]

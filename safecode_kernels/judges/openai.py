@@ -1,10 +1,13 @@
 """A judge behind any OpenAI-compatible chat-completions server (design §4): the official API, a
 local vLLM, Ollama or llama.cpp server, ...
 
-The requests go through :class:`~safecode_kernels.judges.chat_client.ChatClient`: the key is read
-from an environment variable at request time (never taken as an argument, stored, printed,
-logged or put in an exception); a server that needs none (a local one) is called without an
-``Authorization`` header when the variable is unset; the retries and errors are its own.
+The requests go through :class:`~safecode_kernels.judges.chat_client.ChatClient`, on the official
+``openai`` client: the key is read from an environment variable at request time (never taken as
+an argument, stored, printed, logged or put in an exception); a server that needs none (a local
+one) is called without an ``Authorization`` header when the variable is unset; the retries, the
+errors and the handling of reasoning models' parameters are its own. A reasoning model's
+reasoning (``<think>...</think>``) never decides a verdict or makes a caption
+(:func:`~safecode_kernels.judges.strip_reasoning`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import io
 import re
 
 from . import released_flow
-from .base import Judgement, check_policy, check_requests, judgement_from_answer, parse_verdict
+from .base import Judgement, check_policy, check_requests, judgement_from_answer, parse_verdict, strip_reasoning
 from .chat_client import (
     ChatClient,
     JudgeConnectionError,
@@ -40,9 +43,11 @@ _VERDICT_LINE = re.compile(r"^[\s*_#>-]*verdict[\s*_]*:(.*)$", re.IGNORECASE | r
 
 
 def split_answer(answer: str) -> tuple[str | None, str]:
-    """``(caption, verdict text)`` of a ``CAPTION: ... / VERDICT: ...`` answer. Without a
-    ``VERDICT:`` line the verdict text is the answer less its caption line (so a caption that
-    says "unsafe" cannot decide the verdict)."""
+    """``(caption, verdict text)`` of a ``CAPTION: ... / VERDICT: ...`` answer, read outside its
+    reasoning (:func:`~safecode_kernels.judges.strip_reasoning`). Without a ``VERDICT:`` line the
+    verdict text is the answer less its caption line (so a caption that says "unsafe" cannot
+    decide the verdict)."""
+    answer = strip_reasoning(answer)
     caption_match = _CAPTION_LINE.search(answer)
     caption = caption_match.group(1).strip() if caption_match else None
     verdict_match = _VERDICT_LINE.search(answer)
@@ -77,10 +82,11 @@ class OpenAIJudge:
         api_key_env: the environment variable holding the key (read at each call; unset means
             no ``Authorization`` header, which local servers accept).
         timeout: seconds to wait to connect, send, or for each part of the answer.
-        max_retries: further attempts after a 429, a 5xx, a timeout or a connection error,
-            waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``, or what the
-            server's ``Retry-After`` asks within that bound). Other HTTP errors (400, 401, 404)
-            and malformed answers fail at once.
+        max_retries: further attempts after a 408, 409, 429, 5xx, a timeout or a dropped
+            connection, made by the openai client: after the wait the server's ``Retry-After``
+            or ``retry-after-ms`` asks, else an exponential backoff from 0.5 s up to 8 s (see
+            :class:`~safecode_kernels.judges.ChatClient`). Other HTTP errors (400, 401, 404) and
+            malformed answers fail at once.
         on_unparseable: ``"safe"`` (default), ``"unsafe"``, ``"none"`` or ``"raise"``: what an
             answer without a verdict gives.
         flow: ``"one-call"`` (default) or ``"released"``.
@@ -95,10 +101,13 @@ class OpenAIJudge:
             before upload (``None``: as they are); they go as PNG base64 data URLs.
         system_prompt, question_template: the one-call flow's system message and question
             (with ``{prompt}``); the released flow uses its own texts.
-        temperature: sent when not ``None`` (with every request of either flow).
+        temperature: sent when not ``None`` (with every request of either flow). A model that
+            rejects it as unsupported (o-series, GPT-5) is asked again without it, and this
+            judge leaves it out from then on; likewise ``max_tokens`` becomes
+            ``max_completion_tokens`` for a model that rejects it.
         max_tokens: sent when not ``None``; one-call flow only (the released flow sends 100 and
-            10, and raises ``ValueError`` when it is given).
-        transport: an ``httpx`` transport (tests, proxies).
+            10, and raises ``ValueError`` when it is given). An answer whose budget ran out
+            while the model was reasoning raises :class:`JudgeResponseError` saying so.
 
     Raises:
         ValueError: a bad argument (at construction).
@@ -125,8 +134,7 @@ class OpenAIJudge:
     api_key_env = _client_setting("api_key_env")
     timeout = _client_setting("timeout")
     max_retries = _client_setting("max_retries")
-    backoff = _client_setting("backoff")
-    max_backoff = _client_setting("max_backoff")
+    rejected_parameters = _client_setting("rejected_parameters")
 
     def __init__(
         self,
@@ -136,8 +144,6 @@ class OpenAIJudge:
         api_key_env: str = "OPENAI_API_KEY",
         timeout: float = 30.0,
         max_retries: int = 2,
-        backoff: float = 0.5,
-        max_backoff: float = 8.0,
         on_unparseable: str = "safe",
         max_concurrency: int = 4,
         max_image_side: int | None = 1024,
@@ -145,21 +151,12 @@ class OpenAIJudge:
         question_template: str = QUESTION_TEMPLATE,
         temperature: float | None = 0.0,
         max_tokens: int | None = None,
-        transport=None,
         flow: str = "one-call",
         verdict_match: str = "parse",
     ):
-        # The URL, model, key variable, timeout, retries and backoff are checked by the client.
+        # The URL, model, key variable, timeout and retries are checked by the client.
         self._client = ChatClient(
-            base_url,
-            model,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            transport=transport,
-            name="OpenAI judge",
+            base_url, model, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries, name="OpenAI judge"
         )
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an int >= 1, got {max_concurrency!r}")
@@ -248,14 +245,23 @@ class OpenAIJudge:
         """``(caption, verdict answer)`` of one request of the released flow, ``request`` being
         ``(caption payload, prompt)``: the caption call, then the verdict call on its answer."""
         caption_payload, prompt = request
-        caption = self._send(index, caption_payload, "caption call").strip()
+        # The caption goes on into the verdict call: without the reasoning that led to it.
+        caption = strip_reasoning(self._send(index, caption_payload, "caption call")).strip()
         answer = self._send(index, self.verdict_payload(prompt, caption), "verdict call")
         return caption, answer
 
     def _send(self, index: int, payload: dict, step: str | None = None) -> str:
         """One request through the chat client (key, retries, errors), its errors naming the
         request (and the call of the released flow)."""
-        return self._client.send(payload, f"request {index}{', ' + step if step else ''}")
+        if self.flow == "released":
+            hint = (
+                f'flow="released" asks for at most {released_flow.CAPTION_MAX_TOKENS} (caption) and '
+                f"{released_flow.VERDICT_MAX_TOKENS} (verdict) tokens, too few for a model that reasons first: "
+                'use flow="one-call" and raise max_tokens (OpenAIJudge(max_tokens=...))'
+            )
+        else:
+            hint = "raise max_tokens (OpenAIJudge(max_tokens=...))"
+        return self._client.send(payload, f"request {index}{', ' + step if step else ''}", budget_hint=hint)
 
 
 def image_data_url(image, max_side: int | None = None) -> str:
@@ -279,4 +285,5 @@ __all__ = [
     "image_data_url",
     "parse_verdict",
     "split_answer",
+    "strip_reasoning",
 ]

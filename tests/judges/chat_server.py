@@ -1,11 +1,14 @@
 """A real HTTP server on 127.0.0.1 that speaks OpenAI chat completions, for the judge tests.
 
-It runs in a thread (``http.server``), records every request (path, headers, JSON body), and
-answers from a script of actions, one per request, then from ``default`` (a function of the
-request body giving the answer's text):
+It runs in a thread (``http.server``), records every request (path, headers, JSON body, arrival
+time) and the most requests it held at once (``max_in_flight``). Like vLLM, it answers 404 to any
+path but ``/v1/chat/completions``; there it answers from a script of actions, one per request,
+then from ``default`` (a function of the request body giving the answer's text):
 
 - ``("ok", text)``: 200 with a chat-completions body whose message content is ``text``;
-- ``("status", code)`` / ``("status", code, body, headers)``: that status (JSON error body);
+- ``("status", code)`` / ``("status", code, body, headers)``: that status (JSON error body); a
+  status that clients retry (408, 409, 429, 5xx) given without headers asks for a 1 ms wait
+  (``retry-after-ms: 1``), so that the retry tests stay fast;
 - ``("slow", seconds, text)``: sleeps, then answers like ``ok``;
 - ``("raw", code, bytes)``: exactly those bytes as the body (malformed JSON, ...);
 - ``("close",)``: reads the request and closes the connection without answering.
@@ -51,6 +54,8 @@ class ChatServer:
         self.actions: collections.deque = collections.deque()
         self.requests: list[dict] = []
         self.default = default
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         server = self
 
@@ -65,13 +70,24 @@ class ChatServer:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
+                # The headers stay an HTTPMessage: its look-ups ignore case, as HTTP does.
+                request = {"path": self.path, "headers": self.headers, "body": body, "time": time.monotonic()}
                 with server._lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    action = server.actions.popleft() if server.actions else None
+                    server.requests.append(request)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    found = self.path == "/v1/chat/completions"
+                    action = server.actions.popleft() if server.actions and found else None
                 try:
-                    self._answer(action, body)
+                    if found:
+                        self._answer(action, body)
+                    else:
+                        self._send(404, b'{"detail": "Not Found"}')
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (a timeout test)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def _answer(self, action, body):
                 kind = action[0] if action else "ok"
@@ -92,7 +108,9 @@ class ChatServer:
                         if len(action) > 2
                         else json.dumps({"error": {"message": f"test error {code}", "type": "test"}}).encode()
                     )
-                    self._send(code, payload, action[3] if len(action) > 3 else {})
+                    retried = code in (408, 409, 429) or code >= 500
+                    headers = action[3] if len(action) > 3 else {"retry-after-ms": "1"} if retried else {}
+                    self._send(code, payload, headers)
                 elif kind == "raw":
                     self._send(action[1], action[2])
                 else:

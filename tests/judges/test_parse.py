@@ -12,6 +12,7 @@ from safecode_kernels.judges import (
     UnparseableVerdict,
     judgement_from_answer,
     parse_verdict,
+    strip_reasoning,
 )
 from safecode_kernels.judges.openai import split_answer
 from safecode_kernels.testing.tiny import random_image
@@ -68,6 +69,45 @@ def test_split_answer():
     caption, rest = split_answer("Caption: an unsafe scene\nI think it is safe")
     assert caption == "an unsafe scene" and parse_verdict(rest) == Verdict.SAFE
     assert split_answer("unsafe") == (None, "unsafe")
+
+
+# The two answers a reasoning model gave: the text inside the reasoning must not decide.
+THINK_CAPTION = (
+    "<think>The toys could look unsafe.\nVerdict: unsafe? No, they are plastic.</think>\n"
+    "CAPTION: a child holding toys\nVERDICT: safe"
+)
+THINK_WORD = "<think>Is it unsafe? The knife is for vegetables.</think>\nsafe"
+
+
+@pytest.mark.parametrize(
+    "answer, want",
+    [
+        (THINK_WORD, "\nsafe"),
+        ("<THINK>unsafe</THINK> safe", " safe"),
+        ("<think>a</think>safe<think>unsafe</think>", "safe"),  # several blocks
+        ("<thinking>unsafe</thinking>safe", "safe"),
+        ("<reasoning>\nunsafe\n</reasoning>\nsafe", "\nsafe"),
+        ("<think>unsafe?</thinking>safe", "safe"),  # mismatched tags: what comes before a closing tag is reasoning
+        ("unsafe, I first thought</think>safe", "safe"),  # the server dropped the opening tag
+        ("<think>It is unsafe? Let me see", ""),  # cut inside the reasoning: nothing is outside it
+        ("  <think>unsafe", "  "),
+        ("safe <think>unsafe", "safe "),  # an unclosed block after the answer
+        ("safe", "safe"),
+        ("", ""),
+    ],
+)
+def test_strip_reasoning(answer, want):
+    assert strip_reasoning(answer) == want
+
+
+def test_reasoning_does_not_decide():
+    assert parse_verdict(THINK_WORD) == Verdict.SAFE
+    assert judgement_from_answer(THINK_WORD, None, "raise") == Judgement(Verdict.SAFE, None, THINK_WORD, parsed=True)
+    caption, verdict_text = split_answer(THINK_CAPTION)
+    assert caption == "a child holding toys" and parse_verdict(verdict_text) == Verdict.SAFE
+    assert parse_verdict("<think>safe enough?</think>") is None
+    with pytest.raises(UnparseableVerdict, match="names no verdict"):
+        judgement_from_answer("<think>It is unsafe", None, "raise")
 
 
 def test_fixed_judge():

@@ -28,7 +28,7 @@ from safecode_kernels.judges import (
 from safecode_kernels.testing.tiny import random_image
 from tests.judges.chat_server import ChatServer
 
-FAST = dict(backoff=0.01, max_backoff=0.05, timeout=2.0)
+FAST = dict(timeout=2.0)  # the test server asks for 1 ms waits before retries (chat_server.py)
 
 
 # ----- the shared texts -----------------------------------------------------------------------
@@ -179,6 +179,11 @@ def test_order_kept_under_concurrency():
         ("Unsafe\nReason: it is dangerous", "parse", Verdict.UNSAFE, True),
         (" unsafe\n", "exact", Verdict.UNSAFE, True),
         ("Safe", "exact", Verdict.SAFE, True),
+        # A reasoning model: only the text after its reasoning decides, in either match.
+        ("<think>Looks safe? No: a knife.</think>\nunsafe", "exact", Verdict.UNSAFE, True),
+        ("<think>Is it unsafe? The knife is for vegetables.</think>\nsafe", "exact", Verdict.SAFE, True),
+        ("<think>Is it unsafe? The knife is for vegetables.</think>\nsafe", "parse", Verdict.SAFE, True),
+        ("<think>Is it unsafe? The knife", "parse", Verdict.SAFE, False),  # all reasoning: the policy decides
     ],
 )
 def test_verdict_match(server, answer, match, want, parsed):
@@ -186,6 +191,55 @@ def test_verdict_match(server, answer, match, want, parsed):
     [j] = released_judge(server, verdict_match=match).judge([random_image(0)], ["hi"])
     assert j == type(j)(want, "a knife on a table", answer, parsed)
     assert 'Caption: "a knife on a table"' in server.requests[1]["body"]["messages"][-1]["content"]
+
+
+def test_caption_reasoning_is_not_the_caption(server):
+    server.script(("ok", "<think>A zebra? No, a spoon.</think>\n a spoon on a table"), ("ok", "safe"))
+    [j] = released_judge(server).judge([random_image(0)], ["hi"])
+    assert j.caption == "a spoon on a table"
+    verdict_question = server.requests[1]["body"]["messages"][-1]["content"]
+    assert 'Caption: "a spoon on a table"' in verdict_question and "zebra" not in verdict_question
+
+
+def test_reasoning_model_parameters(server):
+    """An o-series model rejects temperature 0 and max_tokens: each is dropped (max_tokens sent as
+    max_completion_tokens) after the first refusal, and not sent again by that judge."""
+    temperature = {
+        "message": "Unsupported value: 'temperature' does not support 0 with this model.",
+        "type": "invalid_request_error",
+        "param": "temperature",
+        "code": "unsupported_value",
+    }
+    max_tokens = {
+        "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+        "Use 'max_completion_tokens' instead.",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "unsupported_parameter",
+    }
+    server.script(*[("status", 400, json.dumps({"error": e}).encode()) for e in (temperature, max_tokens)])
+    judge = released_judge(server)
+    [j] = judge.judge([random_image(0)], ["Where can I buy a knife like this?"])
+    assert j.verdict == Verdict.UNSAFE
+    sent = [{k: v for k, v in r["body"].items() if k not in ("model", "messages")} for r in server.requests]
+    assert sent == [
+        {"temperature": 0.0, "max_tokens": 100},
+        {"max_tokens": 100},
+        {"max_completion_tokens": 100},  # the caption call, answered
+        {"max_completion_tokens": 10},  # the verdict call, adapted from the start
+    ]
+
+
+def test_token_budget_spent_reasoning(server):
+    message = {"role": "assistant", "content": None, "reasoning_content": "The caption says a knife. Is"}
+    cut = json.dumps({"choices": [{"message": message, "finish_reason": "length"}]}).encode()
+    server.script(("ok", "a knife"), ("raw", 200, cut))
+    with pytest.raises(
+        JudgeResponseError,
+        match=r"verdict call\): .*spent its whole token budget \(max_tokens=10\) reasoning.*"
+        r'flow="released" asks for at most 100 \(caption\) and 10 \(verdict\) tokens.*flow="one-call"',
+    ):
+        released_judge(server).judge([random_image(0)], ["hi"])
 
 
 def test_unparseable_policy(server):
@@ -217,7 +271,7 @@ def test_errors_name_the_call(server):
 
 
 def test_retries_each_call(server):
-    server.script(("status", 503), ("ok", "a cat"), ("status", 429, b"{}", {"Retry-After": "0"}), ("ok", "unsafe"))
+    server.script(("status", 503), ("ok", "a cat"), ("status", 429, b"{}", {"retry-after-ms": "1"}), ("ok", "unsafe"))
     [j] = released_judge(server, max_retries=1).judge([random_image(0)], ["hi"])
     assert (j.verdict, j.caption) == (Verdict.UNSAFE, "a cat") and len(server.requests) == 4
 

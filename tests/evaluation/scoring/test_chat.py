@@ -20,12 +20,12 @@ def server():
     server.stop()
 
 
-def client_for(server, **kwargs) -> ChatClient:
+def client_for(server, base_url=None, **kwargs) -> ChatClient:
     return ChatClient(
-        server.base_url,
+        base_url or server.base_url,
         "judge-model",
         api_key_env=ENV,
-        **{"timeout": 2.0, "backoff": 0.01, "max_backoff": 0.02, **kwargs},
+        **{"timeout": 2.0, **kwargs},  # the test server asks for 1 ms waits before retries
     )
 
 
@@ -47,7 +47,7 @@ def test_no_key_no_header(server, monkeypatch):
 
 
 def test_retries_server_errors(server):
-    server.script(("status", 500), ("status", 429, b"{}", {"Retry-After": "0"}), ("ok", "Verdict: safe"))
+    server.script(("status", 500), ("status", 429, b"{}", {"retry-after-ms": "1"}), ("ok", "Verdict: safe"))
     assert client_for(server, max_retries=2).complete(USER) == "Verdict: safe"
     assert len(server.requests) == 3
 
@@ -74,6 +74,26 @@ def test_malformed_answer_and_timeout(server):
     server.script(("slow", 1.0, "late"))
     with pytest.raises(JudgeTimeout, match="0.2 s timeout"):
         client_for(server, timeout=0.2, max_retries=0).complete(USER)
+
+
+def test_retry_after_and_the_missing_v1(server):
+    server.script(("status", 429, b"{}", {"retry-after-ms": "300"}), ("ok", "Verdict: safe"))
+    assert client_for(server).complete(USER) == "Verdict: safe"
+    assert server.requests[1]["time"] - server.requests[0]["time"] >= 0.285
+    root = server.base_url.removesuffix("/v1")
+    with pytest.raises(JudgeHTTPError, match=f"did you mean {root}/v1"):
+        client_for(server, base_url=root).complete(USER)
+
+
+def test_reasoning_models(server):
+    unsupported = b'{"error": {"message": "Unsupported value: temperature", "param": "temperature"}}'
+    cut = b'{"choices": [{"message": {"content": null, "reasoning_content": "Hmm"}, "finish_reason": "length"}]}'
+    server.script(("status", 400, unsupported), ("raw", 200, cut))
+    client = client_for(server, max_tokens=32)
+    with pytest.raises(JudgeResponseError, match=r"\(max_tokens=32\) reasoning.*max_tokens \(ChatClient\(max_tokens="):
+        client.complete(USER)
+    assert client.complete(USER) == "echo: Is this safe?"
+    assert [r["body"].get("temperature") for r in server.requests] == [0.0, None, None]
 
 
 def test_complete_many_keeps_the_order(server):
