@@ -3,13 +3,16 @@
 Row layout: request ``i`` owns rows ``2i`` (real image) and ``2i + 1`` (noised image) while
 steering, and row ``i`` afterwards. Every prompt row is laid out as
 
-    [pad .. pad | text before the image | pad .. pad | image tokens and the rest]
-     `------- prefix: P columns -------'  `--------- suffix: S columns --------'
+    [p0 | pad .. pad | rest of the prefix | s0 | pad .. pad | rest of the suffix]
+     `------------ prefix: P columns ------'  `------- suffix: S columns -------'
+
+(prefix: the text before the image; suffix: the image tokens onward)
 
 so the prefix columns of all requests end together and can be prefilled once, on the real
 rows only, before the cache rows are repeated for the noised branch. The attention mask
 skips the padding and positions are counted over the mask, so every row sees exactly the
-positions of its own unpadded prompt.
+positions of its own unpadded prompt; the padding follows each part's first token so that no
+query row is left without a key to attend to (docs/design.md §3.2).
 """
 
 from __future__ import annotations
@@ -271,24 +274,54 @@ class _Layout:
     vision_parts: list[dict[str, torch.Tensor]]  # the same, one entry per row
 
 
-def _layout(setup: Setup, width: int, share_prefix: bool) -> _Layout:
-    """Left-pad the prefix and the suffix of every prompt separately (see the module doc)."""
+def _layout(setup: Setup, width: int, share_prefix: bool, shared: list[bool] | None = None) -> _Layout:
+    """Lay out every prompt over ``P + S`` columns, padding after the first token of each part.
+
+    ``share_prefix``: the prefix columns exist (``P``: the longest text before an image, ``S``:
+    the longest rest); ``shared``: per request, whether its rows put their prefix there
+    (default: all of them when ``share_prefix``); the others lay their whole prompt over all
+    ``P + S`` columns as one part. Each part is ``[first token | pad .. pad | the rest]``, so
+    that every padding column has a real token before it to attend to: a query row that sees
+    no key at all gives NaN on some attention kernels, which would then reach the real rows
+    through the cache (docs/design.md §3.2).
+    """
     splits = [(r.input_ids, r.prefix_len if share_prefix else 0) for r in setup.requests]
     prefix = max(p for _, p in splits)
     suffix = max(len(ids) - p for ids, p in splits)
+    shared = [share_prefix] * len(splits) if shared is None else shared
     rows, masks, vision = [], [], []
-    for (ids, p), request in zip(splits, setup.requests):
-        s = len(ids) - p
-        pad_p, pad_s = torch.full((prefix - p,), setup.pad_id), torch.full((suffix - s,), setup.pad_id)
-        row = torch.cat([pad_p, ids[:p], pad_s, ids[p:]])
-        mask = torch.cat([torch.zeros(prefix - p), torch.ones(p), torch.zeros(suffix - s), torch.ones(s)])
-        rows += [row] * width
-        masks += [mask.long()] * width
+    for (ids, p), own_prefix, request in zip(splits, shared, setup.requests):
+        parts = [(ids[:p], prefix), (ids[p:], suffix)] if own_prefix else [(ids, prefix + suffix)]
+        row, mask = zip(*(_part(tokens, n, setup.pad_id) for tokens, n in parts))
+        rows += [torch.cat(row)] * width
+        masks += [torch.cat(mask)] * width
         vision += [request.real, request.noised][:width]
     device = setup.adapter.input_device
     return _Layout(
         torch.stack(rows).to(device), torch.stack(masks).to(device), prefix, setup.adapter.concat_vision(vision), vision
     )
+
+
+def _part(tokens: torch.Tensor, columns: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` over ``columns`` columns as ``[first | pad .. pad | rest]``, and its mask."""
+    pad = columns - len(tokens)
+    ids = torch.cat([tokens[:1], torch.full((pad,), pad_id, dtype=tokens.dtype), tokens[1:]])
+    mask = torch.ones(columns, dtype=torch.long)
+    mask[min(1, len(tokens)) : min(1, len(tokens)) + pad] = 0
+    return ids, mask
+
+
+def _with_a_visible_key(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` with the first column shown to every row that shows none (a request without
+    text before its image, in the prefix forward): those rows hold only padding queries, whose
+    outputs nobody reads and whose keys every later forward masks, and a query row with no
+    key to attend to gives NaN on some attention kernels (docs/design.md §3.2)."""
+    empty = ~mask.bool().any(-1)
+    if not bool(empty.any()):
+        return mask
+    mask = mask.clone()
+    mask[empty, 0] = 1
+    return mask
 
 
 def _decode(
@@ -335,37 +368,44 @@ class _Run:
         width = 2 if any(phase == STEER for phase in self.phases) else 1
         # Sharing the prefix costs one more (small) forward; it pays once it saves enough tokens.
         shared_tokens = sum(r.prefix_len for r in setup.requests) if share_prefix else 0
-        layout = _layout(setup, width, share_prefix and shared_tokens >= max(1, min_shared_prefix))
-        positions, self.next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
-        rows, columns = layout.attention_mask.shape
+        share = share_prefix and shared_tokens >= max(1, min_shared_prefix)
+        n = len(setup.requests)
+        lengths = [(r.prefix_len if share else 0, len(r.input_ids)) for r in setup.requests]
+        p = max(prefix for prefix, _ in lengths)
+        columns = p + max(length - prefix for prefix, length in lengths)
         # Room for every answer, and for the columns of tokens a recipe drops after steering.
         room = max(r.max_new_tokens for r in setup.requests) + self.steering.extra_columns
         cache = new_cache(model, capacity=columns + room)
         check_window(cache, columns + room)
+
+        # In chunks of whole requests (see _requests_per_chunk): the shared prefix on the real
+        # rows (no logits needed), its cache rows repeated for both branches, then the rest.
+        per_chunk = _requests_per_chunk(prefill_tokens, n, width, columns, adapter.input_device)
+        if per_chunk < n and not is_reserved(cache):
+            per_chunk = n
+        # Each chunk shares its prefix only where that pays for the extra forward.
+        chunks = []
+        for first in range(0, n, per_chunk):
+            last = min(n, first + per_chunk)
+            chunk_prefix = sum(r.prefix_len for r in setup.requests[first:last])
+            chunks.append((first, last, chunk_prefix, p if chunk_prefix >= max(1, min_shared_prefix) else 0))
+        layout = _layout(setup, width, share, [bool(q) for first, last, _, q in chunks for _ in range(first, last)])
+        positions, self.next_position = adapter.prompt_positions(layout.input_ids, layout.attention_mask, layout.vision)
+        rows = layout.attention_mask.shape[0]
         self.stats.update(prefix_columns=layout.prefix, prompt_columns=columns, forward_calls=0)
         # One attention mask for the whole run: the prompt's, then ones for every generated
         # token; each forward sees a view of its first columns (no per-step concatenation).
         mask = torch.cat([layout.attention_mask, layout.attention_mask.new_ones(rows, room)], dim=1)
 
-        # In chunks of whole requests (see _requests_per_chunk): the shared prefix on the real
-        # rows (no logits needed), its cache rows repeated for both branches, then the rest.
-        p, n = layout.prefix, len(setup.requests)
-        per_chunk = _requests_per_chunk(prefill_tokens, n, width, columns, layout.input_ids.device)
-        if per_chunk < n and not is_reserved(cache):
-            per_chunk = n
         parts, part_logits = [], []
-        for first in range(0, n, per_chunk):
-            last = min(n, first + per_chunk)
+        for first, last, chunk_prefix, q in chunks:
             part = cache if per_chunk == n else new_cache(model, capacity=columns + room)
-            # Each chunk shares its prefix only where that pays for the extra forward.
-            chunk_prefix = sum(r.prefix_len for r in setup.requests[first:last])
-            q = p if chunk_prefix >= max(1, min_shared_prefix) else 0
             if q:
                 self.stats["shared_prefix_tokens"] = self.stats.get("shared_prefix_tokens", 0) + chunk_prefix
                 real_rows = slice(first * width, last * width, width)
                 adapter.forward(
                     layout.input_ids[real_rows, :q],
-                    mask[real_rows, :q],
+                    _with_a_visible_key(mask[real_rows, :q]),
                     adapter.slice_positions(positions, real_rows, slice(None, q)),
                     part,
                     logits=False,

@@ -120,7 +120,7 @@ class ModelAdapter:
 
     # ----- positions --------------------------------------------------------------------
     def prompt_positions(self, input_ids, attention_mask, vision) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of a left-padded (possibly gapped) prompt batch and each row's next position.
+        """Positions of a padded prompt batch (padding anywhere, masked out) and each row's next position.
 
         Returns ``(positions, next_position)``: ``positions`` shaped like the model's
         ``position_ids`` for ``input_ids`` (``[rows, L]`` here), ``next_position`` ``[rows]``.
