@@ -51,6 +51,9 @@ def _cmd_demo(args) -> int:
     from .demo import REQUESTS
     from .demo import main as demo_main
 
+    if args.toy:
+        return _cmd_toy(args)
+
     for flag, value, low, high in (
         ("--requests", args.requests, 1, len(REQUESTS)),
         ("--max-new-tokens", args.max_new_tokens, 1, None),
@@ -70,6 +73,26 @@ def _cmd_demo(args) -> int:
         as_json=args.json,
         progress=False if args.no_progress else None,
     )
+
+
+def _cmd_toy(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .toy import format_toy, run_toy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        answers = run_toy(seed=args.seed, backend=args.backend)
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        print(json.dumps({"toy": True, "answers": [dataclasses.asdict(a) for a in answers]}, indent=2))
+    else:
+        print(format_toy(answers))
+    return 0
 
 
 # ----- info -----------------------------------------------------------------------------------
@@ -574,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend of the step op (default auto)",
     )
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 keeps torch's default)")
+    demo.add_argument(
+        "--toy",
+        action="store_true",
+        help="instead: a TOY model, nudged in code, on which the verdict visibly decides whether the answer "
+        "opens with a refusal (seconds; default: off)",
+    )
     demo.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     demo.set_defaults(handler=_cmd_demo)
