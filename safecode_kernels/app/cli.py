@@ -2,7 +2,8 @@
 
 Subcommands:
 
-- ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code;
+- ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code (``--toy``:
+  a toy model nudged in code, on which the verdict visibly decides whether the answer refuses);
 - ``generate``: one request on a real model from a local folder (or the hub, where reachable);
 - ``bench``: the benchmarks (``safecode_kernels.app.benchmarking``), its arguments passed through;
 - ``info``: versions, and which backends of the step op work here;
@@ -10,8 +11,9 @@ Subcommands:
   (``safecode_kernels.app.eval_cli``).
 
 Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
-decoders disagreeing); 2 bad input (arguments, a missing or unreadable image, a model folder
-that does not exist, an unsupported architecture); 3 the judge failed (unreachable server,
+decoders disagreeing); 2 bad input (arguments, including every value the Python API would
+reject, a missing or unreadable image, a model folder that does not exist, an unsupported
+architecture); 3 the judge failed (unreachable server,
 HTTP error, malformed answer).
 """
 
@@ -51,9 +53,6 @@ def _cmd_demo(args) -> int:
     from .demo import REQUESTS
     from .demo import main as demo_main
 
-    if args.toy:
-        return _cmd_toy(args)
-
     for flag, value, low, high in (
         ("--requests", args.requests, 1, len(REQUESTS)),
         ("--max-new-tokens", args.max_new_tokens, 1, None),
@@ -62,6 +61,8 @@ def _cmd_demo(args) -> int:
     ):
         if value < low or (high is not None and value > high):
             raise CLIError(f"{flag} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {value}")
+    if args.toy:
+        return _cmd_toy(args)
 
     return demo_main(
         num_requests=args.requests,
