@@ -1,4 +1,4 @@
-"""End-to-end SafeCoDe decoding benchmark (docs/design.md §6, issue 6).
+"""End-to-end SafeCoDe decoding benchmark (docs/design.md §6).
 
 On one randomly initialised LLaVA-1.5 (hidden 512, 4 layers, vocabulary 32000, 576 image
 tokens, fp32 on the CPU), the same requests and the same noised images, it times the naive

@@ -44,6 +44,9 @@ class SteeringParams:
     ``plausibility > 0``; refusal tokens inside the ``sensitive_top_k`` set (or all of them
     with ``scope="all"``) get ``+boost`` (unsafe) or ``-suppress`` (safe); finally a token
     is chosen greedily (``temperature == 0``) or sampled with temperature, top-k, top-p.
+    ``sensitive_top_k = 0`` is an empty sensitive set (docs/design.md §2): with the default
+    ``scope="sensitive"`` no refusal token is biased and only the contrast applies (the
+    decoder's unsteered steps use it so); ``sensitive_top_k >= V`` takes every token.
 
     This is the paper's recipe (the additive bias inside the sensitive set, as the paper
     describes it). Its defaults ``alpha = 0.3``, ``alpha_safe = alpha / 2``,

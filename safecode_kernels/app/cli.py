@@ -2,7 +2,8 @@
 
 Subcommands:
 
-- ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code;
+- ``demo``: the naive loop and the fused decoder on a tiny random LLaVA built in code (``--toy``:
+  a toy model nudged in code, on which the verdict visibly decides whether the answer refuses);
 - ``generate``: one request on a real model from a local folder (or the hub, where reachable);
 - ``bench``: the benchmarks (``safecode_kernels.app.benchmarking``), its arguments passed through;
 - ``info``: versions, and which backends of the step op work here;
@@ -10,8 +11,9 @@ Subcommands:
   (``safecode_kernels.app.eval_cli``).
 
 Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
-decoders disagreeing); 2 bad input (arguments, a missing or unreadable image, a model folder
-that does not exist, an unsupported architecture); 3 the judge failed (unreachable server,
+decoders disagreeing); 2 bad input (arguments, including every value the Python API would
+reject, a missing or unreadable image, a model folder that does not exist, an unsupported
+architecture); 3 the judge failed (unreachable server,
 HTTP error, malformed answer).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -30,6 +33,19 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with a short usage error: the error in one line and where the options are
+    listed, instead of the whole usage block first (exit status 2, as argparse)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
+def choice(text: str) -> str:
+    """A choice as typed, matched case-insensitively (``UNSAFE`` is ``unsafe``, as ``Verdict.parse`` takes it)."""
+    return text.strip().lower()
 
 
 # ----- demo -----------------------------------------------------------------------------------
@@ -45,6 +61,8 @@ def _cmd_demo(args) -> int:
     ):
         if value < low or (high is not None and value > high):
             raise CLIError(f"{flag} must be {f'in [{low}, {high}]' if high else f'>= {low}'}, got {value}")
+    if args.toy:
+        return _cmd_toy(args)
 
     return demo_main(
         num_requests=args.requests,
@@ -58,6 +76,26 @@ def _cmd_demo(args) -> int:
     )
 
 
+def _cmd_toy(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .toy import format_toy, run_toy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        answers = run_toy(seed=args.seed, backend=args.backend)
+    finally:
+        torch.set_num_threads(threads)
+    if args.json:
+        print(json.dumps({"toy": True, "answers": [dataclasses.asdict(a) for a in answers]}, indent=2))
+    else:
+        print(format_toy(answers))
+    return 0
+
+
 # ----- info -----------------------------------------------------------------------------------
 def _cmd_info(args) -> int:
     from .info import collect, format_info
@@ -69,7 +107,7 @@ def _cmd_info(args) -> int:
 
 # ----- bench ----------------------------------------------------------------------------------
 def bench_entry_point():
-    """The benchmark's ``main(argv) -> int``: ``safecode_kernels.app.benchmarking.main`` if the
+    """The benchmark's ``main(argv, prog) -> int``: ``safecode_kernels.app.benchmarking.main`` if the
     package defines one, else ``safecode_kernels.app.benchmarking.decode.main``; ``None`` if
     neither is installed."""
     import importlib
@@ -95,7 +133,10 @@ def _cmd_bench(args) -> int:
             "main); from a source checkout: python benchmarks/bench_step.py",
             code=1,
         )
-    result = main(list(args.bench_args))
+    try:
+        result = main(list(args.bench_args), prog="safecode-kernels bench")
+    except SystemExit as exit_:  # its --help, or a usage error (already printed)
+        return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     return int(result or 0)
 
 
@@ -151,6 +192,13 @@ def _offline_note() -> str:
     return ""
 
 
+def hub_options(model_name: str) -> dict:
+    """``from_pretrained``'s options for ``model_name``: an existing folder loads with
+    ``local_files_only=True``, so that nothing asks the hub (an offline machine would otherwise
+    spend its retries there before reading the folder)."""
+    return {"local_files_only": True} if os.path.isdir(model_name) else {}
+
+
 def check_architecture(model_name: str):
     """The model's config; :class:`CLIError` when its architecture has no adapter."""
     from transformers import AutoConfig
@@ -158,7 +206,7 @@ def check_architecture(model_name: str):
     from ..decoding.adapters import ADAPTERS, supported_models
 
     try:
-        config = AutoConfig.from_pretrained(model_name)
+        config = AutoConfig.from_pretrained(model_name, **hub_options(model_name))
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot load the config of {model_name}: {_first_line(err)}{_offline_note()}") from None
     model_type = getattr(config, "model_type", None)
@@ -178,7 +226,7 @@ def load_model(model_name: str, dtype: str, device: str):
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        processor = AutoProcessor.from_pretrained(model_name)
+        processor = AutoProcessor.from_pretrained(model_name, **hub_options(model_name))
     except ImportError as err:  # e.g. Qwen's video processor needs torchvision
         raise CLIError(f"cannot load the processor of {model_name}: {_first_line(err)}", code=1) from None
     except (OSError, ValueError, KeyError) as err:  # an incomplete local folder is bad input
@@ -192,7 +240,7 @@ def load_model(model_name: str, dtype: str, device: str):
             "save the whole processor there with processor.save_pretrained(folder)"
         )
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=torch_dtype, **hub_options(model_name))
     except ImportError as err:
         raise CLIError(f"cannot load {model_name}: {_first_line(err)}", code=1) from None
     except (OSError, ValueError, KeyError) as err:
@@ -237,7 +285,13 @@ def make_judge(args, model=None, processor=None):
         raise CLIError(f"--judge openai: {err}") from None
 
 
-def _check_generate_args(args) -> None:
+def _check_generate_args(args):
+    """Check every option before any file is read; return the :class:`SteeringParams` they give.
+
+    The values go through the checks the Python API itself runs (``SteeringParams``, the
+    decoder's), whatever other options are given, so that both accept the same values; their
+    ``ValueError`` / ``TypeError`` become a one-line error naming the option (exit status 2).
+    """
     if args.judge is None:
         args.judge = "fixed" if args.verdict != "auto" else "self"
     if args.judge == "fixed" and args.verdict == "auto":
@@ -249,25 +303,90 @@ def _check_generate_args(args) -> None:
         )
     if args.judge == "fixed" and args.judge_flow != "one-call":
         raise CLIError(f"--judge-flow {args.judge_flow} goes with --judge self or openai, not a fixed verdict")
-    for name in ("steer_steps", "max_new_tokens"):
-        value = getattr(args, name)
-        low = 0 if name == "steer_steps" else 1
-        if value is not None and value < low:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-    if args.alpha < 0:
-        raise CLIError(f"--alpha must be >= 0, got {args.alpha}")
+    if not args.prompt.strip():  # the API takes any text; on the command line this is a quoting slip
+        raise CLIError(f"--prompt is empty ({args.prompt!r}): give the request's text")
+    check_decoder_args(
+        steer_steps=args.steer_steps,
+        noise_std=args.noise_std,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_unsafe=args.max_new_tokens_unsafe,
+    )
+    check_judge_args(args)
+    params = _steering_params(args)
+    _recipe(args)  # the released recipe checks its alpha
+    return params
+
+
+def check_judge_args(args) -> None:
+    """``--judge-retries`` and ``--judge-timeout``, as the judges check them."""
+    if args.judge_retries < 0:
+        raise CLIError(f"--judge-retries must be >= 0, got {args.judge_retries}")
+    if not (math.isfinite(args.judge_timeout) and args.judge_timeout > 0):
+        raise CLIError(f"--judge-timeout must be a finite number of seconds > 0, got {args.judge_timeout}")
+
+
+#: The option of each argument name that the Python API's errors start with.
+OPTIONS = {
+    "alpha": "--alpha",
+    "alpha_safe": "--alpha-safe",
+    "sensitive_top_k": "--sensitive-top-k",
+    "boost": "--boost",
+    "suppress": "--suppress",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "steer_steps": "--steer-steps",
+    "noise std": "--noise-std",
+    "max_new_tokens": "--max-new-tokens",
+    "max_new_tokens_unsafe": "--max-new-tokens-unsafe",
+}
+
+
+def option_error(err: Exception) -> CLIError:
+    """The API's ``ValueError`` / ``TypeError`` as a :class:`CLIError` naming the option
+    (``temperature must be >= 0.0, got -1.0`` becomes ``--temperature must be >= 0.0, got -1.0``)."""
+    message = _first_line(err)
+    for name in sorted(OPTIONS, key=len, reverse=True):
+        if message.startswith(name + " "):
+            return CLIError(OPTIONS[name] + message[len(name) :])
+    return CLIError(message)
+
+
+def check_decoder_args(*, steer_steps=None, noise_std=None, max_new_tokens=None, max_new_tokens_unsafe=None) -> None:
+    """The decoder's own checks of the options that become its arguments (``None``: not given)."""
+    from ..decoding.noise import check_noise_std
+    from ..validation import check_int
+
+    try:
+        if steer_steps is not None:
+            check_int("steer_steps", steer_steps, 0)
+        if noise_std is not None:
+            check_noise_std(noise_std)
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_new_tokens_unsafe", max_new_tokens_unsafe)):
+            if value is not None:
+                check_int(name, value, 1)
+    except (TypeError, ValueError) as err:
+        raise option_error(err) from None
 
 
 def _steering_params(args):
+    """The options' ``SteeringParams``. The sampling options are checked here as well, whether
+    or not the run samples (the decoder takes them as ``generate``'s arguments: :func:`_sampling`)."""
     from ..params import SteeringParams
 
-    fields = dict(alpha=args.alpha, sensitive_top_k=args.sensitive_top_k, boost=args.boost, suppress=args.suppress)
+    fields = dict(
+        alpha=args.alpha,
+        sensitive_top_k=args.sensitive_top_k,
+        boost=args.boost,
+        suppress=args.suppress,
+        temperature=0.0 if args.temperature is None else args.temperature,
+        top_p=args.top_p,
+    )
     if args.alpha_safe is not None:
         fields["alpha_safe"] = args.alpha_safe
     try:
-        return SteeringParams(**fields)
+        return SteeringParams(**fields).replace(temperature=0.0, top_p=1.0)
     except (TypeError, ValueError) as err:
-        raise CLIError(str(err)) from None
+        raise option_error(err) from None
 
 
 def _recipe(args):
@@ -279,7 +398,7 @@ def _recipe(args):
     try:
         return ReleasedRecipe(alpha=args.alpha)
     except (TypeError, ValueError) as err:
-        raise CLIError(str(err)) from None
+        raise option_error(err) from None
 
 
 def _sampling(args) -> dict:
@@ -293,6 +412,17 @@ def _sampling(args) -> dict:
     return dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p)
 
 
+def judge_record(kind: str, judgement) -> dict:
+    """The ``judge`` object of ``generate --json``: ``kind`` and the :class:`Judgement`'s fields.
+    ``parsed`` says whether the verdict was read from the judge's answer (``false``: the
+    ``--on-unparseable`` policy gave it); with a fixed verdict no judge answered, so
+    ``raw_answer`` and ``parsed`` are ``null``."""
+    record = {"kind": kind, **judgement.to_dict()}
+    if kind == "fixed":
+        record.update(raw_answer=None, parsed=None)
+    return record
+
+
 def _cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -300,14 +430,13 @@ def _cmd_generate(args) -> int:
     from ..decoding import SafeCoDeDecoder
     from ..judges import JudgeError
 
-    _check_generate_args(args)
+    params = _check_generate_args(args)
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' own bars (loading weights)
     image = load_image(args.image)
     model_name = resolve_model(args.model)
-    params = _steering_params(args)
     check_architecture(model_name)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -385,7 +514,7 @@ def _cmd_generate(args) -> int:
             "image": args.image,
             "prompt": args.prompt,
             "verdict": verdict,
-            "judge": {"kind": args.judge, **judgement.to_dict()},
+            "judge": judge_record(args.judge, judgement),
             "text": result.texts[0],
             "tokens": result.sequences[0],
             "steering": steering,
@@ -428,6 +557,8 @@ def _cmd_generate(args) -> int:
     phrases = [s["phrase"] for s in steering if s["phrase"]]
     if phrases:
         print(f"steering: forced the refusal phrase {phrases[0]!r} (released recipe)")
+    if args.recipe == "paper" and params.sensitive_top_k == 0 and args.steer_steps:
+        print("steering: --sensitive-top-k 0 makes the sensitive set empty: no refusal bias, the contrast alone")
     masses = [s for s in steering if s["refusal_mass_before"] is not None]
     if masses:
         shown = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
@@ -440,7 +571,7 @@ def _cmd_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="safecode-kernels",
         description="Safety-aware Contrastive Decoding (SafeCoDe, arXiv 2509.19212) for multimodal LLMs.",
         epilog="Exit status: 0 ok, 1 failure while running, 2 bad input, 3 the judge failed.",
@@ -467,8 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend of the step op (default auto)",
     )
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 keeps torch's default)")
-    demo.add_argument("--json", action="store_true", help="print the report as JSON")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument(
+        "--toy",
+        action="store_true",
+        help="instead: a TOY model, nudged in code, on which the verdict visibly decides whether the answer "
+        "opens with a refusal (seconds; default: off)",
+    )
+    demo.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     demo.set_defaults(handler=_cmd_demo)
 
     gen = sub.add_parser(
@@ -486,12 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder written by save_pretrained (model + processor), or a hub id",
     )
     gen.add_argument("--image", required=True, metavar="FILE", help="the image file")
-    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the user's request")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the user's request (not empty)")
     gen.add_argument(
         "--verdict",
         default="auto",
+        type=choice,
         choices=["auto", "unsafe", "safe", "none"],
-        help="the scene-level verdict; auto (default) asks the judge",
+        help="the scene-level verdict, any case; auto (default) asks the judge",
     )
     gen.add_argument(
         "--judge",
@@ -511,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--on-unparseable",
         default="safe",
+        type=choice,
         choices=["safe", "unsafe", "none", "raise"],
         help="the verdict when the judge's answer names none (default safe)",
     )
@@ -525,17 +664,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="OPENAI_API_KEY",
         help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)",
     )
-    gen.add_argument("--judge-timeout", type=float, default=30.0, help="seconds (default 30)")
+    gen.add_argument("--judge-timeout", type=float, default=30.0, help="seconds per judge request (default 30)")
     gen.add_argument(
         "--judge-retries", type=int, default=2, help="retries after 429, 5xx, timeouts, connection errors (default 2)"
     )
     gen.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
     gen.add_argument("--alpha", type=float, default=0.3, help="weight of the noised branch (default 0.3)")
     gen.add_argument("--alpha-safe", type=float, default=None, help="alpha for safe verdicts (default alpha/2)")
-    gen.add_argument("--sensitive-top-k", type=int, default=20, help="size of the sensitive set (default 20)")
+    gen.add_argument(
+        "--sensitive-top-k",
+        type=int,
+        default=20,
+        help="size of the sensitive set, the top-k of the contrast whose refusal tokens get the bias "
+        "(default 20; 0: an empty set, so no refusal bias, the contrast alone)",
+    )
     gen.add_argument("--boost", type=float, default=1.0, help="refusal logit bias for unsafe (default 1)")
-    gen.add_argument("--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1)")
-    gen.add_argument("--noise-std", type=float, default=0.1, help="noise of the noised image (default 0.1)")
+    gen.add_argument(
+        "--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1; inf bans them)"
+    )
+    gen.add_argument(
+        "--noise-std", type=float, default=0.1, help="noise of the noised image, in [0, 1] pixel units (default 0.1)"
+    )
     gen.add_argument(
         "--recipe",
         default="paper",
@@ -550,15 +699,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer length limit (default: 128; with --recipe released the released code's caps)",
     )
-    gen.add_argument("--max-new-tokens-unsafe", type=int, default=None, help="limit for unsafe verdicts")
+    gen.add_argument(
+        "--max-new-tokens-unsafe",
+        type=int,
+        default=None,
+        help="answer length limit for unsafe verdicts (default: --max-new-tokens)",
+    )
     gen.add_argument(
         "--temperature",
         type=float,
         default=None,
-        help="0: greedy; > 0: sampling (default: greedy; the released code's values with --recipe released)",
+        help=">= 0; 0: greedy; > 0: sampling (default: greedy; the released code's values with --recipe released)",
     )
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    gen.add_argument("--system-prompt", default=None, help="an instruction: a system message before the image")
+    gen.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1], used with --temperature > 0 (default 1)"
+    )
+    gen.add_argument(
+        "--system-prompt", default=None, help="an instruction: a system message before the image (default: none)"
+    )
     gen.add_argument(
         "--system-prompt-role",
         default="system",
@@ -569,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--text-before-image",
         action="store_true",
-        help="the request's text before the image (the released code's order for LLaVA-NeXT)",
+        help="the request's text before the image (the released code's order for LLaVA-NeXT; default: image first)",
     )
     gen.add_argument("--seed", type=int, default=0, help="noise and sampling seed (default 0)")
     gen.add_argument(
@@ -585,8 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "torch", "cpu", "triton"],
         help="backend of the step op (default auto)",
     )
-    gen.add_argument("--json", action="store_true", help="print the result as JSON")
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON (default: text)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     gen.set_defaults(handler=_cmd_generate)
 
     bench = sub.add_parser(
@@ -597,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)  # every argument after `bench` goes to the benchmark
 
     info = sub.add_parser("info", help="versions and the backends available here (and why not)")
-    info.add_argument("--json", action="store_true", help="print as JSON")
+    info.add_argument("--json", action="store_true", help="print as JSON (default: text)")
     info.set_defaults(handler=_cmd_info)
     from .eval_cli import register  # eval, score, report (imported here: eval_cli imports this module)
 

@@ -30,6 +30,30 @@ REQUESTS = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepView:
+    """What the verdict's bias did at one steered step (fused decoder), for the report.
+
+    ``token``: the token chosen from the biased contrast, ``token_text`` its text;
+    ``unbiased_token`` / ``unbiased_text``: what the same contrast without the bias would have
+    chosen at this step; ``refusal_in_set``: how many refusal tokens are in the sensitive set
+    (the only ones the bias reaches); ``refusal`` / ``unbiased_refusal``: whether ``token`` /
+    ``unbiased_token`` is a refusal token.
+    """
+
+    token: int
+    token_text: str
+    unbiased_token: int
+    unbiased_text: str
+    refusal_in_set: int
+    refusal: bool
+    unbiased_refusal: bool
+
+    @property
+    def changed(self) -> bool:
+        return self.token != self.unbiased_token
+
+
 @dataclasses.dataclass
 class DemoRequest:
     prompt: str
@@ -38,6 +62,7 @@ class DemoRequest:
     fused_tokens: list[int]
     steering: list  # SteeringRecord per steered step (fused decoder)
     naive_steering: list
+    steps: list[StepView] = dataclasses.field(default_factory=list)  # one per steered step
 
     @property
     def agree(self) -> bool:
@@ -81,7 +106,18 @@ class DemoReport:
                     "agree": r.agree,
                     "naive_tokens": r.naive_tokens,
                     "fused_tokens": r.fused_tokens,
-                    "steering": [dataclasses.asdict(s) for s in r.steering],
+                    "steering": [
+                        {
+                            **dataclasses.asdict(s),
+                            "token_text": v.token_text,
+                            "token_without_bias": v.unbiased_token,
+                            "token_without_bias_text": v.unbiased_text,
+                            "bias_changed_token": v.changed,
+                            "refusal_tokens_in_sensitive_set": v.refusal_in_set,
+                            "token_is_refusal": v.refusal,
+                        }
+                        for s, v in zip(r.steering, r.steps)
+                    ],
                 }
                 for r in self.requests
             ],
@@ -217,7 +253,15 @@ def _run(
                 finite = torch.isfinite(want)
                 max_diff = max(max_diff, float((got[finite] - want[finite]).abs().max()))
     rows = [
-        DemoRequest(p, v, naive[i].sequences[0], fused.sequences[i], fused.steering[i], naive[i].steering[0])
+        DemoRequest(
+            p,
+            v,
+            naive[i].sequences[0],
+            fused.sequences[i],
+            fused.steering[i],
+            naive[i].steering[0],
+            step_views(fused, i, v, refusal, params, processor.tokenizer),
+        )
         for i, (p, v) in enumerate(zip(prompts, verdicts))
     ]
     text = model.config.text_config
@@ -235,6 +279,7 @@ def _run(
         boost=params.boost,
         suppress=params.suppress,
         refusal_tokens=len(refusal),
+        vocab_size=text.vocab_size,
         backend=_resolved_backend(backend),
         torch_threads=torch.get_num_threads(),
     )
@@ -248,6 +293,36 @@ def _run(
         max_diff,
         shown,
     )
+
+
+def step_views(result, index: int, verdict: str, refusal, params, tokenizer) -> list[StepView]:
+    """Per steered step of request ``index`` of ``result`` (a ``return_logits=True`` result):
+    the chosen token, the token the contrast alone would have given (the same step op with
+    ``boost = suppress = 0``, on the same logits), and the refusal tokens in the sensitive set."""
+    from ..ops import safecode_step
+
+    chosen = [r.token for r in result.steering[index]]
+    if not chosen:
+        return []
+    real, noised = result.logits[index][: len(chosen)], result.noised_logits[index]
+    unbiased = safecode_step(
+        real, noised, [verdict] * len(chosen), refusal, params.replace(boost=0.0, suppress=0.0), return_logits=True
+    )
+    z = unbiased.logits  # the contrast (banned tokens at -inf)
+    k = min(params.sensitive_top_k, z.shape[-1])
+    # The sensitive set: the k largest values of z, ties to the lower id (docs/design.md §2).
+    top = torch.sort(z, dim=-1, descending=True, stable=True).indices[:, :k]
+    in_set = refusal.mask(z.shape[-1])[top].sum(-1).tolist() if params.scope == "sensitive" else [len(refusal)] * len(z)
+    return [
+        StepView(token, token_text(tokenizer, token), u, token_text(tokenizer, u), n, token in refusal, u in refusal)
+        for token, u, n in zip(chosen, unbiased.tokens.tolist(), in_set)
+    ]
+
+
+def token_text(tokenizer, token: int) -> str:
+    """The token's text, quoted, with control and other non-printable characters escaped as
+    ``repr`` escapes them (a random model's tokens must not drive the terminal)."""
+    return repr(tokenizer.decode([token]))
 
 
 def _resolved_backend(backend: str) -> str:
@@ -273,6 +348,61 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _ids(tokens: list[int], limit: int = 8) -> str:
     shown = " ".join(map(str, tokens[:limit]))
     return shown + (" ..." if len(tokens) > limit else "")
+
+
+def steering_section(report: DemoReport) -> list[str]:
+    """Section 3 of the report: what the verdict's bias did at every steered step, each number
+    explained in one line."""
+    s = report.settings
+    k, n_refusal, vocab = s["sensitive_top_k"], s["refusal_tokens"], s["vocab_size"]
+    out = [
+        "3. What the steering did at each steered step (fused decoder; the naive loop's records are the same).",
+        "",
+        f"   z          the contrast: real-image logits - alpha * noised-image logits (alpha {s['alpha']:g}, "
+        f"{s['alpha_safe']:g} for safe).",
+        f"   mass       probability softmax(z) gives the {n_refusal} refusal tokens, before -> after the bias "
+        f"(~{n_refusal}/{vocab} = {n_refusal / vocab:.2f}: random).",
+        f"   in top-{k:<3} refusal tokens among the {k} largest z (the sensitive set), the only ones biased: "
+        f"+{s['boost']:g} unsafe, -{s['suppress']:g} safe.",
+        "   token      the token chosen from the biased contrast (greedy), its text quoted with escapes.",
+        "   bias       'changed' where the contrast alone would have chosen another token (from -> to), else '-'.",
+        "",
+    ]
+    rows = []
+    for i, r in enumerate(report.requests):
+        for record, view in zip(r.steering, r.steps):
+            rows.append(
+                [
+                    str(i),
+                    r.verdict,
+                    str(record.step),
+                    f"{record.refusal_mass_before:.3f} -> {record.refusal_mass_after:.3f}",
+                    str(view.refusal_in_set),
+                    f"{view.token} {_mark(view.token_text, view.refusal)}",
+                    _change(view),
+                ]
+            )
+    out += _table(["#", "verdict", "step", "mass", f"in top-{k}", "token", "bias"], rows)
+    changed = sum(v.changed for r in report.requests for v in r.steps)
+    total = sum(len(r.steps) for r in report.requests)
+    out += [
+        "",
+        f"   The bias changed the chosen token at {changed} of {total} steered steps. The mass moves more where more",
+        "   refusal tokens are in the sensitive set, and not at all for 'none'. A small bias moves the choice only",
+        "   where a refusal token is close to the top already: luck on a random model; on a trained model, the",
+        "   refusal openings of a harmful request are such tokens.",
+    ]
+    return out
+
+
+def _mark(text: str, refusal: bool) -> str:
+    return f"{text} (refusal)" if refusal else text
+
+
+def _change(view: StepView) -> str:
+    if not view.changed:
+        return "-"
+    return f"changed: {_mark(view.unbiased_text, view.unbiased_refusal)} -> {_mark(view.token_text, view.refusal)}"
 
 
 def format_report(report: DemoReport) -> str:
@@ -330,16 +460,8 @@ def format_report(report: DemoReport) -> str:
         f"   The fused decoder is {report.speedup:.1f}x faster on this machine (one run; the ratio depends",
         "   on the model size, the batch and the load of the machine).",
         "",
-        "3. What the steering did: refusal probability mass under softmax(z) at each steered step,",
-        "   before -> after the verdict's bias (unsafe raises it, safe lowers it, none leaves it):",
-        "",
     ]
-    steps = max((len(r.steering) for r in report.requests), default=0)
-    rows = []
-    for i, r in enumerate(report.requests):
-        cells = [f"{x.refusal_mass_before:.3f}->{x.refusal_mass_after:.3f}" for x in r.steering]
-        rows.append([str(i), r.verdict] + cells + [""] * (steps - len(cells)))
-    out += _table(["#", "verdict"] + [f"step {k}" for k in range(steps)], rows)
+    out += steering_section(report)
     out += [
         "",
         "Next: run a real model from a local folder, e.g.",

@@ -25,7 +25,17 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import CLIError, _first_line, check_architecture, load_model, make_judge, resolve_model
+from .cli import (
+    CLIError,
+    _first_line,
+    check_architecture,
+    check_decoder_args,
+    check_judge_args,
+    choice,
+    load_model,
+    make_judge,
+    resolve_model,
+)
 
 #: Benchmarks whose data may come from the Hugging Face cache without --data.
 HUB_BENCHMARKS = ("hades", "msts")
@@ -46,7 +56,11 @@ def _add_judge_server(p, judge: str, timeout: float) -> None:
         help=f"chat-completions server of {judge} (default $OPENAI_BASE_URL or the OpenAI API)",
     )
     p.add_argument("--judge-model", default="gpt-4o-mini", help="model name on that server (default gpt-4o-mini)")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="variable holding its API key")
+    p.add_argument(
+        "--judge-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding its API key (default OPENAI_API_KEY; unset: no key sent)",
+    )
     p.add_argument("--judge-timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
     p.add_argument("--judge-retries", type=int, default=2, help="retries after 429, 5xx, timeouts (default 2)")
 
@@ -72,7 +86,7 @@ def _add_eval(subparsers) -> None:
         "default the hub data set from the local cache)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder (created; reused to resume)")
-    p.add_argument("--split", default=None, help="a part of the benchmark, where it has them")
+    p.add_argument("--split", default=None, help="a part of the benchmark, where it has them (default: see README)")
     p.add_argument(
         "--method",
         default="safecode",
@@ -88,8 +102,9 @@ def _add_eval(subparsers) -> None:
     p.add_argument(
         "--verdict",
         default="auto",
+        type=choice,
         choices=["auto", "unsafe", "safe", "none"],
-        help="auto (default) asks the judge for each sample; else the same verdict for all",
+        help="auto (default) asks the judge for each sample; else the same verdict for all (any case)",
     )
     p.add_argument(
         "--judge",
@@ -107,16 +122,21 @@ def _add_eval(subparsers) -> None:
     p.add_argument(
         "--on-unparseable",
         default="safe",
+        type=choice,
         choices=["safe", "unsafe", "none", "raise"],
         help="the verdict when the judge's answer names none (default safe; raise: that sample fails)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="samples per decoder call and per write (default 8)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the recipe's)")
     p.add_argument("--steer-steps", type=int, default=5, help="steered first tokens (default 5)")
-    p.add_argument("--noise-std", type=float, default=0.1, help="noise of the noised image (default 0.1)")
+    p.add_argument(
+        "--noise-std", type=float, default=0.1, help="noise of the noised image, in [0, 1] pixel units (default 0.1)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noised images (default 0)")
-    p.add_argument("--retry-errors", action="store_true", help="also generate again the samples that failed")
+    p.add_argument(
+        "--retry-errors", action="store_true", help="also generate again the samples that failed (default: skip them)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument(
         "--dtype",
@@ -130,7 +150,7 @@ def _add_eval(subparsers) -> None:
         choices=["auto", "torch", "cpu", "triton"],
         help="backend of the step op (default auto)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     ray = p.add_argument_group(
         "scaling out on Ray",
         'the same run on a pool of Ray workers (pip install -e ".[ray]"); '
@@ -143,7 +163,7 @@ def _add_eval(subparsers) -> None:
         default=None,
         metavar="ADDRESS",
         help="run on Ray: without ADDRESS on a local Ray instance sized from --workers; 'auto' or "
-        "ray://HOST:PORT joins that cluster",
+        "ray://HOST:PORT joins that cluster (default: no Ray, run in this process)",
     )
     ray.add_argument(
         "--workers", type=int, default=None, metavar="N", help="workers, each loading the model once (default 1)"
@@ -160,17 +180,11 @@ def _add_eval(subparsers) -> None:
 
 
 def _check_eval_args(args) -> None:
-    for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
-        ("--limit", args.limit, 0),
-        ("--max-new-tokens", args.max_new_tokens, 1),
-        ("--steer-steps", args.steer_steps, 0),
-        ("--judge-retries", args.judge_retries, 0),
-    ):
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 0)):
         if value is not None and value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}")
-    if not (args.noise_std >= 0):
-        raise CLIError(f"--noise-std must be >= 0, got {args.noise_std}")
+    check_decoder_args(steer_steps=args.steer_steps, noise_std=args.noise_std, max_new_tokens=args.max_new_tokens)
+    check_judge_args(args)
     if args.data is None and args.benchmark not in HUB_BENCHMARKS:
         raise CLIError(
             f"--benchmark {args.benchmark} needs --data (its data folder"
@@ -451,10 +465,10 @@ def _add_score(subparsers) -> None:
         "--judge-template",
         default=None,
         metavar="FILE",
-        help="a judge prompt with {question} and {response}, replacing the benchmark's",
+        help="a judge prompt with {question} and {response}, replacing the benchmark's (default: the benchmark's)",
     )
     p.add_argument("--judge-concurrency", type=int, default=8, help="judge requests in flight (default 8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: a bar on a terminal)")
     p.set_defaults(handler=_cmd_score)
 
 
@@ -464,8 +478,7 @@ def _cmd_score(args) -> int:
 
     if args.judge_concurrency < 1:
         raise CLIError(f"--judge-concurrency must be >= 1, got {args.judge_concurrency}")
-    if args.judge_retries < 0:
-        raise CLIError(f"--judge-retries must be >= 0, got {args.judge_retries}")
+    check_judge_args(args)
     if args.scorer != "llm" and args.judge_template is not None:
         raise CLIError("--judge-template is a judge prompt: it needs --scorer llm")
     if not os.path.isdir(args.dir):

@@ -278,7 +278,7 @@ def demo_spec(hidden_size: int = 32, num_layers: int = 2, image_size: int = 28, 
 DEMO = demo_spec()
 #: The LLaVA of the test families: the demo's sizes, the tokenizer the families share.
 TESTS = dataclasses.replace(DEMO, tokenizer="tests", name="tests")
-#: The end-to-end benchmark model of issue 6 (hidden 512, 4 layers, vocabulary 32000, 576
+#: The end-to-end decoding benchmark's model (hidden 512, 4 layers, vocabulary 32000, 576
 #: image tokens from a 336-pixel image in 14-pixel patches).
 BENCH = LlavaSpec()
 #: The benchmark's smoke-test size (4 image tokens, well under a second per decode).

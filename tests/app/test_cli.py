@@ -278,10 +278,10 @@ def test_info(capsys):
 
 def test_bench_passes_arguments(capsys, monkeypatch):
     seen = []
-    monkeypatch.setattr(cli, "bench_entry_point", lambda: lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(cli, "bench_entry_point", lambda: lambda argv, prog: seen.append((argv, prog)) or 0)
     assert run(capsys, "bench", "--quick", "--out", "x")[0] == 0
     assert run(capsys, "bench", "--help")[0] == 0
-    assert seen == [["--quick", "--out", "x"], ["--help"]]
+    assert seen == [(["--quick", "--out", "x"], "safecode-kernels bench"), (["--help"], "safecode-kernels bench")]
     monkeypatch.setattr(cli, "bench_entry_point", lambda: None)
     code, out, err = run(capsys, "bench")
     assert code == 1 and "benchmarks are not part of this installation" in err

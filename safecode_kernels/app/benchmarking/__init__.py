@@ -2,8 +2,8 @@
 
 - :mod:`.models`: the randomly initialised LLaVA-1.5 benchmark model, tokenizer, processor and
   requests, built offline from a config.
-- :mod:`.decode`: the end-to-end decoding benchmark of issue 6 (naive loop, two-cache loop,
-  fused decoder, plain generation, the lower bound), its JSON / markdown / PNG report, and
+- :mod:`.decode`: the end-to-end decoding benchmark (naive loop, two-cache loop, fused
+  decoder, plain generation, the lower bound), its JSON / markdown / PNG report, and
   ``main(argv)`` for script mode (``python -m safecode_kernels.app.benchmarking.decode --quick``).
 
 Example::

@@ -48,9 +48,7 @@ def test_decoders_agree(report):
         assert r["plain_ids_agree"], r["case"]
 
 
-def test_goals_and_report_files(report, tmp_path):
-    assert len(report["goals"]) == 2 * len(report["results"])
-    assert all(isinstance(g["met"], bool) and g["value"] > 0 for g in report["goals"])
+def test_report_files(report, tmp_path):
     paths = bench.write_report(report, str(tmp_path))
     machine = report["machine"]
     assert "logical CPUs" in machine and "threads: 1" in machine
@@ -58,6 +56,9 @@ def test_goals_and_report_files(report, tmp_path):
     assert saved["machine"] == machine and len(saved["results"]) == len(report["results"])
     text = open(paths["md"]).read()
     assert machine in text and "vs naive" in text and "vs plain" in text and "lower bound" in text
+    # Measured ratios only: no pass/fail table of internal targets, no tracker references.
+    for report_text in (text, open(paths["json"]).read()):
+        assert "goal" not in report_text.lower() and "issue" not in report_text.lower()
     if "png" in paths:
         with open(paths["png"], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -70,6 +71,7 @@ def test_script_mode(tmp_path, capsys):
     assert bench.main(["--tiny", "--quick", "--phases", "steered", "--no-system", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Machine:" in printed and "fused decoder" in printed
+    assert "goal" not in printed.lower() and "issue" not in printed.lower()
     assert (out / "decode_bench.json").exists() and (out / "decode_bench.md").exists()
 
 
@@ -88,3 +90,15 @@ def test_benchmark_model_shapes():
     assert len({im.size for im in images}) == 4 and verdicts == ["unsafe", "safe", "none", "unsafe"]
     encoded = processor(images=images[:1], text=["<s>USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
     assert int((encoded["input_ids"] == model.config.image_token_id).sum()) == TINY.image_tokens
+
+
+def test_committed_results_report_ratios_only():
+    """The committed CPU results read as measurements: no table of internal targets."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+    saved = json.loads((results / "decode_bench_cpu.json").read_text())
+    assert "goals" not in saved and saved["results"]
+    text = (results / "decode_bench_cpu.md").read_text()
+    assert text == bench.markdown(saved)  # the markdown is the JSON's, rendered by this code
+    assert "goal" not in text.lower() and "issue" not in text.lower()

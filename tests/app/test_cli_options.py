@@ -1,0 +1,253 @@
+"""The command line's options as a new user meets them: every value the Python API rejects is
+rejected (exit 2, one line naming the option) whatever else is given, a usage error is short,
+verdicts take any case, a fixed verdict does not pose as an unparsed answer, a local folder loads
+without asking the hub, ``--sensitive-top-k 0`` says what it does, and every option's help
+shows its default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from safecode_kernels import SteeringParams
+from safecode_kernels.app import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(single_torch_thread):
+    """Every CLI test runs on one torch thread (see tests/conftest.py)."""
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def command(*argv):
+    """``safecode-kernels ARGV`` as a user runs it: the installed console script (``python -m
+    safecode_kernels`` where it is not installed), importing this checkout's code."""
+    exe = shutil.which("safecode-kernels")
+    head = [exe] if exe else [sys.executable, "-m", "safecode_kernels"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([*head, *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def generate_argv(saved, *extra, prompt="How do I use this?"):
+    return [
+        "generate",
+        "--model",
+        saved / "llava",
+        "--image",
+        saved / "image.png",
+        "--prompt",
+        prompt,
+        "--steer-steps",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
+
+
+# Options the Python API rejects, each with what the message must say; some with other options
+# that used to hide the check (a greedy run ignored --temperature and --top-p).
+REJECTED = [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be finite"),
+    (["--temperature", "inf"], "--temperature must be finite"),
+    (["--top-p", "1.5"], "--top-p must be <= 1"),
+    (["--top-p", "0"], "--top-p must be > 0"),
+    (["--top-p", "1.5", "--recipe", "released"], "--top-p must be <= 1"),
+    (["--noise-std", "-1"], "--noise-std must be a finite number >= 0"),
+    (["--noise-std", "nan"], "--noise-std must be a finite number >= 0"),
+    (["--sensitive-top-k", "-1"], "--sensitive-top-k must be >= 0"),
+    (["--alpha-safe", "-0.5"], "--alpha-safe must be >= 0"),
+    (["--alpha", "-1", "--recipe", "released"], "--alpha must be >= 0"),
+    (["--boost", "inf"], "--boost must be finite"),
+    (["--suppress", "nan"], "--suppress must be a number or \\+inf"),
+    (["--steer-steps", "-1"], "--steer-steps must be >= 0"),
+    (["--max-new-tokens-unsafe", "0"], "--max-new-tokens-unsafe must be >= 1"),
+    (["--judge-timeout", "0", "--judge", "openai"], "--judge-timeout must be"),
+    (["--judge-retries", "-1"], "--judge-retries must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("extra, message", REJECTED, ids=[" ".join(e) for e, _ in REJECTED])
+def test_generate_rejects_what_the_api_rejects(capsys, saved_llava, extra, message):
+    import re
+
+    code, out, err = run(capsys, *generate_argv(saved_llava, *extra))
+    assert code == 2, err
+    assert re.fullmatch(f"safecode-kernels generate: error: {message}.*\n", err), err
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -1.0), ("temperature", float("nan")), ("top_p", 1.5), ("sensitive_top_k", -1)],
+)
+def test_the_api_rejects_the_same_values(field, value):
+    """The same values through the Python API: the command line adds no rule of its own."""
+    with pytest.raises(ValueError, match=field):
+        SteeringParams(**{field: value})
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
+def test_generate_rejects_an_empty_prompt(capsys, saved_llava, prompt):
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "safe", prompt=prompt))
+    assert code == 2 and err.startswith("safecode-kernels generate: error: --prompt is empty"), err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top-p", "1.5"], "--top-p must be <= 1"),
+        (["--noise-std", "-1"], "--noise-std must be a finite number >= 0"),
+    ],
+)
+def test_installed_command_rejects_bad_values(saved_llava, extra, message):
+    """Through the installed command: exit 2 and one line, where these ran (or exited 1) before."""
+    proc = command(*generate_argv(saved_llava, "--verdict", "unsafe", *extra))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr
+    assert proc.stderr.startswith("safecode-kernels generate: error: ") and proc.stdout == ""
+
+
+def test_installed_command_usage_error_is_short():
+    """An argument error prints the error and where the options are, not the whole usage block."""
+    proc = command("generate", "--model", "m", "--image", "i.png", "--prompt", "hi", "--verdict", "maybe")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("safecode-kernels generate: error: argument --verdict: invalid choice: 'maybe'")
+    assert len(lines) == 2 and "safecode-kernels generate --help" in lines[1]
+    assert "usage:" not in proc.stderr
+
+
+def test_eval_rejects_what_the_decoder_rejects(capsys, tmp_path):
+    for extra, message in (
+        (["--noise-std", "nan"], "--noise-std must be a finite number >= 0"),
+        (["--steer-steps", "-2"], "--steer-steps must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--judge-timeout", "-1"], "--judge-timeout must be"),
+    ):
+        code, out, err = run(
+            capsys, "eval", "--model", "m", "--benchmark", "jsonl", "--data", "x.jsonl", "--out", tmp_path, *extra
+        )
+        assert code == 2 and err.startswith(f"safecode-kernels eval: error: {message}"), (extra, err)
+
+
+def test_verdicts_take_any_case_and_a_fixed_verdict_is_not_parsed(capsys, saved_llava):
+    """``--verdict UNSAFE`` as ``Verdict.parse("UNSAFE")``; the JSON's ``parsed`` says whether the
+    verdict was read from a judge's answer, so a fixed verdict has none (null), not ``false``
+    (which means "the judge's answer named no verdict")."""
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "UNSAFE", "--json"))
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["verdict"] == "unsafe"
+    assert result["judge"] == {
+        "kind": "fixed",
+        "verdict": "unsafe",
+        "caption": None,
+        "raw_answer": None,
+        "parsed": None,
+    }
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", " Safe"))
+    assert code == 0 and out.startswith("verdict:  safe (fixed)\n"), err
+
+
+def test_on_unparseable_takes_any_case(capsys, saved_llava):
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--on-unparseable", "UNSAFE", "--json"))
+    assert code == 0, err
+    judge = json.loads(out)["judge"]
+    # The tiny random model's answer names no verdict: the policy, given in capitals, decides.
+    assert judge["kind"] == "self" and judge["parsed"] is False and judge["verdict"] == "unsafe"
+
+
+def test_a_local_folder_loads_without_the_hub(capsys, saved_llava, monkeypatch):
+    """Every ``from_pretrained`` of an existing folder gets ``local_files_only=True``: nothing
+    asks the hub (an offline machine would spend its retries there first)."""
+    import transformers
+
+    calls = []
+    for name in ("AutoConfig", "AutoProcessor", "AutoModelForImageTextToText"):
+        cls = getattr(transformers, name)
+        original = cls.from_pretrained
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, str(args[0]), kwargs.get("local_files_only")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", recording)
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "safe"))
+    assert code == 0, err
+    assert {name for name, _, _ in calls} == {"AutoConfig", "AutoProcessor", "AutoModelForImageTextToText"}
+    assert all(path == str(saved_llava / "llava") and local is True for _, path, local in calls), calls
+    assert cli.hub_options("some-org/some-model") == {}  # a hub id still goes to the hub
+
+
+def test_sensitive_top_k_zero_is_the_contrast_alone(capsys, saved_llava):
+    """``--sensitive-top-k 0``: an empty sensitive set (docs/design.md §2), so no refusal bias;
+    the output says so, and the help names it."""
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "unsafe", "--sensitive-top-k", "0"))
+    assert code == 0, err
+    assert "--sensitive-top-k 0 makes the sensitive set empty: no refusal bias" in out
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "unsafe", "--sensitive-top-k", "0", "--json"))
+    steering = json.loads(out)["steering"]
+    assert all(s["refusal_mass_before"] == s["refusal_mass_after"] for s in steering)
+    help_text = " ".join(_options(cli.build_parser(), "generate")["--sensitive-top-k"].help.split())
+    assert "0: an empty set, so no refusal bias" in help_text
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    [action] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def _options(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse.Action]:
+    sub = _subparsers(parser)[command]
+    return {a.option_strings[-1] if a.option_strings else a.dest: a for a in sub._actions}
+
+
+def _every_option():
+    from safecode_kernels.app.benchmarking import decode
+
+    parsers = dict(_subparsers(cli.build_parser()))
+    parsers["bench"] = decode.build_parser("safecode-kernels bench")
+    for command_name, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            yield command_name, action
+
+
+def test_every_option_has_help_that_shows_its_default():
+    missing = []
+    for command_name, action in _every_option():
+        name = "/".join(action.option_strings) or action.dest
+        help_text = action.help or ""
+        if not help_text.strip() or help_text == argparse.SUPPRESS:
+            missing.append(f"{command_name} {name}: no help")
+        elif action.option_strings and not action.required and "default" not in help_text:
+            missing.append(f"{command_name} {name}: help shows no default ({help_text!r})")
+    assert not missing, "\n".join(missing)
+
+
+def test_bench_help_names_the_command(capsys):
+    code, out, err = run(capsys, "bench", "--help")
+    assert code == 0
+    assert out.startswith("usage: safecode-kernels bench ")
+    assert "2-core" not in out and "this machine" not in out
+    assert "--phases" in out and "a whole answer" in " ".join(out.split())
