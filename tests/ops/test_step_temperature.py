@@ -161,3 +161,25 @@ def test_decodes_greedily_threshold():
     assert decodes_greedily(sk.SteeringParams(temperature=2.9e-39))
     assert decodes_greedily(sk.SteeringParams(temperature=1e-46))
     assert decodes_greedily(sk.SteeringParams())
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", list(MODES))
+def test_triton_rescales_block_partials_to_the_row_max(monkeypatch, mode):
+    """Huge logits in different vocabulary blocks of 16 tokens: each block shifts by its own
+    max, and the merge must rescale them to the row's max (the max is in a later block, and
+    in a refusal token for row 1)."""
+    from safecode_kernels.ops import step_triton
+
+    monkeypatch.setattr(step_triton, "_FORCE_BLOCK", 16)
+    top_k, top_p = MODES[mode]
+    real = torch.zeros(2, 64)
+    real[0, 3], real[0, 40] = 3.0e38, 3.2e38
+    real[1, 3], real[1, 62] = 3.0e38, 3.2e38  # token 62 is a refusal token
+    for sensitive_top_k in (0, 20):
+        params = sk.SteeringParams(
+            alpha=0.0, temperature=0.5, top_k=top_k, top_p=top_p, sensitive_top_k=sensitive_top_k
+        )
+        for seed in (0, 1):
+            got = _step("triton", real, params, refusal=[62], generator=seed).tolist()
+            assert got == [40, 62], (sensitive_top_k, seed)
