@@ -50,11 +50,22 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
         stats = (_refusal_mass(z, inp.refusal_mask), _refusal_mass(modulated, inp.refusal_mask))
 
     # 4. Token choice.
-    if p.is_greedy:
+    if decodes_greedily(p):
         tokens = modulated.argmax(dim=1)
     else:
         tokens = _sample(modulated, p.temperature, p.top_k, p.top_p, inp.seed)
     return tokens, (modulated if return_logits else None), stats
+
+
+def decodes_greedily(p) -> bool:
+    """Whether a step with :class:`~safecode_kernels.SteeringParams` ``p`` takes the argmax:
+    temperature 0, or a temperature so small that ``1 / T`` overflows float32 (``T`` below
+    about 2.9e-39, which includes those that round to 0 in float32). Below the maximum every
+    token then has probability 0; the argmax breaks ties toward the lower index, as greedy
+    decoding does. Every backend decides this the same way."""
+    if p.is_greedy:
+        return True
+    return bool(torch.isinf(1.0 / torch.tensor(p.temperature, dtype=torch.float32)))
 
 
 def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -17,16 +17,22 @@ How exact it is, against :mod:`.step_torch`:
   n_blocks`` candidates; for a larger k the merge checks whether the candidates decided
   the row, and rows they did not are recomputed (fallback below).
 * Refusal mass before/after: the same sums in another order (float rounding only).
+* Sampling scales ``(z' - max z') / T`` as the reference does, never ``z' / T`` (huge finite
+  logits over a small T would overflow): each block shifts by its own max, the merge
+  rescales to the row's. A temperature whose float32 inverse overflows decodes greedily
+  (``step_torch.decodes_greedily``), on every backend.
 * Sampling with temperature only: Gumbel-max with counter-based Philox noise, exact in
   distribution up to the noise's 24-bit uniform grid (tail mass ~6e-8 clipped).
 * Top-k / top-p: the kept set is computed from the candidates (top-p without top-k: each
-  block sends enough of them to fill ``TOP_P_LANES`` lanes per row), sorted in the merge,
-  then Gumbel-max over the kept set. It is exact whenever the candidates reach far enough
+  block sends enough of them to fill ``TOP_P_LANES`` lanes per row), then Gumbel-max over
+  the kept set. It is exact whenever the candidates reach far enough
   down the ranking, which the merge checks; a row whose nucleus reaches further (a very
   flat distribution) or whose top-k exceeds the candidates is flagged, and the launcher
   recomputes it with the torch reference (same distribution; those rows cost a second
-  pass). The top-p boundary uses a parallel prefix sum: it can differ from the reference's
-  only where a cumulative mass equals ``top_p`` to within float rounding.
+  pass). The top-p boundary is a radix search for the lowest key whose mass above is below
+  ``top_p`` (no sort; sums in another order than the reference's cumsum): it can differ
+  from the reference's only where a cumulative mass equals ``top_p`` to within float
+  rounding.
 * Ranking for top-k/top-p uses ``z'`` rather than ``z' / T``; they differ only where the
   division rounds two different logits to one value (equal probabilities then).
 * The same seed gives the same tokens (Philox counters are ``(row, token)``).
@@ -35,13 +41,19 @@ Memory traffic: every input logit is read exactly once, except that with
 ``plausibility > 0`` a first small kernel reads the real row once more for its max (the
 cutoff must be known before any token is judged); the merge re-reads the few refusal
 logits by id.
+
+Compiled variants: few by design (:func:`kernel_variants`, every one compiled for sm_80 and
+sm_90 by tests/ops/test_triton_compile.py): one block size on a GPU, runtime switches
+rather than constexprs wherever registers allow, a merge read through int16 views (any
+dtype) and compiled for ``X_SIZES`` lanes only. A step the kernels cannot take (more than
+``NB_MAX`` blocks, i.e. V > 524288, or more refusal ids than the merge's lanes) runs the
+torch reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -50,13 +62,24 @@ import torch
 
 from .codes import FALLBACK_FLAG, STATUS_MASK, SensitiveSet, sensitive_set
 from .step_inputs import StepInputs, raise_for_row_status
+from .step_torch import decodes_greedily, step_torch
 
 # Lanes of the merge kernel (candidates of all blocks + refusal tokens): what top-p without
-# top-k fills (it sorts them), and the most any configuration may use (larger k are decided
-# by the merge or fall back). MAX_BLOCK bounds a block kernel's tile (registers).
-TOP_P_LANES = 4096
-MAX_MERGE_LANES = 8192
+# top-k fills, and the most any configuration may use (larger k are decided by the merge or
+# fall back). The merge is compiled for X_SIZES lanes only (a few variants, see
+# kernel_variants); MAX_BLOCK bounds a block kernel's tile (registers).
+TOP_P_LANES = 2048
+MAX_MERGE_LANES = 4096
+X_SIZES = (256, 1024, 4096)
 MAX_BLOCK = 8192
+# The block size on a GPU (8 warps, 8 tokens per thread): one size, because every size is
+# a set of compiled variants, and this one both keeps a batch of one row on dozens of
+# multiprocessors and the merge's candidate lists short (75 blocks for V = 152064).
+GPU_BLOCK = 2048
+# Most vocabulary blocks per row (step_triton_kernels.NB_MAX: the width of the partials' loads).
+NB_MAX = 256
+# Logits dtypes and the merge kernel's codes for them (step_triton_kernels.DTYPE_*).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # Tests set this to split small vocabularies over several blocks (0: the heuristics decide).
 _FORCE_BLOCK = 0
@@ -114,31 +137,30 @@ class _Plan:
     block_warps: int
     merge_warps: int
     k_cand: int  # candidates per block (0: none)
-    c_pad: int
-    x_pad: int  # lanes of the merge kernel: candidate slots + refusal tokens
+    c_shift: int  # log2 of the candidate slots per block
+    x_pad: int  # lanes of the merge kernel: candidate slots + refusal tokens (one of X_SIZES)
     idx_bits: int
     sens: SensitiveSet  # which refusal tokens get the bias
     greedy: bool
     gumbel: bool
     top_k: bool
     top_p: bool
+    fits: bool  # False: the kernels cannot take this step (the torch reference runs it)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _plan(inp: StepInputs) -> _Plan:
-    p = inp.params
-    batch, vocab = inp.batch, inp.vocab
-    greedy = p.is_greedy
+    return plan(inp.vocab, inp.refusal_ids.numel(), inp.params, _interpreted())
+
+
+def plan(vocab: int, n_ref: int, p, interpreted: bool = False) -> _Plan:
+    """The launch plan of a step over rows of ``vocab`` logits with ``n_ref`` refusal ids and
+    :class:`~safecode_kernels.SteeringParams` ``p`` (the batch size plays no part). Every
+    compiled kernel a plan can lead to is in :func:`kernel_variants` (tests check it)."""
+    greedy = decodes_greedily(p)
     sens = sensitive_set(p.scope, p.sensitive_top_k, vocab)
     top_k = not greedy and 0 < p.top_k < vocab
     top_p = not greedy and p.top_p < 1.0
@@ -148,23 +170,16 @@ def _plan(inp: StepInputs) -> _Plan:
     # alone, as many as fill the merge's TOP_P_LANES lanes (see below).
     need = max(p.sensitive_top_k if sens == SensitiveSet.TOP_K else 0, p.top_k if top_k else 0)
     nucleus = top_p and not top_k
-    n_ref = inp.refusal_ids.numel()
 
     if _FORCE_BLOCK:
         block = _FORCE_BLOCK
-    elif _interpreted():
+    elif interpreted:
         # The interpreter pays per program and per op, not per element: few large blocks.
-        block = min(4096, _next_pow2(vocab))
+        block = max(16, min(4096, _next_pow2(vocab)))
     else:
-        # Enough programs to fill the GPU at small batches (a row is split over blocks), but
-        # not so many blocks that the merge's candidate list gets long.
-        block = 8192 if need == 0 and not nucleus else 4096
-        while block > 1024 and batch * math.ceil(vocab / block) < 2 * _sm_count(inp.logits_real.device):
-            block //= 2
-        while block < MAX_BLOCK and math.ceil(vocab / block) * _next_pow2(need) > TOP_P_LANES:
-            block *= 2
-        block = min(block, _next_pow2(vocab))
-    block = max(block, 16)
+        block = GPU_BLOCK
+    while math.ceil(vocab / block) > NB_MAX and block < MAX_BLOCK and (interpreted or _FORCE_BLOCK):
+        block *= 2
     n_blocks = math.ceil(vocab / block)
 
     k_cand = need
@@ -172,19 +187,21 @@ def _plan(inp: StepInputs) -> _Plan:
         room = max(1, (TOP_P_LANES - n_ref) // n_blocks)
         k_cand = max(k_cand, 1 << (room.bit_length() - 1))  # a power of two: no padding
     if k_cand:
-        # Never more than a block holds, nor more lanes than the merge takes: with a larger
-        # k the merge detects the rows the candidates cannot decide (they fall back).
-        k_cand = min(k_cand, block, max(1, (MAX_MERGE_LANES - n_ref) // n_blocks))
+        # Never more than a block holds, nor more lanes than the merge takes (a power of two:
+        # the slots are padded to one): with a larger k the merge detects the rows the
+        # candidates cannot decide (they fall back).
+        room = max(1, (MAX_MERGE_LANES - n_ref) // n_blocks)
+        k_cand = min(k_cand, block, 1 << (room.bit_length() - 1))
     c_pad = _next_pow2(k_cand) if k_cand else 1
-    cand_slots = n_blocks * c_pad if k_cand else 0
-    x_pad = max(16, _next_pow2(cand_slots + n_ref))
+    lanes = (n_blocks * c_pad if k_cand else 0) + n_ref
+    x_pad = next((size for size in X_SIZES if size >= lanes), X_SIZES[-1])
     return _Plan(
         block=block,
         n_blocks=n_blocks,
-        block_warps=max(4, min(16, block // 256)),  # 8 tokens per thread
-        merge_warps=4 if x_pad <= 1024 else (8 if x_pad <= 2048 else 16),
+        block_warps=_block_warps(block),
+        merge_warps=_merge_warps(x_pad),
         k_cand=k_cand,
-        c_pad=c_pad,
+        c_shift=c_pad.bit_length() - 1,
         x_pad=x_pad,
         idx_bits=max(1, (vocab - 1).bit_length()),
         sens=sens,
@@ -192,7 +209,67 @@ def _plan(inp: StepInputs) -> _Plan:
         gumbel=gumbel,
         top_k=top_k,
         top_p=top_p,
+        fits=n_blocks <= NB_MAX and lanes <= MAX_MERGE_LANES,
     )
+
+
+def _block_warps(block: int) -> int:
+    return max(4, min(16, block // 256))  # 8 tokens per thread
+
+
+def _merge_warps(x_pad: int) -> int:
+    return 4 if x_pad <= 1024 else (8 if x_pad <= 2048 else 16)
+
+
+# ----------------------------------------------------------------------------------------
+# The compiled variants
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    """One compiled kernel: ``step_triton_kernels.<kernel>`` with these constexprs, for logits
+    of ``dtype`` (None: the merge reads every dtype through int16 views)."""
+
+    kernel: str
+    dtype: torch.dtype | None
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    enable_fp_fusion: bool
+
+    @property
+    def name(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else "any-dtype"
+        flags = "-".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
+        return f"{self.kernel}[{dtype},{flags},w{self.num_warps}]"
+
+
+# The kernels' tl.constexpr parameters (every other argument is a runtime value).
+_CONSTEXPRS = ("BLOCK", "CANDS", "X_PAD")
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """Every kernel the launcher can compile on a GPU, each once: the plan space of
+    :func:`plan` (block size GPU_BLOCK, with or without candidates, merge lanes X_SIZES), for
+    each dtype and both alignment twins. tests/ops/test_triton_compile.py compiles them all
+    for sm_80 and sm_90."""
+    warps = _block_warps(GPU_BLOCK)
+    variants = []
+    for dtype in DTYPE_CODES:
+        for twin in ("", "_any"):
+            variants.append(KernelVariant("row_max_kernel" + twin, dtype, (("BLOCK", GPU_BLOCK),), warps, True))
+            for cands in (False, True):
+                flags = (("BLOCK", GPU_BLOCK), ("CANDS", cands))
+                variants.append(KernelVariant("step_block_kernel" + twin, dtype, flags, warps, False))
+    for x_pad in X_SIZES:
+        variants.append(KernelVariant("step_merge_kernel", None, (("X_PAD", x_pad),), _merge_warps(x_pad), False))
+    return variants
+
+
+def variant_of(launch: _Launch) -> KernelVariant:
+    """The :class:`KernelVariant` a launch compiles (tests check it is in kernel_variants)."""
+    constexprs = tuple((k, v) for k, v in launch.args.items() if k in _CONSTEXPRS)
+    dtype = launch.args["zr_ptr"].dtype if launch.kernel != "step_merge_kernel" else None
+    fusion = launch.options.get("enable_fp_fusion", True)
+    return KernelVariant(launch.kernel, dtype, constexprs, launch.options["num_warps"], fusion)
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,13 +279,18 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
     """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
     from . import step_triton_kernels as kernels
 
+    if not _plan(inp).fits:
+        # More than NB_MAX blocks (V > 1M) or more refusal ids than the merge's lanes: the
+        # reference takes the step (exact, slower).
+        return step_torch(inp, return_logits, return_stats)
     launches, tokens, out, mass, status = _launches(inp, return_logits, return_stats)
     with _on(inp.logits_real.device):
         for launch in launches:
             getattr(kernels, launch.kernel)[launch.grid](**launch.args, **launch.options)
 
+    batch = inp.batch
     logits = out if return_logits else None
-    stats = (mass[0], mass[1]) if return_stats else None
+    stats = (mass[0, :batch], mass[1, :batch]) if return_stats else None
     # The one host-device sync of the step: the per-row status words (errors, fallback rows).
     words = status.cpu()
     if bool(words.any()):
@@ -231,21 +313,28 @@ class _Launch:
     options: dict  # num_warps and compiler options
 
 
+def _aligned(*values) -> bool:
+    """Whether tensors' addresses and ints are all divisible by 16 (what Triton specialises on)."""
+    return all((v.data_ptr() if isinstance(v, torch.Tensor) else v) % 16 == 0 for v in values)
+
+
 def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     """The launches of one step and the buffers they write: ``(launches, tokens, out, mass,
-    status)``. Nothing runs here: tests/ops/test_triton_compile.py compiles these very
-    launches for sm_90 on a machine without a GPU."""
+    status)``. Nothing runs here: tests/ops/test_triton_compile.py checks that every launch
+    compiles one of :func:`kernel_variants`."""
     p = inp.params
     plan = _plan(inp)
     batch, vocab = inp.batch, inp.vocab
     zr, zn = inp.logits_real, inp.logits_noised
+    if max(zr.stride(0), zn.stride(0)) >= 2**31:  # keeps the strides i32 (one compiled variant)
+        zr, zn = zr.contiguous(), zn.contiguous()
     device = zr.device
     plaus = p.plausibility > 0.0
     cands = plan.k_cand > 0
     usum = plan.top_p and not plan.top_k
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     parts = (batch, plan.n_blocks)
-    cand_shape = (batch, plan.n_blocks, plan.c_pad)
+    cand_shape = (batch, plan.n_blocks, 1 << plan.c_shift)
     w = _scratch(
         device,
         {
@@ -258,7 +347,7 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
             "zsum": (parts if return_stats else None, f32),
             "gumbel_val": (parts if plan.gumbel else None, f32),
             "gumbel_idx": (parts if plan.gumbel else None, i32),
-            "umax": (parts if usum else None, f32),
+            "umax": (parts if usum or plan.gumbel else None, f32),
             "usum": (parts if usum else None, f32),
             "cand_val": (cand_shape if cands else None, f32),
             "cand_idx": (cand_shape if cands else None, i32),
@@ -268,29 +357,33 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
         },
     )
     tokens = torch.empty(batch, dtype=i64, device=device)
-    out = torch.empty((batch, vocab) if return_logits else (1, 1), dtype=f32, device=device)
-    mass = torch.empty((2, batch) if return_stats else (2, 1), dtype=f32, device=device)
+    out = torch.empty((batch, vocab) if return_logits else (1, 16), dtype=f32, device=device)
+    # Rows of 16 floats: mass[1] stays 64-byte aligned whatever the batch.
+    mass = torch.empty((2, -(-batch // 16) * 16 if return_stats else 16), dtype=f32, device=device)
 
     refmask = inp.refusal_mask.view(torch.uint8)
+    if not _aligned(refmask):
+        refmask = refmask.clone()
     n_ref = inp.refusal_ids.numel()
     ref_ids = inp.refusal_ids if n_ref else torch.zeros(1, dtype=i64, device=device)
     # Offset into [2**62, 2**63) so that the seed is always an int64 argument (one compiled
     # variant); distinct seeds stay distinct Philox keys.
     seed = (inp.seed or 0) + (1 << 62)
     temperature = float(p.temperature) if p.temperature > 0 else 1.0
-    nb_pad = max(2, _next_pow2(plan.n_blocks))
+    stride_o = out.stride(0) if return_logits else 0
+    # The aligned twins when every argument they specialise on is divisible by 16.
+    twin = "" if _aligned(zr, zn, zr.stride(0), zn.stride(0), vocab, stride_o) else "_any"
     # Contraction into FMAs would change the rounding of w*zr - a*zn against torch.
     no_fma = dict(enable_fp_fusion=False)
 
     # Pointers: [B, V] logits rows have unit vocabulary stride and any row stride. Unused
     # scratch pointers are small stand-ins that the kernels never touch (see _scratch).
-    # Partials are [B, NB] (NB = vocabulary blocks), candidates [B, NB, C_PAD].
+    # Partials are [B, NB] (NB = vocabulary blocks), candidates [B, NB, 2**c_shift].
     inputs = dict(
         zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
         zn_ptr=zn,  # [B, V] same dtype: logits_noised
         stride_r=zr.stride(0),
         stride_n=zn.stride(0),
-        verdict_ptr=inp.verdict,  # [B] int8: codes.Verdict
     )
     contrast = dict(
         V=vocab,
@@ -303,26 +396,25 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     )
     partials = dict(
         flags_ptr=w["block_flags"],  # [B, NB] int32: BLOCK_* bits
-        best_val_ptr=w["best_val"],  # [B, NB] fp32: greedy best value (ARGMAX / GREEDY)
+        best_val_ptr=w["best_val"],  # [B, NB] fp32: greedy best value (argmax / greedy)
         best_idx_ptr=w["best_idx"],  # [B, NB] int32: its token
-        zmax_ptr=w["zmax"],  # [B, NB] fp32: max of z over non-refusal tokens (SUMEXP / STATS)
+        zmax_ptr=w["zmax"],  # [B, NB] fp32: max of z over non-refusal tokens (sumexp / stats)
         zsum_ptr=w["zsum"],  # [B, NB] fp32: sum of exp(z - zmax)
-        gumbel_val_ptr=w["gumbel_val"],  # [B, NB] fp32: Gumbel-max best score (GUMBEL)
+        gumbel_val_ptr=w["gumbel_val"],  # [B, NB] fp32: Gumbel-max best of (z - umax) / T + g (gumbel)
         gumbel_idx_ptr=w["gumbel_idx"],  # [B, NB] int32: its token
-        umax_ptr=w["umax"],  # [B, NB] fp32: max of z / T (USUM: top-p without top-k)
-        usum_ptr=w["usum"],  # [B, NB] fp32: sum of exp(z / T - umax)
-        cand_val_ptr=w["cand_val"],  # [B, NB, C_PAD] fp32: top-k_cand candidates' z (CANDS)
-        cand_idx_ptr=w["cand_idx"],  # [B, NB, C_PAD] int32: their tokens
+        umax_ptr=w["umax"],  # [B, NB] fp32: max of z (gumbel, usum: the shift of the block's scores)
+        usum_ptr=w["usum"],  # [B, NB] fp32: sum of exp((z - umax) / T) (usum: top-p without top-k)
+        cand_val_ptr=w["cand_val"],  # [B, NB, 2**c_shift] fp32: top-k_cand candidates' z (CANDS)
+        cand_idx_ptr=w["cand_idx"],  # [B, NB, 2**c_shift] int32: their tokens
         cand_count_ptr=w["cand_count"],  # [B, NB] int32: candidates sent per block
         tail_ptr=w["tail"],  # [B, NB] int64: rank key of the last kept candidate, or -1
     )
-    flags = dict(WRITE_LOGITS=bool(return_logits), GUMBEL=plan.gumbel, CANDS=cands)
-    grid = (plan.n_blocks, batch)
+    grid = (batch, plan.n_blocks)
     launches = []
     if plaus:
         launches.append(
             _Launch(
-                "row_max_kernel",
+                "row_max_kernel" + twin,
                 grid,
                 dict(
                     zr_ptr=zr,  # [B, V] fp32/fp16/bf16: logits_real
@@ -332,32 +424,34 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
                     NB=plan.n_blocks,
                     BLOCK=plan.block,
                 ),
-                dict(num_warps=plan.block_warps),
+                dict(num_warps=plan.block_warps, enable_fp_fusion=True),
             )
         )
     launches.append(
         _Launch(
-            "step_block_kernel",
+            "step_block_kernel" + twin,
             grid,
             dict(
                 **inputs,
+                verdict_ptr=inp.verdict,  # [B] int8: codes.Verdict
                 refmask_ptr=refmask,  # [V] uint8: the refusal mask
                 rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
-                out_ptr=out,  # [B, V] fp32 out: the modulated logits (WRITE_LOGITS), else [1, 1]
-                stride_o=out.stride(0),
+                out_ptr=out,  # [B, V] fp32 out: the modulated logits (write_logits), else [1, 16]
+                stride_o=stride_o,
                 **partials,
                 **contrast,
                 temperature=temperature,
                 seed=seed,
                 k_cand=plan.k_cand,
+                c_shift=plan.c_shift,
                 idx_bits=plan.idx_bits,
+                write_logits=int(return_logits),
+                sumexp=int(return_stats),
+                argmax=int(plan.greedy),
+                usum=int(usum),
+                gumbel=int(plan.gumbel),
                 BLOCK=plan.block,
-                NB_PAD=nb_pad,
-                C_PAD=plan.c_pad,
-                ARGMAX=plan.greedy,
-                SUMEXP=bool(return_stats),
-                USUM=usum,
-                **flags,
+                CANDS=cands,
             ),
             dict(num_warps=plan.block_warps, **no_fma),
         )
@@ -367,16 +461,21 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
             "step_merge_kernel",
             (batch,),
             dict(
-                **inputs,
+                zr_ptr=zr.view(torch.int16),  # [B, V (x2 for fp32)] int16 view of logits_real
+                zn_ptr=zn.view(torch.int16),  # the same of logits_noised
+                stride_r=zr.stride(0),  # in logits, not int16 words
+                stride_n=zn.stride(0),
+                dtype_code=DTYPE_CODES[zr.dtype],
+                verdict_ptr=inp.verdict,  # [B] int8: codes.Verdict
                 ref_ids_ptr=ref_ids,  # [R] int64: sorted refusal ids ([1] zeros when R = 0)
                 R=n_ref,
                 rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
-                out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (WRITE_LOGITS)
-                stride_o=out.stride(0),
+                out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (write_logits)
+                stride_o=stride_o,
                 **partials,
                 tokens_ptr=tokens,  # [B] int64 out: the chosen tokens
-                before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (STATS)
-                after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (STATS)
+                before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (stats)
+                after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (stats)
                 status_ptr=w["status"],  # [B] int32 out: codes.RowStatus | FALLBACK_FLAG
                 **contrast,
                 bias_unsafe=p.bias_unsafe,
@@ -387,15 +486,16 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
                 sens=int(plan.sens),
                 k_sens=min(p.sensitive_top_k, vocab),
                 top_k=min(p.top_k, vocab),
+                c_shift=plan.c_shift,
                 idx_bits=plan.idx_bits,
-                NB_PAD=nb_pad,
+                write_logits=int(return_logits),
+                stats=int(return_stats),
+                greedy=int(plan.greedy),
+                gumbel=int(plan.gumbel),
+                cands=int(cands),
+                topk=int(plan.top_k),
+                topp=int(plan.top_p),
                 X_PAD=plan.x_pad,
-                C_PAD=plan.c_pad,
-                STATS=bool(return_stats),
-                GREEDY=plan.greedy,
-                TOPK=plan.top_k,
-                TOPP=plan.top_p,
-                **flags,
             ),
             dict(num_warps=plan.merge_warps, **no_fma),
         )
@@ -431,8 +531,6 @@ def _scratch(device, specs) -> dict[str, torch.Tensor]:
 def _fallback_rows(inp, rows, tokens, logits, stats, return_logits, return_stats):
     """Recompute rows the candidates could not decide exactly with the torch reference
     (rare: a nucleus wider than the candidate slots, or a huge sensitive/top-k)."""
-    from .step_torch import step_torch
-
     sub = dataclasses.replace(
         inp,
         logits_real=inp.logits_real.index_select(0, rows),

@@ -7,7 +7,7 @@ Three kernels, one step:
    before a token can be called banned, and the whole pipeline below (top-k candidates,
    sum-exp, Gumbel-max, the written logits) depends on it, so this cheap pass reads the
    real row once more (half the input bytes; for decoding-sized batches it comes from L2).
-2. ``step_block_kernel``, grid ``(vocabulary blocks, rows)``: reads each input logit once,
+2. ``step_block_kernel``, grid ``(rows, vocabulary blocks)``: reads each input logit once,
    computes the contrast and everything a row needs from its block, over the block's
    *non-refusal* tokens only: error flags, the greedy best, online max/sum-exp, the
    Gumbel-max best, and the block's top-``C`` candidates (a radix select on the float's
@@ -17,7 +17,15 @@ Three kernels, one step:
    refusal tokens exactly from their ids (it re-reads those tens of logits): the sensitive
    set (the k-th largest of candidates + refusal tokens), the bias, the refusal mass before
    and after, the token (argmax, Gumbel-max, or top-k/top-p over the candidates), and one
-   status word per row that the launcher checks.
+   status word per row that the launcher checks. It reads the logits through int16 views,
+   so one compiled merge serves every dtype.
+
+Sampling scales ``(z' - max z') / T`` as the torch reference does (never ``z' / T``: huge
+finite logits over a small temperature would overflow): each block shifts by its own max and
+the merge rescales the blocks' partials to the row's max.
+
+The compiled variants are few on purpose (see ``step_triton.kernel_variants``): the cheap
+switches are runtime arguments, and only the constexprs that change a kernel's shape remain.
 
 Why the refusal tokens are kept out of the block reductions: their value changes with the
 bias, which is only known after the merge. Reductions over the other tokens never change,
@@ -56,6 +64,14 @@ SENS_NONE = tl.constexpr(int(SensitiveSet.NONE))
 SENS_ALL = tl.constexpr(int(SensitiveSet.ALL))
 SENS_TOP_K = tl.constexpr(int(SensitiveSet.TOP_K))
 
+# Most vocabulary blocks of a row: the width of the loads of per-block partials (the launcher
+# picks blocks large enough; a fixed width keeps it out of the compiled variants).
+NB_MAX = tl.constexpr(256)
+# Dtype codes of the logits for the merge kernel, which reads them through int16 views.
+DTYPE_FP32 = tl.constexpr(0)
+DTYPE_FP16 = tl.constexpr(1)
+DTYPE_BF16 = tl.constexpr(2)
+
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
 
@@ -72,13 +88,6 @@ def _ordered_key(x):
     bits = x.to(tl.uint32, bitcast=True)
     # x ^ 0xFFFFFFFF rather than ~x: some Triton interpreters reject ~ of unsigned tensors with numpy 2.
     return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-
-
-@triton.jit
-def _key_to_float(key):
-    """Inverse of :func:`_ordered_key`."""
-    bits = tl.where((key >> 31) != 0, key ^ 0x80000000, key ^ 0xFFFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -159,16 +168,14 @@ def _gumbel_block(seed, row, start, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _contrast(
-    zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD: tl.constexpr
-):
+def _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta):
     """``z = w * zr - alpha_verdict * zn``, -inf where banned (docs/design.md §2.2 step 1), in fp32.
 
     With ``plaus`` (0 or 1) the row's max comes from row_max_kernel's partials; without, the
     masked load gives -inf and the cutoff bans nothing."""
     verdict = tl.load(verdict_ptr + row)
     a = tl.where(verdict == VERDICT_SAFE, alpha_safe, alpha)
-    blocks = tl.arange(0, NB_PAD)
+    blocks = tl.arange(0, NB_MAX)
     parts = tl.load(rowmax_ptr + row.to(tl.int64) * NB + blocks, mask=blocks < NB * plaus, other=NEG_INF)
     cutoff = log_beta + tl.max(parts, axis=0)
     banned = (zr == NEG_INF) | (zn == NEG_INF) | (zr < cutoff)
@@ -215,21 +222,90 @@ def _merge_sum_exp(max_ptr, sum_ptr, offs, mask, base):
     return tl.sum(tl.where(m > NEG_INF, s * tl.exp(m - _finite_or_zero(base)), 0.0), axis=0)
 
 
+@triton.jit
+def _merge_scaled_sum_exp(max_ptr, sum_ptr, offs, mask, shift, temperature):
+    """Sum of per-block ``sum * exp((max - shift) / T)``: blocks hold ``sum exp((x - max) / T)``."""
+    m = tl.load(max_ptr + offs, mask=mask, other=NEG_INF)
+    s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+    return tl.sum(tl.where(m > NEG_INF, s * tl.exp(tl.div_rn(m - shift, temperature)), 0.0), axis=0)
+
+
+@triton.jit
+def _load_logits(ptr16, offs, mask, dtype_code):
+    """Logits at element offsets ``offs`` of a row read through an int16 view (one compiled
+    merge kernel for every dtype), as fp32; -inf where ``mask`` is off. fp32 elements are two
+    little-endian int16 words."""
+    wide = (offs * 0 + dtype_code) == DTYPE_FP32  # a tensor like mask (scalar masks are refused)
+    lo = tl.load(ptr16 + tl.where(wide, 2 * offs, offs), mask=mask, other=0).to(tl.uint16, bitcast=True)
+    hi = tl.load(ptr16 + 2 * offs + 1, mask=mask & wide, other=0).to(tl.uint16, bitcast=True)
+    as_f32 = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)).to(tl.float32, bitcast=True)
+    as_bf16 = (lo.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    as_f16 = lo.to(tl.float16, bitcast=True).to(tl.float32)
+    x = tl.where(wide, as_f32, tl.where(dtype_code == DTYPE_BF16, as_bf16, as_f16))
+    return tl.where(mask, x, NEG_INF)
+
+
+@triton.jit
+def _mass_threshold_key(key, prob, top_p):
+    """The largest key ``t`` with ``sum(prob[key >= t]) >= top_p`` (0 when the whole mass is
+    below ``top_p``): ``key >= t`` is then the top-p nucleus, as sorting by key descending and
+    keeping tokens whose mass before them is ``< top_p`` gives. A radix search from the
+    highest bit where the present keys differ (no sort: the mass above a key is monotone)."""
+    present = key >= 0
+    hi = tl.max(key, axis=0)
+    lo = tl.min(tl.where(present, key, hi), axis=0)
+    diff = hi ^ lo
+    nbits = tl.where(diff > 0, (diff.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1022, 0)
+    nbits = tl.minimum(nbits, 63).to(tl.int32)
+    one = tl.full((), 1, dtype=tl.int64)
+    prefix = hi & ~((one << nbits) - 1)  # every present key is >= prefix: the whole mass
+    reached = tl.sum(tl.where(present, prob, 0.0), axis=0) >= top_p
+    bit = nbits
+    while bit > 0:
+        bit -= 1
+        trial = prefix | (one << bit)
+        mass = tl.sum(tl.where(key >= trial, prob, 0.0), axis=0)
+        prefix = tl.where(mass >= top_p, trial, prefix)
+    return tl.where(reached, prefix, 0)
+
+
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-@triton.jit
-def row_max_kernel(zr_ptr, stride_r, part_ptr, V, NB, BLOCK: tl.constexpr):
-    """Partial max of the real logits per (row, block), for the plausibility cutoff."""
-    blk = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
+# Arguments a kernel is never specialised on (their value or alignment would multiply the
+# compiled variants for nothing). The "aligned" twins of the two hot kernels are specialised on
+# the alignment of the logits (16-byte aligned rows: vectorised loads); the launcher takes them
+# only when every such argument is divisible by 16, and the "any" twins otherwise.
+ROW_MAX_LAYOUT = ("zr_ptr", "stride_r", "V")
+ROW_MAX_DNS = ("NB",)
+BLOCK_LAYOUT = ("zr_ptr", "zn_ptr", "stride_r", "stride_n", "V", "stride_o")
+BLOCK_DNS = (
+    "verdict_ptr",
+    "NB",
+    "plaus",
+    "seed",
+    "k_cand",
+    "c_shift",
+    "idx_bits",
+    "write_logits",
+    "sumexp",
+    "argmax",
+    "usum",
+    "gumbel",
+)
+
+
+def _row_max(zr_ptr, stride_r, part_ptr, V, NB, BLOCK: tl.constexpr):
+    """Partial max of the real logits per (row, block), for the plausibility cutoff. Grid
+    ``(rows, blocks)``."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(zr_ptr + row * stride_r + offs, mask=offs < V, other=NEG_INF).to(tl.float32)
     tl.store(part_ptr + row * NB + blk, tl.max(x, axis=0))
 
 
-@triton.jit(do_not_specialize=["NB", "plaus", "seed", "k_cand", "idx_bits"])
-def step_block_kernel(
+def _step_block(
     zr_ptr,
     zn_ptr,
     stride_r,
@@ -262,23 +338,25 @@ def step_block_kernel(
     temperature,
     seed,
     k_cand,
+    c_shift,
     idx_bits,
+    write_logits,
+    sumexp,
+    argmax,
+    usum,
+    gumbel,
     BLOCK: tl.constexpr,
-    NB_PAD: tl.constexpr,
-    C_PAD: tl.constexpr,
-    WRITE_LOGITS: tl.constexpr,
-    ARGMAX: tl.constexpr,
-    SUMEXP: tl.constexpr,
-    GUMBEL: tl.constexpr,
-    USUM: tl.constexpr,
     CANDS: tl.constexpr,
 ):
-    """One (block, row) of the step: all partial results of the block's tokens.
+    """One (row, block) of the step, grid ``(rows, blocks)``: all partial results of the
+    block's tokens. The switches ``write_logits``, ``sumexp``, ``argmax``, ``usum``, ``gumbel``
+    (0 or 1) are runtime branches; ``CANDS`` (the radix select, which needs many registers)
+    is a constexpr so that the kernels without it keep a high occupancy.
 
-    Partials are indexed ``row * NB + block``; candidates ``(row * NB + block) * C_PAD + j``.
+    Partials are indexed ``row * NB + block``; candidates ``(row * NB + block) * 2**c_shift + j``.
     """
-    blk = tl.program_id(0)
-    row = tl.program_id(1)
+    row = tl.program_id(0)
+    blk = tl.program_id(1)
     row64 = row.to(tl.int64)
     part = row64 * NB + blk
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -287,8 +365,8 @@ def step_block_kernel(
     # The only read of the two input rows (out-of-range lanes are -inf, i.e. banned).
     zr = tl.load(zr_ptr + row64 * stride_r + offs, mask=inside, other=NEG_INF).to(tl.float32)
     zn = tl.load(zn_ptr + row64 * stride_n + offs, mask=inside, other=NEG_INF).to(tl.float32)
-    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD)
-    if WRITE_LOGITS:
+    z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta)
+    if write_logits != 0:
         # Refusal tokens get their biased value from the merge kernel afterwards.
         tl.store(out_ptr + row64 * stride_o + offs, z, mask=inside)
 
@@ -305,32 +383,36 @@ def step_block_kernel(
     flags |= tl.max(live.to(tl.int32), axis=0) * BLOCK_LIVE_OTHER
     tl.store(flags_ptr + part, flags)
 
-    if ARGMAX:
+    if argmax != 0:
         best, best_idx = _best(x, offs, V)
         tl.store(best_val_ptr + part, best)
         tl.store(best_idx_ptr + part, best_idx)
-    if SUMEXP:
+    if sumexp != 0:
         m = tl.max(x, axis=0)
         tl.store(zmax_ptr + part, m)
         tl.store(zsum_ptr + part, tl.sum(tl.where(live, tl.exp(x - _finite_or_zero(m)), 0.0), axis=0))
-    if GUMBEL or USUM:
-        u = tl.div_rn(x, temperature)
-        if USUM:
-            m = tl.max(u, axis=0)
-            tl.store(umax_ptr + part, m)
-            tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u - _finite_or_zero(m)), 0.0), axis=0))
-        if GUMBEL:
-            # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
-            score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
-            best, best_idx = _best(score, offs, V)
-            tl.store(gumbel_val_ptr + part, best)
-            tl.store(gumbel_idx_ptr + part, best_idx)
+    # Sampling scales (x - shift) / T, never x / T: huge logits over a small T would overflow.
+    # The block's own max is the shift; the merge rescales to the row's max.
+    if usum != 0:
+        m = tl.max(x, axis=0)
+        tl.store(umax_ptr + part, m)
+        u = tl.div_rn(x - _finite_or_zero(m), temperature)
+        tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u), 0.0), axis=0))
+    if gumbel != 0:
+        # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
+        m = tl.max(x, axis=0)
+        tl.store(umax_ptr + part, m)
+        u = tl.div_rn(x - _finite_or_zero(m), temperature)
+        score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
+        best, best_idx = _best(score, offs, V)
+        tl.store(gumbel_val_ptr + part, best)
+        tl.store(gumbel_idx_ptr + part, best_idx)
     if CANDS:
         # The block's top-k_cand by (value desc, index asc), in index order.
         key = _rank_key(x, offs, idx_bits)
         chosen = key >= _kth_largest_key(key, k_cand)
         slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
-        dst = part * C_PAD + slot
+        dst = (part << c_shift) + slot
         tl.store(cand_val_ptr + dst, x, mask=chosen)
         tl.store(cand_idx_ptr + dst, offs, mask=chosen)
         n_live = tl.sum(live.to(tl.int32), axis=0)
@@ -342,12 +424,77 @@ def step_block_kernel(
         tl.store(tail_ptr + part, tl.where(n_live > k_cand, last, -1))
 
 
-@triton.jit(do_not_specialize=["R", "NB", "plaus", "seed", "sens", "k_sens", "top_k", "idx_bits"])
+row_max_kernel = triton.jit(_row_max, do_not_specialize=ROW_MAX_DNS)
+row_max_kernel_any = triton.jit(_row_max, do_not_specialize=ROW_MAX_DNS + ROW_MAX_LAYOUT)
+step_block_kernel = triton.jit(_step_block, do_not_specialize=BLOCK_DNS)
+step_block_kernel_any = triton.jit(_step_block, do_not_specialize=BLOCK_DNS + BLOCK_LAYOUT)
+
+
+# The merge kernel is specialised on nothing but its constexprs: one compiled variant per
+# (mode, X_PAD), whatever the dtype, batch, vocabulary or alignment.
+MERGE_PARAMS = (
+    "zr_ptr",
+    "zn_ptr",
+    "stride_r",
+    "stride_n",
+    "dtype_code",
+    "verdict_ptr",
+    "ref_ids_ptr",
+    "R",
+    "rowmax_ptr",
+    "out_ptr",
+    "stride_o",
+    "flags_ptr",
+    "best_val_ptr",
+    "best_idx_ptr",
+    "zmax_ptr",
+    "zsum_ptr",
+    "gumbel_val_ptr",
+    "gumbel_idx_ptr",
+    "umax_ptr",
+    "usum_ptr",
+    "cand_val_ptr",
+    "cand_idx_ptr",
+    "cand_count_ptr",
+    "tail_ptr",
+    "tokens_ptr",
+    "before_ptr",
+    "after_ptr",
+    "status_ptr",
+    "V",
+    "NB",
+    "plaus",
+    "real_weight",
+    "alpha",
+    "alpha_safe",
+    "log_beta",
+    "bias_unsafe",
+    "bias_safe",
+    "temperature",
+    "top_p",
+    "seed",
+    "sens",
+    "k_sens",
+    "top_k",
+    "c_shift",
+    "idx_bits",
+    "write_logits",
+    "stats",
+    "greedy",
+    "gumbel",
+    "cands",
+    "topk",
+    "topp",
+)
+
+
+@triton.jit(do_not_specialize=MERGE_PARAMS)
 def step_merge_kernel(
     zr_ptr,
     zn_ptr,
     stride_r,
     stride_n,
+    dtype_code,
     verdict_ptr,
     ref_ids_ptr,
     R,
@@ -386,56 +533,55 @@ def step_merge_kernel(
     sens,
     k_sens,
     top_k,
+    c_shift,
     idx_bits,
-    NB_PAD: tl.constexpr,
+    write_logits,
+    stats,
+    greedy,
+    gumbel,
+    cands,
+    topk,
+    topp,
     X_PAD: tl.constexpr,
-    C_PAD: tl.constexpr,
-    WRITE_LOGITS: tl.constexpr,
-    STATS: tl.constexpr,
-    GREEDY: tl.constexpr,
-    GUMBEL: tl.constexpr,
-    CANDS: tl.constexpr,
-    TOPK: tl.constexpr,
-    TOPP: tl.constexpr,
 ):
     """One row: merge the block partials, handle the refusal tokens, choose the token.
 
-    ``sens``: a :class:`~.codes.SensitiveSet` (NONE, ALL, or TOP_K: the top-``k_sens`` set).
-    Sampling: ``GUMBEL`` (temperature only) or ``TOPK`` / ``TOPP`` over the candidates.
-    """
+    ``zr_ptr`` / ``zn_ptr`` are int16 views of the logits (``dtype_code``: DTYPE_*), strides in
+    logits. ``sens``: a :class:`~.codes.SensitiveSet` (NONE, ALL, or TOP_K: the top-``k_sens``
+    set). Token: ``greedy``, ``gumbel`` (temperature only), or ``topk`` / ``topp`` over the
+    candidates (``cands``: the blocks sent some). Every switch is a runtime 0 or 1: the merge is
+    one program per row, so its register count hardly matters, and one compiled variant per
+    ``X_PAD`` keeps the compile cost low."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
-    blocks = tl.arange(0, NB_PAD)
+    blocks = tl.arange(0, NB_MAX)
     block_ok = blocks < NB
     parts = row64 * NB + blocks
     bflags = tl.load(flags_ptr + parts, mask=block_ok, other=0)
 
     # X: the block candidates (if any) followed by the refusal tokens, one lane each.
     lane = tl.arange(0, X_PAD)
-    n_cand_slots = NB * C_PAD if CANDS else 0
-    blk = lane // C_PAD
+    c_pad = 1 << c_shift
+    n_cand_slots = NB * c_pad * cands
+    blk = lane >> c_shift
+    slot = lane & (c_pad - 1)
     is_cand = lane < n_cand_slots
     count = tl.load(cand_count_ptr + row64 * NB + blk, mask=is_cand, other=0)
-    is_cand = is_cand & ((lane % C_PAD) < count)
-    cand_off = (row64 * NB + blk) * C_PAD + lane % C_PAD
+    is_cand = is_cand & (slot < count)
+    cand_off = ((row64 * NB + blk) << c_shift) + slot
     cand_z = tl.load(cand_val_ptr + cand_off, mask=is_cand, other=NEG_INF)
     cand_idx = tl.load(cand_idx_ptr + cand_off, mask=is_cand, other=0)
     ref_lane = lane - n_cand_slots
     is_ref = (ref_lane >= 0) & (ref_lane < R)
     ref_idx = tl.load(ref_ids_ptr + ref_lane, mask=is_ref, other=0).to(tl.int32)
-    ref_zr = tl.load(zr_ptr + row64 * stride_r + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
-    ref_zn = tl.load(zn_ptr + row64 * stride_n + ref_idx, mask=is_ref, other=NEG_INF).to(tl.float32)
-    ref_z = _contrast(
-        ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta, NB_PAD
-    )
+    ref_zr = _load_logits(zr_ptr, row64 * stride_r + ref_idx, is_ref, dtype_code)
+    ref_zn = _load_logits(zn_ptr, row64 * stride_n + ref_idx, is_ref, dtype_code)
+    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta)
     xz = tl.where(is_cand, cand_z, ref_z)
     xidx = tl.where(is_cand, cand_idx, ref_idx)
 
     # Every token ranking at or above t_star is among the candidates (see step_block_kernel).
-    if CANDS:
-        t_star = tl.max(tl.load(tail_ptr + parts, mask=block_ok, other=-1), axis=0)
-    else:
-        t_star = tl.full((), -1, dtype=tl.int64)
+    t_star = tl.max(tl.load(tail_ptr + parts, mask=blocks < NB * cands, other=-1), axis=0)
     fallback = tl.zeros((), dtype=tl.int32)
 
     # 2-3. Sensitive set and refusal bias.
@@ -449,7 +595,7 @@ def step_merge_kernel(
     else:
         target = is_ref & (sens == SENS_ALL)
     xzb = tl.where(target, xz + bias, xz)
-    if WRITE_LOGITS:
+    if write_logits != 0:
         tl.store(out_ptr + row64 * stride_o + ref_idx, xzb, mask=is_ref)
 
     # The row's status, in the reference's check order.
@@ -478,14 +624,15 @@ def step_merge_kernel(
         ),
     )
 
-    if STATS:
+    if stats != 0:
         zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
         zsum = _merge_sum_exp(zmax_ptr, zsum_ptr, parts, block_ok, zmax)
         tl.store(before_ptr + row, _refusal_mass(zmax, zsum, xz, is_ref))
         tl.store(after_ptr + row, _refusal_mass(zmax, zsum, xzb, is_ref))
 
-    # 4. Token choice.
-    if GREEDY:
+    # 4. Token choice. Sampling scales (z' - max z') / T, as the reference does: dividing
+    # unshifted huge logits by a small T would overflow.
+    if greedy != 0:
         block_best = tl.load(best_val_ptr + parts, mask=block_ok, other=NEG_INF)
         block_idx = tl.load(best_idx_ptr + parts, mask=block_ok, other=V)
         ref_best, ref_best_idx = _best(tl.where(is_ref, xzb, NEG_INF), xidx, V)
@@ -493,10 +640,15 @@ def step_merge_kernel(
         token = tl.where(
             ref_best > best, ref_best_idx, tl.where(ref_best == best, tl.minimum(ref_best_idx, best_idx), best_idx)
         )
-    elif GUMBEL:
+    elif gumbel != 0:
+        # Blocks scored (x - block max) / T + g; rescale their best to the row's max.
+        block_max = tl.load(umax_ptr + parts, mask=block_ok, other=NEG_INF)
+        row_max = _finite_or_zero(tl.maximum(tl.max(block_max, axis=0), tl.max(tl.where(is_ref, xzb, NEG_INF), axis=0)))
         block_best = tl.load(gumbel_val_ptr + parts, mask=block_ok, other=NEG_INF)
         block_idx = tl.load(gumbel_idx_ptr + parts, mask=block_ok, other=V)
-        score = tl.div_rn(xzb, temperature) + _gumbel_at(seed, row, xidx)
+        shift = tl.div_rn(_finite_or_zero(block_max) - row_max, temperature)
+        block_best = tl.where(block_best > NEG_INF, block_best + shift, NEG_INF)
+        score = tl.div_rn(xzb - row_max, temperature) + _gumbel_at(seed, row, xidx)
         ref_best, ref_best_idx = _best(tl.where(is_ref, score, NEG_INF), xidx, V)
         best, best_idx = _best(block_best, block_idx, V)
         token = tl.where(ref_best > best, ref_best_idx, best_idx)
@@ -504,45 +656,38 @@ def step_merge_kernel(
         # Top-k / top-p: every token that can be kept is in X (or the row falls back).
         allowed = (is_cand | is_ref) & (xzb > NEG_INF)
         key = tl.where(allowed, _rank_key(xzb, xidx, idx_bits), -1)
-        if TOPK:
+        if topk != 0:
             kth = _kth_largest_key(key, top_k)
             fallback |= (kth < t_star).to(tl.int32)
             allowed = allowed & (key >= kth)
             key = tl.where(allowed, key, -1)
-        u = tl.div_rn(xzb, temperature)
-        if TOPP:
-            u_max = tl.max(tl.where(allowed, u, NEG_INF), axis=0)
-            if not TOPK:
-                # All tokens count: the non-refusal blocks' sum-exp plus the refusal tokens.
-                u_max = tl.maximum(u_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0))
-            u_max = _finite_or_zero(u_max)
-            if TOPK:
-                total = tl.sum(tl.where(allowed, tl.exp(u - u_max), 0.0), axis=0)
+        # The row's max is among the allowed tokens (the top token always is), or in a block.
+        row_max = tl.max(tl.where(allowed, xzb, NEG_INF), axis=0)
+        if (topp != 0) & (topk == 0):
+            row_max = tl.maximum(row_max, tl.max(tl.load(umax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0))
+        row_max = _finite_or_zero(row_max)
+        u = tl.div_rn(xzb - row_max, temperature)
+        if topp != 0:
+            if topk != 0:
+                total = tl.sum(tl.where(allowed, tl.exp(u), 0.0), axis=0)
             else:
-                total = _merge_sum_exp(umax_ptr, usum_ptr, parts, block_ok, u_max)
-                total += tl.sum(tl.where(is_ref & (xzb > NEG_INF), tl.exp(u - u_max), 0.0), axis=0)
-            # Descending (value, -index) order, as torch.sort(descending, stable) gives.
-            ordered = tl.sort(key, descending=True)
-            present = ordered >= 0
-            idx_mask = _idx_mask(idx_bits)
-            o_idx = (idx_mask - (ordered & idx_mask)).to(tl.int32)
-            o_z = _key_to_float((ordered >> idx_bits).to(tl.uint32))
-            o_u = tl.div_rn(o_z, temperature)
-            prob = tl.where(present, tl.exp(o_u - u_max), 0.0) / total
-            inclusive = tl.cumsum(prob, axis=0)
-            keep = present & ((inclusive - prob < top_p) | (lane == 0))
-            if not TOPK:
+                # All tokens count: the non-refusal blocks' sum-exp plus the refusal tokens.
+                total = _merge_scaled_sum_exp(umax_ptr, usum_ptr, parts, block_ok, row_max, temperature)
+                total += tl.sum(tl.where(is_ref & (xzb > NEG_INF), tl.exp(u), 0.0), axis=0)
+            prob = tl.where(allowed, tl.exp(u), 0.0) / total
+            threshold = _mass_threshold_key(key, prob, top_p)
+            keep = allowed & (key >= threshold)
+            if topk == 0:
                 # Exact iff the nucleus ends at a token ranked at or above t_star.
-                end = tl.max(tl.where(present & (inclusive >= top_p), ordered, -1), axis=0)
+                reached = tl.sum(tl.where(keep, prob, 0.0), axis=0) >= top_p
+                end = tl.where(reached, tl.min(tl.where(keep, key, 0x7FFFFFFFFFFFFFFF), axis=0), -1)
                 exact = (t_star < 0) | (end >= t_star)
                 fallback |= (exact == 0).to(tl.int32)
-            score = tl.where(keep, o_u + _gumbel_at(seed, row, o_idx), NEG_INF)
-            winner = tl.argmax(score, axis=0)
-            token = tl.sum(tl.where(lane == winner, o_idx, 0), axis=0)
         else:
-            score = tl.where(allowed, u + _gumbel_at(seed, row, xidx), NEG_INF)
-            winner = tl.argmax(score, axis=0)
-            token = tl.sum(tl.where(lane == winner, xidx, 0), axis=0)
+            keep = allowed
+        score = tl.where(keep, u + _gumbel_at(seed, row, xidx), NEG_INF)
+        winner = tl.argmax(score, axis=0)
+        token = tl.sum(tl.where(lane == winner, xidx, 0), axis=0)
 
     tl.store(tokens_ptr + row, token.to(tl.int64))
     tl.store(status_ptr + row, status | fallback * FALLBACK_FLAG)

@@ -1,137 +1,50 @@
-"""The Triton kernels compile for sm_90 (H100/H200), on a machine without a GPU.
+"""Every Triton kernel the launcher can choose compiles for sm_80 and sm_90, on a machine
+without a GPU, and spills no register (safecode_kernels/ops/triton_compile.py).
 
-The interpreter tests (test_step_triton.py) run the kernels' Python semantics; this compiles
-them through Triton's whole pipeline (TTIR, TTGIR, LLVM, PTX, ptxas) for every launch
-configuration in CONFIGS: the launches come from ``step_triton._launches``, the very keyword
-arguments and options ``step_triton`` launches with, so a signature or constexpr mistake is
-caught here too.
+The plan space is the launcher's own (``step_triton.kernel_variants``); the second half of
+this file checks that real launches over a grid of batch sizes, vocabularies, dtypes, modes,
+refusal-set sizes and layouts only ever ask for one of those variants, with the alignment the
+variant is specialised on.
 
 The compiler runs in a subprocess: a test session that set TRITON_INTERPRET=1 (conftest.py,
 without a GPU) has Triton's own library functions (``tl.max``...) defined for the
-interpreter, which cannot compile. ``python -m tests.ops.test_triton_compile [ID...]`` is
-that subprocess: it prints one JSON line of results.
+interpreter, which cannot compile. ``python -m tests.ops.test_triton_compile`` is that
+subprocess (a pool of one process per core): it prints one JSON line of results.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
 
 from safecode_kernels import SteeringParams  # noqa: E402
-from safecode_kernels.ops import step_triton  # noqa: E402
+from safecode_kernels.ops import step_triton, triton_compile  # noqa: E402
 from safecode_kernels.ops.step_inputs import prepare_step_inputs  # noqa: E402
 
-if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 4):  # pragma: no cover
-    pytest.skip(
-        f"compiles through the ASTSource API of triton >= 3.4 (parameters by name), not triton {triton.__version__}'s",
-        allow_module_level=True,
-    )
-
 REPO = Path(__file__).resolve().parents[2]
-# sm_90's largest shared memory per block (227 KiB).
-MAX_SHARED = 227 * 1024
-
-_POINTER_TYPES = {
-    torch.float32: "*fp32",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-    torch.int64: "*i64",
-    torch.int32: "*i32",
-    torch.int8: "*i8",
-    torch.uint8: "*u8",
-}
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# id: (B, V, dtype, params, return_logits, return_stats). Every constexpr switch of the two
-# main kernels is on in some case and off in another (test_configs_cover_every_switch).
-CONFIGS = {
-    "greedy-topk20": (1, 32000, "fp32", SteeringParams(), False, False),
-    "greedy-plaus-all-logits-stats": (3, 32000, "fp16", SteeringParams(plausibility=0.1, scope="all"), True, True),
-    "greedy-k0-tiny-vocab": (2, 7, "bf16", SteeringParams(sensitive_top_k=0), False, True),
-    "greedy-large-batch-vocab": (17, 152064, "bf16", SteeringParams(), False, False),
-    "temperature-gumbel": (4, 32000, "bf16", SteeringParams(temperature=0.7, sensitive_top_k=0), True, False),
-    "top-k": (2, 32000, "fp32", SteeringParams(temperature=1.0, top_k=50), False, True),
-    "top-p": (2, 32000, "fp32", SteeringParams(temperature=1.0, top_p=0.9, plausibility=0.1), False, True),
-    "top-k-top-p": (8, 128256, "fp16", SteeringParams(temperature=0.6, top_k=20, top_p=0.95), True, False),
-}
-
-
-def _launches(batch, vocab, dtype, params, return_logits, return_stats):
-    # CPU tensors stand in for CUDA ones: only their dtypes reach the compiler. (Block sizes
-    # follow the GPU heuristics in the subprocess, where the kernels are not interpreted.)
-    real = torch.zeros(batch, vocab, dtype=dtype)
-    refusal = torch.arange(3, min(vocab, 120), 9)
-    inputs = prepare_step_inputs(real, real.clone(), torch.zeros(batch, dtype=torch.int8), refusal, params, 0)
-    launches, *_ = step_triton._launches(inputs, return_logits, return_stats)
-    return launches
-
-
-def _signature(fn, args) -> tuple[dict, dict]:
-    """``(signature, constexprs)`` of ``fn`` for keyword arguments ``args``, typed as Triton's
-    launcher types them (constexprs by value, ints as i32 or i64 by range, floats as fp32)."""
-    names = [param.name for param in fn.params]
-    assert sorted(names) == sorted(args), f"{fn.__name__}: arguments differ from the kernel's parameters"
-    signature, constexprs = {}, {}
-    for param in fn.params:
-        value = args[param.name]
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = _POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}.{param.name}: unexpected argument {value!r}")
-    return signature, constexprs
-
-
-def _compile(config_id: str) -> list[dict]:
-    """Compile every launch of one config for sm_90 (in a process without TRITON_INTERPRET)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from safecode_kernels.ops import step_triton_kernels as kernels
-
-    batch, vocab, dtype, params, return_logits, return_stats = CONFIGS[config_id]
-    results = []
-    for launch in _launches(batch, vocab, _DTYPES[dtype], params, return_logits, return_stats):
-        fn = getattr(kernels, launch.kernel)
-        signature, constexprs = _signature(fn, launch.args)
-        compiled = triton.compile(
-            ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=dict(launch.options)
-        )
-        results.append(
-            dict(
-                kernel=launch.kernel,
-                cubin_bytes=len(compiled.asm["cubin"]),
-                shared=compiled.metadata.shared,
-                num_warps=compiled.metadata.num_warps,
-            )
-        )
-    return results
+ARCHS = (80, 90)
+# Largest shared memory per block: sm_80 163 KiB, sm_90 227 KiB.
+MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+VARIANTS = step_triton.kernel_variants()
+_UNAVAILABLE = triton_compile.unavailable_reason()
+needs_compiler = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"cannot compile for NVIDIA: {_UNAVAILABLE}")
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    """``{config id: {"ok": bool, "kernels" | "error": ...}}`` from one subprocess."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.ops.test_triton_compile", *CONFIGS],
+        [sys.executable, "-m", "tests.ops.test_triton_compile"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -143,37 +56,114 @@ def compiled():
     return json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("config_id", list(CONFIGS))
-def test_kernels_compile_for_sm90(compiled, config_id):
-    result = compiled[config_id]
+@needs_compiler
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_variant_compiles_without_spills(compiled, variant, arch):
+    result = compiled[f"{variant.name}@sm_{arch}"]
     assert result["ok"], result["error"]
-    kernels = [r["kernel"] for r in result["kernels"]]
-    assert kernels[-2:] == ["step_block_kernel", "step_merge_kernel"]
-    for r in result["kernels"]:
-        assert r["cubin_bytes"] > 0, r
-        assert r["shared"] <= MAX_SHARED, r
+    assert result["cubin_bytes"] > 0
+    assert result["dynamic_shared"] + result["shared"] <= MAX_SHARED[arch], result
+    assert result["spill_stores"] == result["spill_loads"] == result["local"] == 0, f"spills: {result}"
 
 
-def test_configs_cover_every_switch():
-    """Each constexpr flag of the block and merge kernels is on in some CONFIG and off in another."""
-    seen: dict[tuple[str, str], set] = {}
-    for batch, vocab, dtype, *rest in CONFIGS.values():
-        for launch in _launches(batch, vocab, _DTYPES[dtype], *rest):
-            for name, value in launch.args.items():
-                if isinstance(value, bool):
-                    seen.setdefault((launch.kernel, name), set()).add(value)
-    assert seen and all(values == {False, True} for values in seen.values()), seen
+# ----------------------------------------------------------------------------------------
+# The launcher only asks for those variants
+# ----------------------------------------------------------------------------------------
+def _inputs(batch, vocab, dtype, layout, n_ref, params):
+    if layout == "sliced":  # rows of a wider tensor, shifted by one logit: unaligned
+        real = torch.zeros(batch, vocab + 3, dtype=dtype)[:, 1 : vocab + 1]
+    elif layout == "expanded":  # one row broadcast over the batch (stride 0)
+        real = torch.zeros(1, vocab, dtype=dtype).expand(batch, vocab)
+    else:
+        real = torch.zeros(batch, vocab, dtype=dtype)
+    refusal = torch.arange(n_ref) * max(1, vocab // max(n_ref, 1)) % vocab
+    verdict = torch.zeros(batch, dtype=torch.int8)
+    return prepare_step_inputs(real, real.clone(), verdict, refusal.unique(), params, 0)
 
 
-def main(config_ids: list[str]) -> None:
-    results = {}
-    for config_id in config_ids:
-        try:
-            results[config_id] = dict(ok=True, kernels=_compile(config_id))
-        except Exception:  # reported by the test of this config
-            results[config_id] = dict(ok=False, error=traceback.format_exc())
-    print(json.dumps(results))
+MODES = {
+    "greedy": SteeringParams(),
+    "greedy-all-plaus": SteeringParams(scope="all", plausibility=0.1),
+    "greedy-k0": SteeringParams(sensitive_top_k=0),
+    "T": SteeringParams(temperature=0.7, sensitive_top_k=0),
+    "T-k20": SteeringParams(temperature=0.7),
+    "tiny-T": SteeringParams(temperature=1e-39),
+    "top-k": SteeringParams(temperature=1.0, top_k=50),
+    "top-p": SteeringParams(temperature=1.0, top_p=0.9, plausibility=0.1),
+    "top-k-top-p": SteeringParams(temperature=0.6, top_k=20, top_p=0.95),
+    "k-large": SteeringParams(sensitive_top_k=5000),
+}
+LAYOUTS = ["contiguous", "sliced", "expanded"]
+# Every dtype x layout x mode switch, and every mode x vocabulary x refusal-set size
+# (a full product would cost minutes here).
+GRID = (
+    list(
+        itertools.product(
+            [1, 5],
+            [7, 1000, 152_064, 1_000_000],  # vocabulary (1M: more blocks than NB_MAX)
+            ["fp32", "bf16", "fp16"],
+            LAYOUTS,
+            [0, 150, 5000],  # refusal ids (5000: more than the merge's lanes with candidates)
+            ["greedy-k0", "greedy-all-plaus", "top-p"],
+        )
+    )
+    + list(itertools.product([3], [1000, 32_000, 152_064], ["bf16"], LAYOUTS, [0, 24, 150, 5000], list(MODES)))
+    + [(70_000, 1000, "bf16", "expanded", 24, mode) for mode in MODES]  # > 65535 rows: the grid's x
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _specialised_values(launch) -> dict:
+    """The arguments the launched kernel is specialised on (its do_not_specialize lists; the
+    interpreter's kernels have no parameter objects, so read the lists themselves)."""
+    from safecode_kernels.ops import step_triton_kernels as kernels
+
+    not_specialised = {
+        "row_max_kernel": kernels.ROW_MAX_DNS,
+        "row_max_kernel_any": kernels.ROW_MAX_DNS + kernels.ROW_MAX_LAYOUT,
+        "step_block_kernel": kernels.BLOCK_DNS,
+        "step_block_kernel_any": kernels.BLOCK_DNS + kernels.BLOCK_LAYOUT,
+        "step_merge_kernel": kernels.MERGE_PARAMS,
+    }[launch.kernel]
+    return {
+        name: value
+        for name, value in launch.args.items()
+        if name not in not_specialised and name not in step_triton._CONSTEXPRS and not isinstance(value, float)
+    }
+
+
+def test_launches_use_only_the_compiled_variants(monkeypatch):
+    """Over the grid, each launch is one of ``kernel_variants`` (the merge for any batch, every
+    alignment twin with the alignment it is specialised on), the grids fit CUDA's limits, and
+    every variant is used by some step (the plan space is no larger than needed)."""
+    monkeypatch.setattr(step_triton, "_interpreted", lambda: False)  # the GPU heuristics
+    space = set(VARIANTS)
+    used = set()
+    sizes = {}
+    for batch, vocab, dtype, layout, n_ref, mode in GRID:
+        inputs = _inputs(batch, vocab, DTYPES[dtype], layout, min(n_ref, vocab - 1), MODES[mode])
+        if not step_triton._plan(inputs).fits:
+            sizes.setdefault("torch fallback", set()).add((vocab, n_ref))
+            continue
+        launches, *_ = step_triton._launches(inputs, True, True)
+        for launch in launches:
+            variant = step_triton.variant_of(launch)
+            assert variant in space, (batch, vocab, dtype, layout, n_ref, mode, variant)
+            used.add(variant)
+            for name, value in _specialised_values(launch).items():
+                number = value.data_ptr() if isinstance(value, torch.Tensor) else value
+                assert number % 16 == 0, (variant.name, name, number)
+            grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+            assert grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535, (variant.name, grid)
+    assert used == space, sorted(v.name for v in space - used)
+    # The whole-step fallback is taken for what the kernels cannot take only.
+    assert sizes["torch fallback"] == {(1_000_000, n) for n in (0, 150, 5000)} | {(v, 5000) for v in (32_000, 152_064)}
+
+
+def main() -> None:
+    print(json.dumps(triton_compile.compile_all(ARCHS)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CONFIGS))
+    main()
