@@ -17,7 +17,7 @@ from ..refusal import RefusalVocabulary
 from ..validation import check_int, check_requests
 from ..verdict import Verdict, parse_verdicts
 from .adapters import ModelAdapter, get_adapter
-from .noise import noised_views
+from .noise import as_rgb, noised_views
 from .token_policy import Setup
 
 
@@ -199,7 +199,8 @@ def _check_batch(images, prompts, verdicts):
     images, prompts = check_requests(images, prompts, verdicts)
     if not images:
         raise ValueError("the batch is empty: give at least one request")
-    return images, prompts, parse_verdicts(verdicts)
+    # The model sees RGB: the noise and the processor work on that (see noise.py).
+    return [as_rgb(image) for image in images], prompts, parse_verdicts(verdicts)
 
 
 def _check_noised(noised_images, images):
@@ -214,7 +215,7 @@ def _check_noised(noised_images, images):
             raise TypeError(f"noised_images[{i}] must be a PIL.Image.Image, got {type(noised).__name__}")
         if noised.size != image.size:
             raise ValueError(f"noised_images[{i}] is {noised.size} but images[{i}] is {image.size}: they must match")
-    return list(noised_images)
+    return [as_rgb(noised) for noised in noised_images]
 
 
 def _sampling(do_sample, temperature, top_k, top_p) -> dict:
