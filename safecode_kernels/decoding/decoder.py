@@ -23,6 +23,7 @@ from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
 from .adapters import get_adapter
 from .kv_cache import cache_nbytes, check_window, is_reserved, merge_rows, new_cache
+from .model_state import model_state_kept
 from .noise import check_noise_std
 from .released import Phrases, ReleasedSteering
 from .requests import prepare, resolve_refusal
@@ -222,7 +223,8 @@ class SafeCoDeDecoder:
             steering = ReleasedSteering(
                 setup, released, self._released_phrases(), self.adapter.family, sampling, caller_limits
             )
-        with torch.inference_mode():
+        # The user's model is left as found (Qwen's rope_deltas, ...), also when decoding raises.
+        with model_state_kept(self.model), torch.inference_mode():
             return _decode(
                 setup,
                 steering,
