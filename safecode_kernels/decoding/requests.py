@@ -101,7 +101,7 @@ def prepare(
         steer_params=params.replace(**sampling),
         plain_params=SteeringParams(alpha=0.0, alpha_safe=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0, **sampling),
         steer_steps=steer_steps,
-        eos_ids=eos_ids(eos_token_id, model, tokenizer),
+        eos_ids=eos_ids(eos_token_id, model, tokenizer, adapter),
         pad_id=pad_id(tokenizer),
         generator=generator if generator is not None else torch.Generator().manual_seed(seed),
         backend=backend,
@@ -239,14 +239,22 @@ def resolve_refusal(refusal, processor) -> RefusalVocabulary:
     return RefusalVocabulary(refusal)
 
 
-def eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
-    """The ids that end a request: ``eos_token_id`` (an int or several), else the model's
-    generation config's, else the tokenizer's; none at all is an empty set."""
-    if eos_token_id is None:
-        generation_config = getattr(model, "generation_config", None)
-        eos_token_id = getattr(generation_config, "eos_token_id", None)
+def eos_ids(eos_token_id, model, tokenizer, adapter: ModelAdapter | None = None) -> frozenset[int]:
+    """The ids that end a request: ``eos_token_id`` (an int or several) exactly as given, else
+    the model's generation config's (else the tokenizer's) together with the family's
+    end-of-turn tokens that the tokenizer has (``adapter.end_of_turn_ids``: Qwen's
+    ``<|im_end|>``, Idefics' ``<end_of_utterance>``, ...); none at all is an empty set."""
+    if eos_token_id is not None:
+        return _ids(eos_token_id)
+    generation_config = getattr(model, "generation_config", None)
+    eos_token_id = getattr(generation_config, "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    turn_ends = adapter.end_of_turn_ids(tokenizer) if adapter is not None else frozenset()
+    return _ids(eos_token_id) | turn_ends
+
+
+def _ids(eos_token_id) -> frozenset[int]:
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):
