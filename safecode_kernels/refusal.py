@@ -115,6 +115,7 @@ class RefusalVocabulary:
         tokenizer,
         phrases: Iterable[str] = DEFAULT_REFUSAL_PHRASES,
         tokens: Literal["all", "first"] = "all",
+        apostrophes: Literal["both", "as given"] = "both",
     ) -> RefusalVocabulary:
         """The token ids of refusal ``phrases`` under a Hugging Face tokenizer.
 
@@ -126,13 +127,21 @@ class RefusalVocabulary:
         refusal can *start* with.
 
         Ids that decode to nothing but whitespace (a lone SentencePiece ``"▁"``, a byte-level
-        ``"Ġ"`` or newline) and special ids are dropped: biasing them would bias every space
-        or end the answer. ``tokenizer`` may also be a processor with a ``.tokenizer``.
+        ``"Ġ"`` or newline), byte fragments of a character (they decode to ``"\ufffd"``) and
+        special ids are dropped: biasing them would bias every space, every character sharing
+        the fragment, or end the answer. ``tokenizer`` may also be a processor with a ``.tokenizer``.
+
+        ``apostrophes="both"`` (default) encodes every phrase holding an apostrophe with the
+        ASCII ``'`` and with the typographic ``’`` (U+2019): models trained on curly quotes
+        write "I’m" / "can’t", which byte-level BPEs (Qwen's) split into other tokens.
+        ``"as given"`` encodes the phrases as they are spelled.
 
         >>> refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer, tokens="first")  # doctest: +SKIP
         """
         if tokens not in ("all", "first"):
             raise ValueError(f"tokens must be 'all' or 'first', got {tokens!r}")
+        if apostrophes not in ("both", "as given"):
+            raise ValueError(f"apostrophes must be 'both' or 'as given', got {apostrophes!r}")
         if isinstance(phrases, str):
             raise TypeError("phrases must be a sequence of strings, not a single string")
         tok = _text_tokenizer(tokenizer)
@@ -143,14 +152,20 @@ class RefusalVocabulary:
             if token_id in special:
                 return False
             if token_id not in blank:
-                blank[token_id] = not tok.decode([token_id]).strip()
+                text = tok.decode([token_id])
+                # A byte fragment of a multi-byte character (part of "’" in a byte-level BPE
+                # without it as one token) is shared with other characters: not a refusal token.
+                blank[token_id] = not text.strip() or "\ufffd" in text
             return not blank[token_id]
 
         ids: set[int] = set()
         for phrase in phrases:
             if not isinstance(phrase, str):
                 raise TypeError(f"refusal phrases must be strings, got {type(phrase).__name__}")
-            for text in (phrase, " " + phrase):
+            spellings = [phrase]
+            if apostrophes == "both":  # ASCII and typographic (U+2019) apostrophes
+                spellings = list(dict.fromkeys([phrase, phrase.replace("'", "\u2019"), phrase.replace("\u2019", "'")]))
+            for text in (t for spelling in spellings for t in (spelling, " " + spelling)):
                 encoded = [int(i) for i in tok.encode(text, add_special_tokens=False)]
                 # Filter before taking the first id, so "first" means the first real token
                 # even when the encoding starts with a lone "▁".
