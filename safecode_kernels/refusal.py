@@ -114,7 +114,7 @@ class RefusalVocabulary:
         cls,
         tokenizer,
         phrases: Iterable[str] = DEFAULT_REFUSAL_PHRASES,
-        tokens: Literal["all", "first"] = "all",
+        tokens: Literal["all", "first"] = "first",
         apostrophes: Literal["both", "as given"] = "both",
     ) -> RefusalVocabulary:
         """The token ids of refusal ``phrases`` under a Hugging Face tokenizer.
@@ -122,9 +122,13 @@ class RefusalVocabulary:
         Each phrase is encoded twice, as ``phrase`` and as ``" " + phrase`` (without special
         tokens): an answer's first token usually has no leading space in byte-level BPE
         (GPT-2, Qwen) but has one in SentencePiece (Llama, Mistral), and a refusal can also
-        start mid-answer. ``tokens="all"`` keeps every id of each encoding (what the released
-        SafeCoDe code does); ``tokens="first"`` keeps only the first one, i.e. the tokens a
-        refusal can *start* with.
+        start mid-answer. ``tokens="first"`` (default) keeps only the first id of each
+        encoding, i.e. the tokens a refusal can *start* with; ``tokens="all"`` keeps every id
+        (what the released SafeCoDe code does with its own phrases), which brings in function
+        words ("a", "an", "and", "to", "you", "have", ...): a safe verdict then lowers ordinary
+        words of benign answers. Measured with ``benchmarks/refusal_tokens.py``, a safe verdict
+        changed the first five tokens of 42% of benign requests with ``"all"`` against 17% with
+        ``"first"`` (docs/design.md §1.3), hence the default.
 
         Ids that decode to nothing but whitespace (a lone SentencePiece ``"▁"``, a byte-level
         ``"Ġ"`` or newline), byte fragments of a character (they decode to ``"\ufffd"``) and
@@ -136,7 +140,7 @@ class RefusalVocabulary:
         write "I’m" / "can’t", which byte-level BPEs (Qwen's) split into other tokens.
         ``"as given"`` encodes the phrases as they are spelled.
 
-        >>> refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer, tokens="first")  # doctest: +SKIP
+        >>> refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer, tokens="all")  # doctest: +SKIP
         """
         if tokens not in ("all", "first"):
             raise ValueError(f"tokens must be 'all' or 'first', got {tokens!r}")

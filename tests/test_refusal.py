@@ -178,7 +178,7 @@ def test_byte_fragments_are_dropped(bpe_tokenizer):
     other typographic character) stay out of the set; the whole tokens around them stay in."""
     raw = bpe_tokenizer.encode(f"I{CURLY}m sorry", add_special_tokens=False)
     assert any("\ufffd" in bpe_tokenizer.decode([i]) for i in raw)  # not vacuous
-    refusal = RefusalVocabulary.from_tokenizer(bpe_tokenizer, [f"I{CURLY}m sorry"])
+    refusal = RefusalVocabulary.from_tokenizer(bpe_tokenizer, [f"I{CURLY}m sorry"], tokens="all")
     assert refusal.ids.tolist() and all("\ufffd" not in bpe_tokenizer.decode([i]) for i in refusal.ids.tolist())
     assert set(kept(bpe_tokenizer, "I'm sorry")) <= set(refusal.ids.tolist())
 
@@ -204,10 +204,12 @@ def test_first_is_a_subset_of_all(tokenizer):
     assert len(first) < len(every)
 
 
-def test_default_is_all(tokenizer):
+def test_default_is_first(tokenizer):
+    """The tokens refusals start with: "all" holds function words a safe verdict would lower
+    in benign answers (measured in benchmarks/refusal_tokens.py, docs/design.md §1.3)."""
     assert torch.equal(
         RefusalVocabulary.from_tokenizer(tokenizer).ids,
-        RefusalVocabulary.from_tokenizer(tokenizer, tokens="all").ids,
+        RefusalVocabulary.from_tokenizer(tokenizer, tokens="first").ids,
     )
 
 
