@@ -50,6 +50,8 @@ class SafeCoDeLogitsProcessor:
     ):
         if isinstance(steer_steps, bool) or not isinstance(steer_steps, int) or steer_steps < 0:
             raise ValueError(f"steer_steps must be an int >= 0, got {steer_steps!r}")
+        if isinstance(verdicts, (str, int)):  # a Verdict is an int too
+            raise TypeError(f"verdicts must hold one verdict per request (a list or a tensor), got {verdicts!r}")
         self.verdicts = verdicts
         self.refusal = refusal
         self.params = (params if params is not None else SteeringParams()).replace(temperature=0.0, top_k=0, top_p=1.0)

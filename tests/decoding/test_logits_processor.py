@@ -65,6 +65,8 @@ def test_expanded_rows_repeat_each_verdict():
     proc.set_noised_logits(noised)
     with pytest.raises(ValueError, match="6 rows for 4 verdicts"):
         proc(ids, real)
+    with pytest.raises(TypeError, match="one verdict per request"):
+        SafeCoDeLogitsProcessor("unsafe", refusal)
 
 
 def test_noised_logits_fn_and_bad_steps():
