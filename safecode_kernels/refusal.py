@@ -114,25 +114,38 @@ class RefusalVocabulary:
         cls,
         tokenizer,
         phrases: Iterable[str] = DEFAULT_REFUSAL_PHRASES,
-        tokens: Literal["all", "first"] = "all",
+        tokens: Literal["all", "first"] = "first",
+        apostrophes: Literal["both", "as given"] = "both",
     ) -> RefusalVocabulary:
         """The token ids of refusal ``phrases`` under a Hugging Face tokenizer.
 
         Each phrase is encoded twice, as ``phrase`` and as ``" " + phrase`` (without special
         tokens): an answer's first token usually has no leading space in byte-level BPE
         (GPT-2, Qwen) but has one in SentencePiece (Llama, Mistral), and a refusal can also
-        start mid-answer. ``tokens="all"`` keeps every id of each encoding (what the released
-        SafeCoDe code does); ``tokens="first"`` keeps only the first one, i.e. the tokens a
-        refusal can *start* with.
+        start mid-answer. ``tokens="first"`` (default) keeps only the first id of each
+        encoding, i.e. the tokens a refusal can *start* with; ``tokens="all"`` keeps every id
+        (what the released SafeCoDe code does with its own phrases), which brings in function
+        words ("a", "an", "and", "to", "you", "have", ...): a safe verdict then lowers ordinary
+        words of benign answers. Measured with ``benchmarks/refusal_tokens.py``, a safe verdict
+        changed the first five tokens of 42% of benign requests with ``"all"`` against 17% with
+        ``"first"`` (docs/design.md §1.3), hence the default.
 
         Ids that decode to nothing but whitespace (a lone SentencePiece ``"▁"``, a byte-level
-        ``"Ġ"`` or newline) and special ids are dropped: biasing them would bias every space
-        or end the answer. ``tokenizer`` may also be a processor with a ``.tokenizer``.
+        ``"Ġ"`` or newline), byte fragments of a character (they decode to ``"\ufffd"``) and
+        special ids are dropped: biasing them would bias every space, every character sharing
+        the fragment, or end the answer. ``tokenizer`` may also be a processor with a ``.tokenizer``.
 
-        >>> refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer, tokens="first")  # doctest: +SKIP
+        ``apostrophes="both"`` (default) encodes every phrase holding an apostrophe with the
+        ASCII ``'`` and with the typographic ``’`` (U+2019): models trained on curly quotes
+        write "I’m" / "can’t", which byte-level BPEs (Qwen's) split into other tokens.
+        ``"as given"`` encodes the phrases as they are spelled.
+
+        >>> refusal = RefusalVocabulary.from_tokenizer(processor.tokenizer, tokens="all")  # doctest: +SKIP
         """
         if tokens not in ("all", "first"):
             raise ValueError(f"tokens must be 'all' or 'first', got {tokens!r}")
+        if apostrophes not in ("both", "as given"):
+            raise ValueError(f"apostrophes must be 'both' or 'as given', got {apostrophes!r}")
         if isinstance(phrases, str):
             raise TypeError("phrases must be a sequence of strings, not a single string")
         tok = _text_tokenizer(tokenizer)
@@ -143,14 +156,20 @@ class RefusalVocabulary:
             if token_id in special:
                 return False
             if token_id not in blank:
-                blank[token_id] = not tok.decode([token_id]).strip()
+                text = tok.decode([token_id])
+                # A byte fragment of a multi-byte character (part of "’" in a byte-level BPE
+                # without it as one token) is shared with other characters: not a refusal token.
+                blank[token_id] = not text.strip() or "\ufffd" in text
             return not blank[token_id]
 
         ids: set[int] = set()
         for phrase in phrases:
             if not isinstance(phrase, str):
                 raise TypeError(f"refusal phrases must be strings, got {type(phrase).__name__}")
-            for text in (phrase, " " + phrase):
+            spellings = [phrase]
+            if apostrophes == "both":  # ASCII and typographic (U+2019) apostrophes
+                spellings = list(dict.fromkeys([phrase, phrase.replace("'", "\u2019"), phrase.replace("\u2019", "'")]))
+            for text in (t for spelling in spellings for t in (spelling, " " + spelling)):
                 encoded = [int(i) for i in tok.encode(text, add_special_tokens=False)]
                 # Filter before taking the first id, so "first" means the first real token
                 # even when the encoding starts with a lone "▁".

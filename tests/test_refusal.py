@@ -121,9 +121,66 @@ def test_ids_are_sorted_unique_int64(tokenizer):
 
 def test_ids_decode_to_pieces_of_the_phrases(tokenizer):
     refusal = RefusalVocabulary.from_tokenizer(tokenizer)
+    spellings = [p for phrase in DEFAULT_REFUSAL_PHRASES for p in (phrase, phrase.replace("'", CURLY))]
     for token_id in refusal.ids.tolist():
         piece = tokenizer.decode([token_id]).strip()
-        assert any(piece in phrase for phrase in DEFAULT_REFUSAL_PHRASES), (token_id, piece)
+        assert any(piece in phrase for phrase in spellings), (token_id, piece)
+
+
+CURLY = "\u2019"  # the typographic apostrophe
+
+
+@pytest.fixture(scope="module")
+def curly_tokenizer():
+    """A byte-level BPE with Qwen2's pre-tokenizer regex, trained on answers that spell
+    apostrophes both ways: "I'm" is ``I`` + ``'m`` and "I\u2019m" is ``I`` + ``\u2019m``, as in Qwen."""
+    pytest.importorskip("tokenizers", reason="test dependency tokenizers is not installed")
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen_split = (  # Qwen2's pre-tokenizer regex
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+        r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    )
+    corpus = ["I'm sorry, but I can't help.", f"I{CURLY}m sorry, but I can{CURLY}t help.", "The cat is red."] * 50
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tk.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+@pytest.mark.parametrize("text", ["I'm sorry", "I can't assist"])
+def test_both_apostrophes(curly_tokenizer, text):
+    """A phrase spelled with either apostrophe gives the tokens of both spellings."""
+    tok = curly_tokenizer
+    ascii_ids, curly_ids = set(kept(tok, text)), set(kept(tok, text.replace("'", CURLY)))
+    assert curly_ids - ascii_ids  # the spellings differ in some token: not vacuous
+    for phrase in (text, text.replace("'", CURLY)):
+        refusal = RefusalVocabulary.from_tokenizer(tok, [phrase], tokens="all")
+        assert ascii_ids | curly_ids <= set(refusal.ids.tolist())
+    as_given = RefusalVocabulary.from_tokenizer(tok, [text], tokens="all", apostrophes="as given")
+    assert not (curly_ids - ascii_ids) & set(as_given.ids.tolist())
+    with pytest.raises(ValueError, match="apostrophes"):
+        RefusalVocabulary.from_tokenizer(tok, [text], apostrophes="ascii")
+
+
+def test_byte_fragments_are_dropped(bpe_tokenizer):
+    """Where the curly apostrophe is split into byte tokens, the fragments (shared with every
+    other typographic character) stay out of the set; the whole tokens around them stay in."""
+    raw = bpe_tokenizer.encode(f"I{CURLY}m sorry", add_special_tokens=False)
+    assert any("\ufffd" in bpe_tokenizer.decode([i]) for i in raw)  # not vacuous
+    refusal = RefusalVocabulary.from_tokenizer(bpe_tokenizer, [f"I{CURLY}m sorry"], tokens="all")
+    assert refusal.ids.tolist() and all("\ufffd" not in bpe_tokenizer.decode([i]) for i in refusal.ids.tolist())
+    assert set(kept(bpe_tokenizer, "I'm sorry")) <= set(refusal.ids.tolist())
 
 
 def test_all_holds_every_token_of_both_variants(tokenizer):
@@ -147,10 +204,12 @@ def test_first_is_a_subset_of_all(tokenizer):
     assert len(first) < len(every)
 
 
-def test_default_is_all(tokenizer):
+def test_default_is_first(tokenizer):
+    """The tokens refusals start with: "all" holds function words a safe verdict would lower
+    in benign answers (measured in benchmarks/refusal_tokens.py, docs/design.md §1.3)."""
     assert torch.equal(
         RefusalVocabulary.from_tokenizer(tokenizer).ids,
-        RefusalVocabulary.from_tokenizer(tokenizer, tokens="all").ids,
+        RefusalVocabulary.from_tokenizer(tokenizer, tokens="first").ids,
     )
 
 

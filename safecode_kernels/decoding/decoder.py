@@ -26,6 +26,7 @@ from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
 from .adapters import get_adapter
 from .kv_cache import cache_nbytes, check_window, is_reserved, merge_rows, new_cache
+from .model_state import model_state_kept
 from .noise import check_noise_std
 from .released import Phrases, ReleasedSteering
 from .requests import prepare, resolve_refusal
@@ -225,7 +226,8 @@ class SafeCoDeDecoder:
             steering = ReleasedSteering(
                 setup, released, self._released_phrases(), self.adapter.family, sampling, caller_limits
             )
-        with torch.inference_mode():
+        # The user's model is left as found (Qwen's rope_deltas, ...), also when decoding raises.
+        with model_state_kept(self.model), torch.inference_mode():
             return _decode(
                 setup,
                 steering,
@@ -358,6 +360,7 @@ class _Run:
         self.sequences = self.recorder.sequences
         self.phases = [steering.phase(i, []) for i in range(len(setup.requests))]
         self.stats = {}
+        self.failed: set[int] = set()  # requests ended by bad logits (see _fail_bad_rows)
 
     # ----- prefill --------------------------------------------------------------------------
     def prefill(self, share_prefix: bool, min_shared_prefix: int, prefill_tokens: int | None) -> torch.Tensor:
@@ -448,10 +451,11 @@ class _Run:
         steering, recorder = self.steering, self.recorder
         real_rows = self._real_rows()
         tokens: list[int | None] = [None] * len(self.active)
+        bad = self._fail_bad_rows(logits, real_rows)  # these end here; the others go on
         for k, i in enumerate(self.active):
-            if self.phases[i] != PLAIN:
+            if self.phases[i] != PLAIN and k not in bad:
                 steering.observe(i, self.sequences[i], logits[real_rows[k]])
-        steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER]
+        steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER and k not in bad]
         if steered:
             rows = torch.tensor([real_rows[k] for k in steered], device=logits.device)
             real, noised = logits[rows], logits[rows + 1]
@@ -469,7 +473,7 @@ class _Run:
                     phrase=out.phrases[n],
                 )
         for k, i in enumerate(self.active):
-            if self.phases[i] == FORCED:
+            if self.phases[i] == FORCED and k not in bad:
                 tokens[k] = steering.forced_token(i, self.sequences[i])
                 recorder.add(
                     i,
@@ -478,7 +482,7 @@ class _Run:
                     mass=(float("nan"), float("nan")),
                     action="forced",
                 )
-        plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN]
+        plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN and k not in bad]
         if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
             self._choose_plain(plain, logits, tokens)
         else:
@@ -486,6 +490,8 @@ class _Run:
 
         # Phases move on; a request whose steering just ended may drop some of its tokens.
         for k, i in enumerate(self.active):
+            if k in bad:
+                continue
             was = self.phases[i]
             self.phases[i] = steering.phase(i, self.sequences[i])
             if was != PLAIN and self.phases[i] == PLAIN and not self._out_of_room(i):
@@ -493,6 +499,30 @@ class _Run:
                 if keep is not None:
                     tokens[k] = self._truncate(k, i, keep, real_rows[k])
         return tokens
+
+    def _fail_bad_rows(self, logits: torch.Tensor, real_rows: list[int]) -> set[int]:
+        """End the requests whose logits hold NaN or +inf (an fp16 overflow, say) with an error
+        in their result; return their positions in ``active``. The step op would raise
+        ``StepError`` for the whole batch; here only the bad request stops. One fp32 sum per
+        row finds the suspects (NaN or +inf in a row makes it NaN or +inf); they are checked exactly.
+        """
+        sums = logits.sum(-1, dtype=torch.float32)
+        if not bool((torch.isnan(sums) | (sums == float("inf"))).any()):
+            return set()
+        bad_rows = set((torch.isnan(logits) | (logits == float("inf"))).any(-1).nonzero().flatten().tolist())
+        bad = set()
+        for k, i in enumerate(self.active):
+            branches = ["real image", "noised image"][: 2 if self.paired[k] else 1]
+            hit = [name for b, name in enumerate(branches) if real_rows[k] + b in bad_rows]
+            if hit:
+                bad.add(k)
+                self.failed.add(i)
+                self.recorder.fail(
+                    i,
+                    f"step {len(self.sequences[i])}: the {' and '.join(hit)} branch's next-token logits hold NaN or "
+                    f"+inf (a numerical overflow, e.g. in fp16); the request ended there",
+                )
+        return bad
 
     def _choose_plain(self, plain: list[int], rows, tokens: list) -> None:
         """Plain tokens for the requests at positions ``plain`` (``rows``: their logits, a list
@@ -545,8 +575,10 @@ class _Run:
         keep = []
         for k, i in enumerate(self.active):
             tokens = self.sequences[i]
-            finished = len(tokens) >= steering.max_new_tokens(i, tokens) or (
-                bool(tokens) and tokens[-1] in setup.eos_ids
+            finished = (
+                len(tokens) >= steering.max_new_tokens(i, tokens)
+                or (bool(tokens) and tokens[-1] in setup.eos_ids)
+                or i in self.failed
             )
             if not finished:
                 keep.append(k)

@@ -1,4 +1,9 @@
-"""The noised view of an image (docs/design.md §1): Gaussian noise in [0, 1] pixel space, clipped, uint8."""
+"""The noised view of an image (docs/design.md §1): Gaussian noise in [0, 1] pixel space, clipped, uint8.
+
+Images of every PIL mode become RGB first (:func:`as_rgb`), before the noise and before the
+processor, as the authors' code does (``Image.open(...).convert("RGB")``): the model sees three
+channels, so the noise is drawn on those, and a grayscale image answers as its RGB copy does.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,10 @@ import math
 import numpy as np
 import torch
 
-# Modes whose pixels are 8-bit per channel; anything else is converted to RGB first.
-_UINT8_MODES = ("L", "RGB", "RGBA")
-
 
 def make_noised_image(image, std: float = 0.1, generator=None):
-    """Return ``image`` plus Gaussian noise of standard deviation ``std`` in [0, 1] pixel space.
+    """Return ``image`` (as RGB, see :func:`as_rgb`) plus Gaussian noise of standard deviation
+    ``std`` in [0, 1] pixel space, an RGB image of the same size.
 
     The noisy pixels are clipped to [0, 1] and rounded back to uint8, as in the authors' code.
     ``generator`` is ``None`` (torch's default generator), an int seed or a ``torch.Generator``;
@@ -32,13 +35,20 @@ def make_noised_image(image, std: float = 0.1, generator=None):
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     check_noise_std(std)
-    if image.mode not in _UINT8_MODES:
-        image = image.convert("RGB")
+    image = as_rgb(image)
     generator = _as_generator(generator)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
     noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32)
     noisy = (pixels + std * noise).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    return Image.fromarray(noisy.numpy())  # L, RGB or RGBA from the shape
+    return Image.fromarray(noisy.numpy())  # RGB from the [H, W, 3] shape
+
+
+def as_rgb(image):
+    """``image`` in mode RGB (the same object when it already is): ``Image.convert("RGB")``,
+    what the authors' code and the Hugging Face image processors do. Alpha is dropped (not
+    composited), palettes are expanded, and 16/32-bit grayscale (``I;16``, ``I``) is clipped to
+    0..255 by PIL, not rescaled."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def check_noise_std(std) -> None:

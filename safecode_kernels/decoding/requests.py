@@ -17,7 +17,7 @@ from ..refusal import RefusalVocabulary
 from ..validation import check_int, check_requests
 from ..verdict import Verdict, parse_verdicts
 from .adapters import ModelAdapter, get_adapter
-from .noise import noised_views
+from .noise import as_rgb, noised_views
 from .token_policy import Setup
 
 
@@ -101,7 +101,7 @@ def prepare(
         steer_params=params.replace(**sampling),
         plain_params=SteeringParams(alpha=0.0, alpha_safe=0.0, sensitive_top_k=0, boost=0.0, suppress=0.0, **sampling),
         steer_steps=steer_steps,
-        eos_ids=eos_ids(eos_token_id, model, tokenizer),
+        eos_ids=eos_ids(eos_token_id, model, tokenizer, adapter),
         pad_id=pad_id(tokenizer),
         generator=generator if generator is not None else torch.Generator().manual_seed(seed),
         backend=backend,
@@ -199,7 +199,8 @@ def _check_batch(images, prompts, verdicts):
     images, prompts = check_requests(images, prompts, verdicts)
     if not images:
         raise ValueError("the batch is empty: give at least one request")
-    return images, prompts, parse_verdicts(verdicts)
+    # The model sees RGB: the noise and the processor work on that (see noise.py).
+    return [as_rgb(image) for image in images], prompts, parse_verdicts(verdicts)
 
 
 def _check_noised(noised_images, images):
@@ -214,7 +215,7 @@ def _check_noised(noised_images, images):
             raise TypeError(f"noised_images[{i}] must be a PIL.Image.Image, got {type(noised).__name__}")
         if noised.size != image.size:
             raise ValueError(f"noised_images[{i}] is {noised.size} but images[{i}] is {image.size}: they must match")
-    return list(noised_images)
+    return [as_rgb(noised) for noised in noised_images]
 
 
 def _sampling(do_sample, temperature, top_k, top_p) -> dict:
@@ -238,14 +239,22 @@ def resolve_refusal(refusal, processor) -> RefusalVocabulary:
     return RefusalVocabulary(refusal)
 
 
-def eos_ids(eos_token_id, model, tokenizer) -> frozenset[int]:
-    """The ids that end a request: ``eos_token_id`` (an int or several), else the model's
-    generation config's, else the tokenizer's; none at all is an empty set."""
-    if eos_token_id is None:
-        generation_config = getattr(model, "generation_config", None)
-        eos_token_id = getattr(generation_config, "eos_token_id", None)
+def eos_ids(eos_token_id, model, tokenizer, adapter: ModelAdapter | None = None) -> frozenset[int]:
+    """The ids that end a request: ``eos_token_id`` (an int or several) exactly as given, else
+    the model's generation config's (else the tokenizer's) together with the family's
+    end-of-turn tokens that the tokenizer has (``adapter.end_of_turn_ids``: Qwen's
+    ``<|im_end|>``, Idefics' ``<end_of_utterance>``, ...); none at all is an empty set."""
+    if eos_token_id is not None:
+        return _ids(eos_token_id)
+    generation_config = getattr(model, "generation_config", None)
+    eos_token_id = getattr(generation_config, "eos_token_id", None)
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    turn_ends = adapter.end_of_turn_ids(tokenizer) if adapter is not None else frozenset()
+    return _ids(eos_token_id) | turn_ends
+
+
+def _ids(eos_token_id) -> frozenset[int]:
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):

@@ -37,6 +37,10 @@ class GenerationResult:
     ``steered_logits[i]`` ``[steered steps, V]`` the modulated logits the tokens were chosen from.
     ``stats``: counters of the run (forward calls, cache bytes before and after the noised
     rows were dropped, ...).
+    ``errors[i]``: ``None``, or why request ``i`` ended early: a message naming the step and
+    what went wrong (logits holding NaN or +inf, say after an fp16 overflow). Such a request
+    ends alone at that step, its ``sequences[i]`` / ``texts[i]`` hold the tokens before it, and
+    the other requests finish as they would without it; check ``errors`` before using an answer.
     """
 
     sequences: list[list[int]]
@@ -46,6 +50,7 @@ class GenerationResult:
     noised_logits: list[torch.Tensor] | None = None
     steered_logits: list[torch.Tensor] | None = None
     stats: dict = dataclasses.field(default_factory=dict)
+    errors: list[str | None] = dataclasses.field(default_factory=list)
 
 
 class Recorder:
@@ -55,6 +60,7 @@ class Recorder:
         self.sequences: list[list[int]] = [[] for _ in range(batch)]
         self.steering: list[list[SteeringRecord]] = [[] for _ in range(batch)]
         self.keep_logits = keep_logits
+        self.errors: list[str | None] = [None] * batch
         self._logits = [[[] for _ in range(batch)] for _ in range(3)]
 
     def add(
@@ -79,6 +85,10 @@ class Recorder:
                 if row is not None:
                     store[request].append(row.detach().float().cpu())
 
+    def fail(self, request: int, message: str) -> None:
+        """Record why ``request`` ended early (its tokens so far stay)."""
+        self.errors[request] = message
+
     def truncate(self, request: int, keep: int) -> None:
         """Forget every token of ``request`` from position ``keep`` on (and its records)."""
         del self.sequences[request][keep:]
@@ -91,4 +101,4 @@ class Recorder:
         stacked = [None] * 3
         if self.keep_logits:
             stacked = [[torch.stack(rows) if rows else torch.empty(0) for rows in store] for store in self._logits]
-        return GenerationResult(self.sequences, texts, self.steering, *stacked, stats=stats)
+        return GenerationResult(self.sequences, texts, self.steering, *stacked, stats=stats, errors=self.errors)

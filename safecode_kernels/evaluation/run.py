@@ -151,7 +151,8 @@ def run_eval(
     level, ``prompt``, ``image``, ``method``, ``recipe``, ``verdict`` (the one used), ``caption``
     (the judge's, else ``null``), ``response``, ``new_tokens``, ``seconds`` (the batch's wall time
     divided among its samples) and ``error`` (``null``, or what failed: an unreadable image, the
-    judge on that sample, the decoder on that sample; ``response`` is then ``null``). When a batch
+    judge on that sample, the decoder on that sample; ``response`` is then ``null``, except for
+    a request the decoder ended alone at a bad step, whose answer so far is kept). When a batch
     fails, its samples are tried one by one to find the bad one.
 
     Ctrl-C (SIGINT, in the main thread) stops after the batch in flight is written; a second
@@ -400,6 +401,8 @@ class _BatchRunner:
             )
             for k, sample in enumerate(group):
                 out[sample.id] = (result.texts[k], len(result.sequences[k]))
+                if result.errors[k]:  # ended alone (bad logits): the answer so far, and why
+                    errors[sample.id] = f"generate: {result.errors[k]}"
 
         _whole_or_each(batch, attempt, lambda s, err: errors.__setitem__(s.id, _error("generate", err)))
         return out

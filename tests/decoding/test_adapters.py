@@ -73,3 +73,49 @@ def test_qwen_rope_deltas_follow_the_rows():
     model.model.rope_deltas = torch.tensor([[1], [2], [3], [4]])
     adapter.select_rows(torch.tensor([0, 2]))
     assert model.model.rope_deltas.tolist() == [[1], [3]]
+
+
+END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "idefics2": "<end_of_utterance>"}
+END_OF_TURN.update(idefics3="<end_of_utterance>", llava="<|im_end|>", llava_next="<|im_end|>")
+
+
+@pytest.mark.parametrize("family", sorted(END_OF_TURN))
+def test_answers_stop_at_the_family_end_of_turn_token(family):
+    """With a generation config that names only the tokenizer's EOS, an answer still ends at
+    the family's end-of-turn token (made the best token at step 2 by a hook on the LM head)."""
+    from safecode_kernels.testing.tiny_models import BACKEND, BUILDERS
+
+    model, processor = BUILDERS[family]()
+    end = processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
+    images, prompts, verdicts, _ = batch(processor)
+    calls = []
+
+    def end_the_turn_at_step_2(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:  # the prefill, step 1, step 2
+            output = output.clone()
+            output[..., end] = 1e4
+        return output
+
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id  # no end-of-turn token
+    handle = model.get_output_embeddings().register_forward_hook(end_the_turn_at_step_2)
+    try:
+        decoder = SafeCoDeDecoder(model, processor, steer_steps=1, backend=BACKEND, prefill_chunk_tokens=0)
+        result = decoder.generate(images[:1], prompts[:1], verdicts[:1], max_new_tokens=6)
+    finally:
+        handle.remove()
+        model.generation_config.eos_token_id = saved
+    assert end != processor.tokenizer.eos_token_id
+    assert len(result.sequences[0]) == 3 and result.sequences[0][-1] == end
+    # The caller's explicit eos_token_id is taken as given.
+    assert end not in prepare(model, processor, images[:1], prompts[:1], verdicts[:1], eos_token_id=[2]).eos_ids
+
+
+def test_no_end_of_turn_token_outside_the_vocabulary(tiny, family):
+    model, processor, _ = tiny
+    adapter = get_adapter(model, processor)
+    ids = adapter.end_of_turn_ids(processor.tokenizer)
+    assert all(processor.tokenizer.convert_ids_to_tokens(i) in adapter.end_of_turn_tokens for i in ids)
+    if family == "instructblip":  # Vicuna: the EOS </s> ends the turn
+        assert ids == frozenset()

@@ -268,3 +268,56 @@ def test_short_answers(tiny, steer_steps, max_new):
     assert_same(fused, naive)
     assert [len(s) for s in fused.sequences] == [max_new] * 3
     assert [len(s) for s in fused.steering] == [min(steer_steps, max_new)] * 3
+
+
+class PoisonRow:
+    """A forward hook on the LM head that writes ``value`` into one row of its ``call``-th
+    output (call 0 is the prefill, call n the n-th decoding step)."""
+
+    def __init__(self, call: int, row: int, value: float):
+        self.call, self.row, self.value, self.calls = call, row, value, 0
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls - 1 == self.call:
+            output = output.clone()
+            output[self.row, -1, 7] = self.value
+        return output
+
+
+@pytest.mark.parametrize(
+    "step, row, value, branch",
+    [(1, 3, float("nan"), "noised image"), (0, 2, float("inf"), "real image"), (4, 1, float("nan"), "real image")],
+    ids=["steered-noised-nan", "steered-real-inf", "plain-nan"],
+)
+def test_a_request_with_bad_logits_ends_alone(tiny, step, row, value, branch):
+    """Logits that turn NaN or +inf in one request's row end that request alone, with an error
+    naming the step and the branch; the others finish with the tokens they have without it.
+    Request 1 owns rows 2 (real) and 3 (noised) while steering (steps 0 and 1), row 1 afterwards."""
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    decoder = SafeCoDeDecoder(
+        model, processor, PARAMS, steer_steps=2, refusal=refusal, backend=BACKEND, prefill_chunk_tokens=0
+    )
+    settings = dict(max_new_tokens=6, eos_token_id=[], **kwargs)
+    clean = decoder.generate(images, prompts, verdicts, **settings)
+    handle = model.get_output_embeddings().register_forward_hook(PoisonRow(step, row, value))
+    try:
+        result = decoder.generate(images, prompts, verdicts, **settings)
+    finally:
+        handle.remove()
+    assert result.errors[0] is None and result.errors[2] is None
+    assert f"step {step}: the {branch} branch's next-token logits hold NaN or +inf" in result.errors[1]
+    assert clean.errors == [None] * 3
+    assert result.sequences[0] == clean.sequences[0] and result.sequences[2] == clean.sequences[2]
+    assert result.sequences[1] == clean.sequences[1][:step]
+    assert result.texts[0] == clean.texts[0]
+
+
+def test_the_step_op_still_raises_for_direct_callers():
+    from safecode_kernels import StepError, safecode_step
+
+    real = torch.zeros(2, 8)
+    real[1, 3] = float("nan")
+    with pytest.raises(StepError, match="logits_real row 1 contains NaN"):
+        safecode_step(real, torch.zeros(2, 8), ["safe", "safe"], RefusalVocabulary([1]), PARAMS, backend=BACKEND)

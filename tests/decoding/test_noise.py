@@ -39,13 +39,26 @@ def test_clipped_and_rounded():
     assert np.array_equal(np.asarray(make_noised_image(gray(), 0.0, generator=0)), np.asarray(gray()))
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-def test_modes_kept(mode):
-    assert make_noised_image(gray(mode=mode), 0.1, generator=0).mode == mode
+MODES = ["L", "LA", "P", "RGBA", "CMYK", "I;16"]
 
 
-def test_other_modes_become_rgb():
-    assert make_noised_image(gray().convert("P"), 0.1, generator=0).mode == "RGB"
+def picture(mode: str) -> Image.Image:
+    """A random RGB picture in ``mode`` (I;16 from the grayscale values, as 16-bit files hold them)."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16)).convert("I;16")
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_noise_drawn_on_the_rgb_image(mode):
+    """Every mode is noised as its RGB conversion is (three channels, the model's view), and
+    the noised view is RGB."""
+    image = picture(mode)
+    noised = make_noised_image(image, 0.1, generator=0)
+    want = make_noised_image(image.convert("RGB"), 0.1, generator=0)
+    assert noised.mode == "RGB" and noised.size == image.size
+    assert np.array_equal(np.asarray(noised), np.asarray(want))
 
 
 def test_views_in_order():

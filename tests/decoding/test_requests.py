@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from safecode_kernels.decoding import SafeCoDeDecoder, naive_safecode_generate
-from safecode_kernels.testing.tiny_models import BACKEND, batch, random_image
+from safecode_kernels.testing.tiny_models import BACKEND, BUILDERS, PARAMS, batch, random_image
 
 
 @pytest.fixture
@@ -124,3 +125,21 @@ def test_prompt_layout_options():
     assert text == template([{"type": "text", "text": "Query: Hi"}, image])
     with pytest.raises(ValueError, match="system_prompt_role must be 'system' or 'user'"):
         generate(decoder, system_prompt_role="assistant")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_any_image_mode_answers_as_its_rgb_conversion(family, mode):
+    """The noise and the processor see the RGB image: a grayscale (or palette, alpha, CMYK,
+    16-bit) image gives the answer, and the very logits, of the same image converted to RGB."""
+    model, processor = BUILDERS[family]()
+    image = random_image(3)
+    image = image.convert("L").convert("I;16") if mode == "I;16" else image.convert(mode)
+    decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=2, backend=BACKEND)
+    runs = [
+        decoder.generate([im], ["What is this?"], ["safe"], max_new_tokens=3, return_logits=True)
+        for im in (image, image.convert("RGB"))
+    ]
+    assert runs[0].sequences == runs[1].sequences
+    for got, want in zip(runs[0].noised_logits + runs[0].logits, runs[1].noised_logits + runs[1].logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

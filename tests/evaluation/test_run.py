@@ -269,6 +269,29 @@ def test_decoder_failure_is_isolated_per_sample(llava, data, tmp_path, monkeypat
             assert line["response"] == expected_answer(llava, sample, "safe")[0]
 
 
+def test_a_request_the_decoder_ended_alone_is_an_error_line(llava, data, tmp_path, monkeypatch):
+    """A request the decoder ended at a bad step (``GenerationResult.errors``) is an error line
+    with its answer so far; the batch is not redone sample by sample."""
+    samples = load_benchmark("mossbench", data["moss"], limit=4)
+    poisoned = samples[2].prompt
+    real = SafeCoDeDecoder.generate
+    calls = []
+
+    def generate(self, images, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        result = real(self, images, prompts, *args, **kwargs)
+        result.errors[prompts.index(poisoned)] = "step 1: the real image branch's next-token logits hold NaN"
+        return result
+
+    monkeypatch.setattr(SafeCoDeDecoder, "generate", generate)
+    summary = run_eval(*llava, samples, tmp_path / "run", verdict="safe", batch_size=4, **RUN)
+    lines = lines_of(tmp_path / "run")
+    assert calls == [4] and summary["errors"] == 1
+    assert lines[2]["error"] == "generate: step 1: the real image branch's next-token logits hold NaN"
+    assert lines[2]["response"] == expected_answer(llava, samples[2], "safe")[0]
+    assert [line["error"] for k, line in enumerate(lines) if k != 2] == [None] * 3
+
+
 def test_many_failures_in_a_row_stop_the_run(llava, data, tmp_path, monkeypatch):
     samples = load_benchmark("mossbench", data["moss"])
 

@@ -32,6 +32,10 @@ class ModelAdapter:
     # Whether the prompt text carries the image placeholder (False where the processor adds
     # the image tokens itself, as InstructBLIP's does in front of the text).
     placeholder_in_prompt = True
+    # The end-of-turn tokens of the family's chat formats. Answers stop at them even when a
+    # checkpoint's generation config names only the end-of-sequence token; else generation runs
+    # on into a made-up next turn.
+    end_of_turn_tokens: tuple[str, ...] = ()
 
     @classmethod
     def check_model(cls, model) -> None:
@@ -77,6 +81,15 @@ class ModelAdapter:
     def placeholder_ids(self) -> list[int]:
         """Token ids that stand for pixels; the decoders never generate them."""
         return [self.image_token_id]
+
+    def end_of_turn_ids(self, tokenizer) -> frozenset[int]:
+        """The ids of :attr:`end_of_turn_tokens` that ``tokenizer`` has as single tokens."""
+        ids = set()
+        for token in self.end_of_turn_tokens:
+            token_id = tokenizer.convert_tokens_to_ids(token)  # the unknown token's id (or None) if absent
+            if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == token:
+                ids.add(token_id)
+        return frozenset(ids)
 
     @property
     def input_device(self) -> torch.device:

@@ -31,6 +31,8 @@ class IdeficsAdapter(ModelAdapter):
     # Sub-image count and size vary per image; zeros are what the processor pads with, and
     # what the model drops (all-zero sub-images) or masks (padded pixels).
     padded_keys = ("pixel_values", "pixel_attention_mask")
+    # Each turn of the chat format ends with it ("...<end_of_utterance>\nAssistant:").
+    end_of_turn_tokens = ("<end_of_utterance>",)
 
     # placeholder_ids stays the base's [<image>]: a generated <image> would be taken for an
     # image slot by any later forward (and break the feature count check). The other image

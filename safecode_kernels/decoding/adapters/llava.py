@@ -14,3 +14,6 @@ class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
     family = "llava"
     model_class_names = ("LlavaForConditionalGeneration",)
+    # Vicuna ends a turn with its EOS </s>; checkpoints on ChatML (Qwen, Yi) or Llama-3 language
+    # models end it with these.
+    end_of_turn_tokens = ("<|im_end|>", "<|eot_id|>")

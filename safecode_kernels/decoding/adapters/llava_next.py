@@ -19,3 +19,6 @@ class LlavaNextAdapter(ModelAdapter):
     family = "llava"
     model_class_names = ("LlavaNextForConditionalGeneration",)
     padded_keys = ("pixel_values",)  # tiles beyond image_sizes' count are never read
+    # Vicuna and Mistral end a turn with their EOS </s>; the Yi-34B and Qwen checkpoints with
+    # <|im_end|>, the Llama-3 ones with <|eot_id|>.
+    end_of_turn_tokens = ("<|im_end|>", "<|eot_id|>")

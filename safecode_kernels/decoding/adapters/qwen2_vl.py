@@ -23,6 +23,8 @@ class Qwen2VLAdapter(ModelAdapter):
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen3VLForConditionalGeneration",
     )
+    # ChatML ends each turn with <|im_end|>; <|endoftext|> ends a document.
+    end_of_turn_tokens = ("<|im_end|>", "<|endoftext|>")
 
     @property
     def _inner(self):
