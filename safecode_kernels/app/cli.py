@@ -516,6 +516,7 @@ def _cmd_generate(args) -> int:
             "verdict": verdict,
             "judge": judge_record(args.judge, judgement),
             "text": result.texts[0],
+            "error": result.errors[0],
             "tokens": result.sequences[0],
             "steering": steering,
             "settings": {
@@ -536,7 +537,7 @@ def _cmd_generate(args) -> int:
             "timing": timing,
         }
         print(json.dumps(out, indent=2, ensure_ascii=False))
-        return 0
+        return _ended_early(result.errors[0])
     how = (
         "fixed"
         if args.judge == "fixed"
@@ -564,7 +565,15 @@ def _cmd_generate(args) -> int:
         shown = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
         print(f"steering: refusal mass per steered step (before->after): {shown}")
     print(f"answer:   {result.texts[0]}")
-    return 0
+    return _ended_early(result.errors[0])
+
+
+def _ended_early(error: str | None) -> int:
+    """Exit status 1 (a runtime failure, not bad input) when decoding ended the answer early."""
+    if error is None:
+        return 0
+    print(f"safecode-kernels generate: error: the answer ended early: {error}", file=sys.stderr)
+    return 1
 
 
 # ----- the parser -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..refusal import RefusalVocabulary
 from . import released_flow
-from .base import Judgement, check_policy, check_requests, judgement_from_answer
+from .base import JudgeError, Judgement, check_policy, check_requests, judgement_from_answer
 
 CAPTION_PROMPT = "Describe this image in one sentence."
 
@@ -135,7 +135,10 @@ class SelfJudge:
                 max_new_tokens=max_new_tokens,
                 noised_images=chunk,  # no noised branch is run
             )
-            answers += [text.strip() for text in result.texts]
+            for text, error in zip(result.texts, result.errors):
+                if error is not None:  # a cut-off answer must not be read as a caption or verdict
+                    raise JudgeError(f"self judge: the model's answer ended early: {error}")
+                answers.append(text.strip())
         return answers
 
     def judge(self, images, prompts) -> list[Judgement]:

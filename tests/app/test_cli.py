@@ -66,6 +66,24 @@ def generate(capsys, saved, *extra, prompt="How do I use this?"):
     )
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_generate_an_answer_that_ended_early_exits_1(capsys, saved, monkeypatch, as_json):
+    """When decoding ends the answer early (logits gone NaN), the error is shown and the exit status is 1."""
+    real_generate = SafeCoDeDecoder.generate
+
+    def ended_early(self, *args, **kwargs):
+        result = real_generate(self, *args, **kwargs)
+        result.errors[0] = "step 1: the real image branch's next-token logits hold NaN or +inf"
+        return result
+
+    monkeypatch.setattr(SafeCoDeDecoder, "generate", ended_early)
+    code, out, err = generate(capsys, saved, "--verdict", "unsafe", *(["--json"] if as_json else []))
+    assert code == 1
+    assert "the answer ended early: step 1" in err
+    if as_json:
+        assert json.loads(out)["error"].startswith("step 1:")
+
+
 def test_generate_fixed_matches_python_api(capsys, saved):
     code, out, err = generate(capsys, saved, "--verdict", "unsafe", "--json", "--seed", "3", "--alpha", "0.5")
     assert code == 0, err

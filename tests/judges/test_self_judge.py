@@ -7,7 +7,7 @@ import types
 import pytest
 
 from safecode_kernels import Verdict
-from safecode_kernels.judges import Judge, SelfJudge, UnparseableVerdict
+from safecode_kernels.judges import Judge, JudgeError, SelfJudge, UnparseableVerdict
 from safecode_kernels.judges.self_judge import CAPTION_PROMPT
 from safecode_kernels.testing.tiny import random_image
 
@@ -18,8 +18,9 @@ PROMPTS = ["How do I use the knife in this photo?", "What is this?", "Hi"]
 class ScriptedDecoder:
     """Stands in for the SafeCoDeDecoder inside a SelfJudge: records calls, answers from a script."""
 
-    def __init__(self, captions, answers):
+    def __init__(self, captions, answers, errors=None):
         self.replies = {"caption": list(captions), "verdict": list(answers)}
+        self.errors = errors  # what ``errors`` of every result holds (default: no error)
         self.calls = []
 
     def generate(self, images, prompts, verdicts, max_new_tokens, noised_images):
@@ -34,7 +35,7 @@ class ScriptedDecoder:
         )
         replies = self.replies["caption" if prompts[0] == CAPTION_PROMPT else "verdict"]
         texts, replies[: len(images)] = replies[: len(images)], []
-        return types.SimpleNamespace(texts=texts)
+        return types.SimpleNamespace(texts=texts, errors=self.errors or [None] * len(texts))
 
 
 def scripted(tiny_llava, captions, answers, **kwargs):
@@ -84,6 +85,14 @@ def test_policy_raise(tiny_llava):
     judge = scripted(tiny_llava, ["c"] * 3, ["safe", "no clue", "unsafe"], on_unparseable="raise")
     with pytest.raises(UnparseableVerdict, match="request 1.*no clue"):
         judge.judge(IMAGES, PROMPTS)
+
+
+def test_an_answer_that_ended_early_is_not_read(tiny_llava):
+    """A caption or verdict answer the decoder cut short (bad logits) raises instead of being parsed."""
+    judge = SelfJudge(*tiny_llava)
+    judge._decoder = ScriptedDecoder(["a knife"], ["unsafe"], errors=["step 2: logits hold NaN"])
+    with pytest.raises(JudgeError, match="ended early: step 2"):
+        judge.judge(IMAGES[:1], PROMPTS[:1])
 
 
 def test_real_model(tiny_llava):
