@@ -20,6 +20,7 @@ HTTP error, malformed answer).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -239,8 +240,13 @@ def load_model(model_name: str, dtype: str, device: str):
             f"{model_name} has no image processor (AutoProcessor gave a {type(processor).__name__}): "
             "save the whole processor there with processor.save_pretrained(folder)"
         )
+    # With accelerate installed the weights load straight onto an accelerator; without it
+    # (transformers needs it for device_map) they load on the CPU and are moved below.
+    placement = {"device_map": device} if device != "cpu" and importlib.util.find_spec("accelerate") else {}
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_name, dtype=torch_dtype, **hub_options(model_name))
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_name, dtype=torch_dtype, **placement, **hub_options(model_name)
+        )
     except ImportError as err:
         raise CLIError(f"cannot load {model_name}: {_first_line(err)}", code=1) from None
     except (OSError, ValueError, KeyError) as err:
@@ -429,6 +435,7 @@ def _cmd_generate(args) -> int:
 
     from ..decoding import SafeCoDeDecoder
     from ..judges import JudgeError
+    from ..ops.step_inputs import StepError
 
     params = _check_generate_args(args)
     if args.no_progress:
@@ -489,6 +496,8 @@ def _cmd_generate(args) -> int:
                         system_prompt_role=args.system_prompt_role,
                         text_before_image=args.text_before_image,
                     )
+                except StepError as err:  # the model's logits, not the user's input (exit 1)
+                    raise CLIError(f"decoding failed: {err}", code=1) from None
                 except ValueError as err:
                     raise CLIError(f"cannot generate: {err}") from None
             timing[stage.replace(" ", "_") + "_s"] = time.perf_counter() - start

@@ -84,6 +84,19 @@ def test_generate_an_answer_that_ended_early_exits_1(capsys, saved, monkeypatch,
         assert json.loads(out)["error"].startswith("step 1:")
 
 
+def test_generate_a_step_error_is_a_runtime_failure(capsys, saved, monkeypatch):
+    """A StepError from the model's logits (every token banned, say) is not bad input: exit 1, not 2."""
+    from safecode_kernels import StepError
+
+    def fails(self, *args, **kwargs):
+        raise StepError("modulated logits of row 0 are all -inf")
+
+    monkeypatch.setattr(SafeCoDeDecoder, "generate", fails)
+    code, _, err = generate(capsys, saved, "--verdict", "unsafe")
+    assert code == 1
+    assert "decoding failed: modulated logits of row 0" in err
+
+
 def test_generate_fixed_matches_python_api(capsys, saved):
     code, out, err = generate(capsys, saved, "--verdict", "unsafe", "--json", "--seed", "3", "--alpha", "0.5")
     assert code == 0, err
