@@ -120,7 +120,6 @@ def _layer_class():
                 if self.capacity <= keys.shape[-2]:
                     self._buffers = (keys[indices], values[indices])  # one copy, room kept; old freed
                 else:  # the capacity was raised (set_capacity): the kept rows move into the new room
-                    self._buffers = None
                     self._buffers = tuple(self._grown(old, indices, filled) for old in (keys, values))
                 del keys, values
                 self._show(filled)
@@ -232,7 +231,7 @@ def set_capacity(cache, capacity: int) -> None:
     for old in cache.layers:
         if type(old) is layer:
             old.capacity = capacity
-    replicate = cache.layer_class_to_replicate
+    replicate = getattr(cache, "layer_class_to_replicate", None)
     if isinstance(replicate, functools.partial) and replicate.func is layer:
         cache.layer_class_to_replicate = functools.partial(layer, capacity)
 
