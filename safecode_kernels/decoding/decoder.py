@@ -25,7 +25,16 @@ from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
 from .adapters import get_adapter
-from .kv_cache import cache_nbytes, check_window, is_reserved, merge_rows, new_cache
+from .kv_cache import (
+    cache_nbytes,
+    check_window,
+    free_device_bytes,
+    is_reserved,
+    merge_rows,
+    new_cache,
+    prefill_tokens_from_free_memory,
+    set_capacity,
+)
 from .model_state import model_state_kept
 from .noise import check_noise_std
 from .released import Phrases, ReleasedSteering
@@ -72,7 +81,9 @@ class SafeCoDeDecoder:
         prefill_chunk_tokens: the most prompt tokens (rows x columns) one prefill forward takes;
             the prompt batch is split into chunks of whole requests below it (the answers are
             the same). ``None``: ``CPU_PREFILL_TOKENS`` (2048) on the CPU, where large forwards
-            page-fault their temporaries in afresh, and no limit elsewhere; ``0``: no limit.
+            page-fault their temporaries in afresh; on CUDA, what the free memory leaves after
+            the run's KV cache (``kv_cache.prefill_tokens_from_free_memory``); no limit
+            elsewhere. ``0``: no limit.
 
     Example::
 
@@ -378,12 +389,18 @@ class _Run:
         columns = p + max(length - prefix for prefix, length in lengths)
         # Room for every answer, and for the columns of tokens a recipe drops after steering.
         room = max(r.max_new_tokens for r in setup.requests) + self.steering.extra_columns
-        cache = new_cache(model, capacity=columns + room)
+        # The noised rows leave once no request is steered, after at most steer_steps tokens (in
+        # both recipes): the two-branch cache reserves only those; drop_rows gives the real rows
+        # their whole room then (docs/design.md §3.7).
+        self.capacity = columns + room
+        reserved = columns + (min(room, setup.steer_steps) if width == 2 else room)
+        cache = _run_cache(model, self.capacity, reserved)
         check_window(cache, columns + room)
 
         # In chunks of whole requests (see _requests_per_chunk): the shared prefix on the real
         # rows (no logits needed), its cache rows repeated for both branches, then the rest.
-        per_chunk = _requests_per_chunk(prefill_tokens, n, width, columns, adapter.input_device)
+        limit = _prefill_limit(prefill_tokens, adapter.input_device, model, n * width * reserved, columns)
+        per_chunk = _requests_per_chunk(limit, n, width, columns, adapter.input_device)
         if per_chunk < n and not is_reserved(cache):
             per_chunk = n
         # Each chunk shares its prefix only where that pays for the extra forward.
@@ -402,7 +419,7 @@ class _Run:
 
         parts, part_logits = [], []
         for first, last, chunk_prefix, q in chunks:
-            part = cache if per_chunk == n else new_cache(model, capacity=columns + room)
+            part = cache if per_chunk == n else _run_cache(model, self.capacity, reserved)
             if q:
                 self.stats["shared_prefix_tokens"] = self.stats.get("shared_prefix_tokens", 0) + chunk_prefix
                 real_rows = slice(first * width, last * width, width)
@@ -429,7 +446,7 @@ class _Run:
             self.stats["forward_calls"] += 1
             parts.append(part)
         if len(parts) > 1:
-            cache = merge_rows(model, parts, columns + room)
+            cache = merge_rows(model, parts, reserved)  # empties the parts' layers
             self.stats["prefill_chunks"] = len(parts)
         self.cache, self.mask, self.columns, self.prompt_columns = cache, mask, columns, columns
         self.active = list(range(n))  # requests still generating, in row order
@@ -594,6 +611,8 @@ class _Run:
         real_rows = self._real_rows()
         # A CPU index works for cache layers on any device (models spread with device_map).
         index = torch.tensor([real_rows[k] + b for k, p in zip(keep, paired) for b in range(2 if p else 1)])
+        if drops_noised and not any(paired):  # the last noised rows leave: the real rows get their whole room
+            set_capacity(self.cache, self.capacity)
         self.cache.batch_select_indices(index)  # copies the kept rows; the old tensors are freed
         self.adapter.select_rows(index)
         on_mask = index.to(self.mask.device)
@@ -631,6 +650,25 @@ class _Run:
 #: 613 columns, one thread): 4 requests per forward spent 0.38 s of system time per forward
 #: (260k page faults, 15% of the prefill), 2 requests 0.04 s, 1 request none.
 CPU_PREFILL_TOKENS = 2048
+
+
+def _run_cache(model, capacity: int, reserved: int):
+    """A cache for a run of ``capacity`` positions (which decides the sliding-window layers it
+    reserves) whose layers first allocate room for ``reserved``."""
+    cache = new_cache(model, capacity=capacity)
+    set_capacity(cache, reserved)
+    return cache
+
+
+def _prefill_limit(prefill_tokens, device, model, cache_positions: int, columns: int):
+    """``prefill_tokens``, or on CUDA when it is ``None`` the limit the free memory of
+    ``device`` sets (``cache_positions``: row-positions the run's cache reserves); other
+    devices keep ``None`` (see :func:`_requests_per_chunk`)."""
+    device = torch.device(device)
+    if prefill_tokens is not None or device.type != "cuda":
+        return prefill_tokens
+    free = free_device_bytes(device)
+    return prefill_tokens_from_free_memory(model.config, model.dtype, free, cache_positions, columns)
 
 
 def _requests_per_chunk(prefill_tokens, requests: int, width: int, columns: int, device) -> int:
