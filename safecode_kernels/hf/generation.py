@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..decoding.adapters import ModelAdapter, get_adapter
-from ..decoding.kv_cache import check_window, new_cache
+from ..decoding.kv_cache import check_window, new_cache, set_capacity
 from ..decoding.requests import resolve_refusal
 from ..decoding.small_batch import small_batch_linear
 from ..ops.step import safecode_step
@@ -243,6 +243,8 @@ def _decode(
     max_length = max(config.max_length, prompt_len + 1)
     cache = new_cache(model, capacity=max_length)
     check_window(cache, max_length)
+    if width == 2:  # the noised rows leave after the steered steps: first reserve only what they use
+        set_capacity(cache, min(max_length, prompt_len + s.steer_steps))
     # One mask for the run: the prompt's, then a column per new token (each step sees a view).
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_length - prompt_len)], dim=1)
     logits = adapter.forward(ids, mask[:, :prompt_len], positions, cache, vision=vision)
@@ -283,6 +285,7 @@ def _decode(
             break
         if width == 2 and step == s.steer_steps:  # steering is over: drop the noised rows
             keep = torch.arange(batch)
+            set_capacity(cache, max_length)  # the real rows move into buffers with room for the whole answer
             cache.batch_select_indices(keep)
             adapter.select_rows(keep)
             mask, next_position, width = mask[:batch], next_position[:batch], 1

@@ -216,3 +216,33 @@ def test_noised_inputs_must_encode_the_same_texts(llava):
     other = processor(images=noised, text=PROMPTS[::-1], return_tensors="pt", padding=True, padding_side="left")
     with pytest.raises(ValueError, match="same texts"):
         hub_generate(llava, noised_inputs=other)
+
+
+def test_noised_rows_reserve_only_the_steered_steps(llava, monkeypatch):
+    """Both branches reserve the prompt and the steered steps only; at the drop the real rows
+    move into buffers with room for the whole answer (as the decoder does, docs/design.md §3.7)."""
+    from safecode_kernels.decoding.kv_cache import cache_nbytes, kv_bytes_per_position
+    from safecode_kernels.hf import generation
+
+    model, _, inputs, _, _, _ = llava
+    sizes, made = {}, generation.new_cache
+
+    def recording_cache(*args, **kwargs):
+        cache = made(*args, **kwargs)
+        select = cache.batch_select_indices
+
+        def select_and_record(index):
+            sizes["two_branch"] = cache_nbytes(cache)
+            select(index)
+            sizes["after_drop"] = cache_nbytes(cache)
+
+        cache.batch_select_indices = select_and_record
+        return cache
+
+    monkeypatch.setattr(generation, "new_cache", recording_cache)
+    out = hub_generate(llava, eos_token_id=[])  # no early stop: the run reaches max_length
+    prompt_len = inputs["input_ids"].shape[1]
+    assert out.shape[1] == prompt_len + NEW
+    position = kv_bytes_per_position(model.config, model.dtype) * len(PROMPTS)
+    assert sizes["two_branch"] == 2 * position * (prompt_len + STEPS)
+    assert sizes["after_drop"] == position * (prompt_len + NEW)
