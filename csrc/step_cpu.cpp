@@ -535,6 +535,10 @@ void run(const StepParams& p, const StepBuffers& b) {
   if (failed) throw std::runtime_error("safecode_step_cpu: out of memory");
 }
 
+void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
 void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
 }
@@ -548,17 +552,19 @@ void validate(const StepParams& p, const StepBuffers& b) {
   check((b.mass_before == nullptr) == (b.mass_after == nullptr),
         "mass_before and mass_after must both be given or both be null");
   check(b.num_refusal >= 0 && (b.num_refusal == 0 || b.refusal_ids), "refusal ids missing");
+  // The messages are built only on failure (building them costs more than the loops).
   for (int64_t j = 0; j < b.num_refusal; ++j) {
     const int64_t v = b.refusal_ids[j];
-    check(v >= 0 && v < b.vocab,
-          "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(b.vocab) + ")");
+    if (!(v >= 0 && v < b.vocab))
+      check(false,
+            "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(b.vocab) + ")");
     check(j == 0 || v > b.refusal_ids[j - 1], "refusal ids must be sorted and unique");
   }
   for (int64_t row = 0; row < b.batch; ++row) {
     const int8_t v = b.verdict[row];
-    check(v == kVerdictUnsafe || v == kVerdictNone || v == kVerdictSafe,
-          "unknown verdict value " + std::to_string(v) + " in row " + std::to_string(row) +
-              ": expected +1 (unsafe), -1 (safe) or 0 (none)");
+    if (!(v == kVerdictUnsafe || v == kVerdictNone || v == kVerdictSafe))
+      check(false, "unknown verdict value " + std::to_string(v) + " in row " + std::to_string(row) +
+                       ": expected +1 (unsafe), -1 (safe) or 0 (none)");
   }
   check(std::isfinite(p.real_weight) && p.real_weight > 0.0f, "real_weight must be finite and > 0");
   check(std::isfinite(p.alpha_unsafe) && p.alpha_unsafe >= 0.0f, "alpha must be finite and >= 0");

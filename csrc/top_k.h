@@ -50,6 +50,20 @@ class TopK {
     for (; i < n && !full(); ++i) offer(z[i], base + i);
     if (i == n) return;
     float threshold = worst().value;
+    // Groups of 16 with a branch-free (vectorisable) test first: after the first blocks
+    // almost no token beats the threshold, so most groups cost a few vector compares.
+    for (; i + 16 <= n; i += 16) {
+      int hits = 0;
+#pragma omp simd reduction(+ : hits)
+      for (int64_t j = 0; j < 16; ++j) hits += z[i + j] > threshold;
+      if (!hits) continue;
+      for (int64_t j = i; j < i + 16; ++j) {
+        if (z[j] > threshold) {
+          offer(z[j], base + j);
+          threshold = worst().value;
+        }
+      }
+    }
     for (; i < n; ++i) {
       if (z[i] > threshold) {
         offer(z[i], base + i);
