@@ -25,6 +25,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <stdlib.h>  // getloadavg
+#include <unistd.h>  // sysconf
+#endif
 
 #include "contrast_block.h"
 #include "fast_exp.h"
@@ -44,9 +48,12 @@ namespace safecode {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kBlock = 512;                  // tokens per vectorised block (fits L1 as fp32)
-constexpr int64_t kMinChunk = 16384;             // smallest vocabulary chunk worth a thread
-constexpr int64_t kMinTokensPerThread = 65536;   // fewer tokens per thread: one thread is faster
+constexpr int64_t kBlock = 512;       // tokens per vectorised block (fits L1 as fp32)
+constexpr int64_t kMinChunk = 16384;  // smallest vocabulary chunk worth a thread
+// Fewer tokens per thread and one thread is as fast (measured on a 2-core AMD EPYC Zen 3:
+// one row of up to 524288 tokens gains nothing from a second thread, 16 rows of 32000 gain
+// 1.5-1.9x; a second thread that waits for a busy core costs up to milliseconds).
+constexpr int64_t kMinTokensPerThread = 262144;
 constexpr size_t kKeepScratchBytes = 64u << 20;  // scratch kept between calls up to this size
 
 // Row-constant inputs: the contrast and the refusal bias of the row's verdict.
@@ -418,6 +425,23 @@ size_t checked_elements(int64_t batch, int64_t vocab) {
   return static_cast<size_t>(batch) * static_cast<size_t>(vocab);
 }
 
+// How many threads the machine can run now without descheduling another: one (this one)
+// plus the cores the one-minute load average leaves idle. A busy machine thus degrades to
+// one thread instead of waiting at a barrier for a thread that got no core. Reading the
+// load costs a few microseconds, against the hundreds of a step that could use threads.
+int idle_cores_plus_this_one() {
+#if defined(__linux__) || defined(__APPLE__)
+  double load = 0.0;
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores > 0 && getloadavg(&load, 1) == 1) {
+    // The load counts this thread (it is running) and whatever else runs or waits.
+    const double idle = static_cast<double>(cores) - std::max(load, 1.0);
+    return 1 + static_cast<int>(std::max(0.0, idle + 0.5));
+  }
+#endif
+  return std::numeric_limits<int>::max();
+}
+
 // Scratch for the modulated logits when sampling without a logits output: reused across
 // calls of the same thread so that sampling does not page-fault a fresh buffer every step.
 float* sampling_scratch(size_t elements, std::unique_ptr<float[]>& owned) {
@@ -447,10 +471,11 @@ void run(const StepParams& p, const StepBuffers& b) {
 #else
   const int max_threads = 1;
 #endif
-  // A thread only pays for waking it when it gets enough tokens (measured: below about
-  // kMinTokensPerThread a second thread on a 2-core machine makes the step slower).
-  const int threads =
+  // A thread only pays for waking it when it gets enough tokens, and only when a core is
+  // free to run it: the parallel region ends with a barrier that waits for every thread.
+  int threads =
       static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, batch * vocab / kMinTokensPerThread)));
+  if (threads > 1) threads = std::min(threads, idle_cores_plus_this_one());
   // Split rows into vocabulary chunks only when the batch alone cannot occupy the threads.
   // Up to 4 tasks per thread, so that the dynamic schedule below can balance them.
   int64_t chunks = 1;

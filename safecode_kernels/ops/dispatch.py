@@ -29,7 +29,7 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
-        backend = os.environ.get("SAFECODE_BACKEND", "auto").strip().lower() or "auto"
+        backend = _env_backend()
     if backend == "auto":
         backend = _auto(device)
     if backend not in BACKENDS:
@@ -48,6 +48,20 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
     if reason:
         raise RuntimeError(f"the 'triton' backend is unavailable: {reason}")
     return step_triton.step_triton
+
+
+_ENV = "SAFECODE_BACKEND"
+# os.environ.get costs about 2 us (it encodes the key, then decodes the value); the mapping
+# behind CPython's os.environ answers the common "not set" in a dict lookup.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str:
+    """``SAFECODE_BACKEND``, read on every call (it may change at run time)."""
+    if _ENV_KEY is not None and _ENV_KEY not in _ENV_DATA:
+        return "auto"
+    return os.environ.get(_ENV, "auto").strip().lower() or "auto"
 
 
 def _auto(device: torch.device) -> str:
