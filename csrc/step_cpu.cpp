@@ -511,6 +511,8 @@ void run(const StepParams& p, const StepBuffers& b) {
   auto finish_task = [&](int64_t row) {
     Partial& part = parts[row * chunks];
     for (int64_t c = 1; c < chunks; ++c) part.merge(parts[row * chunks + c]);
+    part.sensitive.finalize();
+    part.sampling.finalize();
     const RowSetup s = row_setup(p, b, row, real_max[row]);
     std::vector<RefusalValue> refusal;
     std::unique_ptr<Sampler> sampler(sampling ? new Sampler(p, vocab) : nullptr);
