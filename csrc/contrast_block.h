@@ -60,6 +60,7 @@ __attribute__((target("avx2,f16c"))) inline __m256 load8(const BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// The exact loop: every NaN / +inf in an input or the contrast is flagged.
 template <typename T>
 __attribute__((target("avx2,f16c"))) BlockStats contrast_block_avx2(const T* real, const T* noised, int64_t n,
                                                                     const Contrast& c, float* out) {
@@ -90,6 +91,41 @@ __attribute__((target("avx2,f16c"))) BlockStats contrast_block_avx2(const T* rea
   return st;
 }
 
+// The loop every block runs: about 14 vector operations per 8 tokens instead of 22. Only
+// the unbanned contrast d = w * r - alpha * q is checked, for not being finite: d is NaN or
+// +inf whenever r is NaN or +inf or q is NaN, and -inf when q is +inf, so a block with any
+// problem is flagged (and so is one with a -inf logit, or a contrast overflowing to -inf,
+// which are allowed). A flagged block is recomputed by the exact loop above; blocks without
+// -inf logits never are. Banning folds the cutoff and r == -inf into one compare: r < cutoff,
+// with -FLT_MAX for "no cutoff" (only -inf is below it).
+template <typename T>
+__attribute__((target("avx2,f16c"))) BlockStats contrast_block_avx2_fast(const T* real, const T* noised, int64_t n,
+                                                                         const Contrast& c, float* out) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const __m256 neg_inf = _mm256_set1_ps(-inf);
+  const __m256 finite_max = _mm256_set1_ps(FLT_MAX);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 w = _mm256_set1_ps(c.w), alpha = _mm256_set1_ps(c.alpha);
+  const __m256 below = _mm256_set1_ps(c.cutoff > -inf ? c.cutoff : -FLT_MAX);
+  __m256 max = neg_inf, flag = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 r = load8(real + i), q = load8(noised + i);
+    const __m256 banned = _mm256_or_ps(_mm256_cmp_ps(r, below, _CMP_LT_OQ), _mm256_cmp_ps(q, neg_inf, _CMP_EQ_OQ));
+    const __m256 diff = _mm256_sub_ps(_mm256_mul_ps(w, r), _mm256_mul_ps(alpha, q));
+    const __m256 z = _mm256_blendv_ps(diff, neg_inf, banned);
+    flag = _mm256_or_ps(flag, _mm256_cmp_ps(_mm256_andnot_ps(sign, diff), finite_max, _CMP_NLE_UQ));
+    _mm256_storeu_ps(out + i, z);
+    max = _mm256_max_ps(z, max);
+  }
+  if (_mm256_movemask_ps(flag) != 0) return contrast_block_avx2(real, noised, n, c, out);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, max);
+  BlockStats st = contrast_block_scalar(real + i, noised + i, n - i, c, out + i);
+  for (float v : lanes) st.max = v > st.max ? v : st.max;
+  return st;
+}
+
 inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return has;
@@ -100,7 +136,7 @@ inline bool cpu_has_avx2() {
 template <typename T>
 BlockStats contrast_block(const T* real, const T* noised, int64_t n, const Contrast& c, float* out) {
 #ifdef SAFECODE_HAVE_AVX2_PATH
-  if (cpu_has_avx2()) return contrast_block_avx2(real, noised, n, c, out);
+  if (cpu_has_avx2()) return contrast_block_avx2_fast(real, noised, n, c, out);
 #endif
   return contrast_block_scalar(real, noised, n, c, out);
 }

@@ -25,6 +25,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+#include <stdlib.h>  // getloadavg
+#include <unistd.h>  // sysconf
+#endif
 
 #include "contrast_block.h"
 #include "fast_exp.h"
@@ -44,8 +48,12 @@ namespace safecode {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kBlock = 512;                  // tokens per vectorised block (fits L1 as fp32)
-constexpr int64_t kMinChunk = 16384;             // smallest vocabulary chunk worth a thread
+constexpr int64_t kBlock = 512;       // tokens per vectorised block (fits L1 as fp32)
+constexpr int64_t kMinChunk = 16384;  // smallest vocabulary chunk worth a thread
+// Fewer tokens per thread and one thread is as fast (measured on a 2-core AMD EPYC Zen 3:
+// one row of up to 524288 tokens gains nothing from a second thread, 16 rows of 32000 gain
+// 1.5-1.9x; a second thread that waits for a busy core costs up to milliseconds).
+constexpr int64_t kMinTokensPerThread = 262144;
 constexpr size_t kKeepScratchBytes = 64u << 20;  // scratch kept between calls up to this size
 
 // Row-constant inputs: the contrast and the refusal bias of the row's verdict.
@@ -96,11 +104,25 @@ SAFECODE_CLONES float block_max(const float* z, int64_t n) {
   return max;
 }
 
-// Sum of exp((z - shift) * inv_temperature).
-SAFECODE_CLONES float exp_sum(const float* z, int64_t n, float shift, float inv_temperature) {
+// Sum of exp(z - shift).
+SAFECODE_CLONES float exp_sum(const float* z, int64_t n, float shift) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += exp_nonpositive((z[i] - shift) * inv_temperature);
+  for (int64_t i = 0; i < n; ++i) sum += exp_nonpositive(z[i] - shift);
+  return sum;
+}
+
+// exp of a token's logit over the temperature, shifted by the row maximum first as the torch
+// reference does: (z - shift) / T in float32 is 0 at the maximum and <= 0 elsewhere for every
+// finite shift and T > 0. Dividing (not multiplying by 1/T) keeps a temperature whose inverse
+// overflows exact: the maximum still gets exp(0) = 1 (0 * inf would be NaN), so such a
+// temperature behaves as greedy, as torch's does.
+inline float scaled_exp(float z, float shift, float temperature) { return exp_nonpositive((z - shift) / temperature); }
+
+SAFECODE_CLONES float scaled_exp_sum(const float* z, int64_t n, float shift, float temperature) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += scaled_exp(z[i], shift, temperature);
   return sum;
 }
 
@@ -139,7 +161,7 @@ void scan_chunk(const T* real, const T* noised, const int64_t* refusal, const in
         part.plain_sum *= std::exp(static_cast<double>(part.plain_shift) - plain_max);
         part.plain_shift = plain_max;
       }
-      part.plain_sum += exp_sum(z, n, part.plain_shift, 1.0f);
+      part.plain_sum += exp_sum(z, n, part.plain_shift);
     }
     for (int64_t j = 0; j < num_refusal; ++j) z[refusal[j] - b0] = saved[j];
     refusal += num_refusal;
@@ -239,7 +261,7 @@ int64_t draw(const std::vector<Weighted>& items, int64_t n, double u) {
 
 class Sampler {
  public:
-  Sampler(const StepParams& p, int64_t vocab) : p_(p), vocab_(vocab), inv_t_(1.0f / p.temperature) {}
+  Sampler(const StepParams& p, int64_t vocab) : p_(p), vocab_(vocab) {}
 
   // z_row holds the modulated logits; shift is their maximum; sampling_top holds the top-k
   // non-refusal candidates when top_k is active.
@@ -265,7 +287,9 @@ class Sampler {
 
  private:
   Weighted weighted(float value, int64_t index, float shift) const {
-    return Weighted{value, std::exp((static_cast<double>(value) - shift) * inv_t_), index};
+    // The scaled logit rounded to float32 as torch's is (it may overflow to -inf: weight 0).
+    const float scaled = (value - shift) / p_.temperature;
+    return Weighted{value, std::exp(static_cast<double>(scaled)), index};
   }
 
   int64_t top_p_cut() {
@@ -280,7 +304,7 @@ class Sampler {
     block_sums_.clear();
     double total = 0.0;
     for (int64_t b0 = 0; b0 < vocab_; b0 += kBlock) {
-      const double s = exp_sum(z_row + b0, std::min(kBlock, vocab_ - b0), shift, inv_t_);
+      const double s = scaled_exp_sum(z_row + b0, std::min(kBlock, vocab_ - b0), shift, p_.temperature);
       block_sums_.push_back(s);
       total += s;
     }
@@ -296,7 +320,7 @@ class Sampler {
     const int64_t b0 = static_cast<int64_t>(block) * kBlock, b1 = std::min(vocab_, b0 + kBlock);
     double running = 0.0;
     for (int64_t v = b0; v < b1; ++v) {
-      const double e = exp_nonpositive((z_row[v] - shift) * inv_t_);
+      const double e = scaled_exp(z_row[v], shift, p_.temperature);
       if (e <= 0.0) continue;
       running += e;
       last_positive = v;
@@ -309,7 +333,6 @@ class Sampler {
 
   const StepParams& p_;
   int64_t vocab_;
-  float inv_t_;
   std::vector<Weighted> items_;
   std::vector<double> block_sums_;
 };
@@ -402,6 +425,23 @@ size_t checked_elements(int64_t batch, int64_t vocab) {
   return static_cast<size_t>(batch) * static_cast<size_t>(vocab);
 }
 
+// How many threads the machine can run now without descheduling another: one (this one)
+// plus the cores the one-minute load average leaves idle. A busy machine thus degrades to
+// one thread instead of waiting at a barrier for a thread that got no core. Reading the
+// load costs a few microseconds, against the hundreds of a step that could use threads.
+int idle_cores_plus_this_one() {
+#if defined(__linux__) || defined(__APPLE__)
+  double load = 0.0;
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores > 0 && getloadavg(&load, 1) == 1) {
+    // The load counts this thread (it is running) and whatever else runs or waits.
+    const double idle = static_cast<double>(cores) - std::max(load, 1.0);
+    return 1 + static_cast<int>(std::max(0.0, idle + 0.5));
+  }
+#endif
+  return std::numeric_limits<int>::max();
+}
+
 // Scratch for the modulated logits when sampling without a logits output: reused across
 // calls of the same thread so that sampling does not page-fault a fresh buffer every step.
 float* sampling_scratch(size_t elements, std::unique_ptr<float[]>& owned) {
@@ -427,19 +467,24 @@ void run(const StepParams& p, const StepBuffers& b) {
   float* z_all = b.logits ? b.logits : (sampling ? sampling_scratch(checked_elements(batch, vocab), owned) : nullptr);
 
 #ifdef _OPENMP
-  const int threads = b.num_threads > 0 ? b.num_threads : omp_get_max_threads();
+  const int max_threads = b.num_threads > 0 ? b.num_threads : omp_get_max_threads();
 #else
-  const int threads = 1;
+  const int max_threads = 1;
 #endif
+  // A thread only pays for waking it when it gets enough tokens, and only when a core is
+  // free to run it: the parallel region ends with a barrier that waits for every thread.
+  int threads =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_threads, batch * vocab / kMinTokensPerThread)));
+  if (threads > 1) threads = std::min(threads, idle_cores_plus_this_one());
   // Split rows into vocabulary chunks only when the batch alone cannot occupy the threads.
+  // Up to 4 tasks per thread, so that the dynamic schedule below can balance them.
   int64_t chunks = 1;
-  if (batch < threads) {
-    chunks = std::min<int64_t>((threads + batch - 1) / batch, std::max<int64_t>(1, vocab / kMinChunk));
+  if (threads > 1 && batch < 4 * threads) {
+    chunks = std::min<int64_t>((4 * threads + batch - 1) / batch, std::max<int64_t>(1, vocab / kMinChunk));
   }
   const int64_t chunk_len = ((vocab + chunks - 1) / chunks + kBlock - 1) / kBlock * kBlock;
   chunks = (vocab + chunk_len - 1) / chunk_len;
   const int64_t tasks = batch * chunks;
-  const bool parallel = threads > 1 && batch * vocab >= 32768;
 
   const int64_t sensitive_k = p.scope_all ? 0 : std::min(p.sensitive_top_k, vocab);
   const int64_t sensitive_heap = sensitive_k >= vocab ? 0 : sensitive_k;  // k >= V: every token
@@ -448,45 +493,66 @@ void run(const StepParams& p, const StepBuffers& b) {
 
   std::vector<Partial> parts(static_cast<size_t>(tasks));
   std::vector<float> real_max(static_cast<size_t>(batch), 0.0f);
+  const bool plausibility = p.log_plausibility > -kInf;
+
+  auto scan_task = [&](int64_t t) {
+    const int64_t row = t / chunks, begin = (t % chunks) * chunk_len;
+    const int64_t end = std::min(vocab, begin + chunk_len);
+    Partial& part = parts[t];
+    part.sensitive = TopK(sensitive_heap);
+    part.sampling = TopK(sampling_heap);
+    const RowSetup s = row_setup(p, b, row, real_max[row]);
+    float* z_row = z_all ? z_all + row * vocab : nullptr;
+    const int64_t* ids_end = b.refusal_ids + b.num_refusal;
+    const int64_t* first_id = std::lower_bound(b.refusal_ids, ids_end, begin);
+    scan_chunk(rows.real(b, row), rows.noised(b, row), first_id, ids_end, begin, end, s.contrast, want_sum, z_row,
+               part);
+  };
+  auto finish_task = [&](int64_t row) {
+    Partial& part = parts[row * chunks];
+    for (int64_t c = 1; c < chunks; ++c) part.merge(parts[row * chunks + c]);
+    part.sensitive.finalize();
+    part.sampling.finalize();
+    const RowSetup s = row_setup(p, b, row, real_max[row]);
+    std::vector<RefusalValue> refusal;
+    std::unique_ptr<Sampler> sampler(sampling ? new Sampler(p, vocab) : nullptr);
+    finish_row<T>(p, b, row, s, part, z_all ? z_all + row * vocab : nullptr, sampler.get(), refusal);
+  };
+
+  if (threads == 1) {
+    // The common decoding step: no parallel region at all (nothing to wake or wait for).
+    if (plausibility)
+      for (int64_t row = 0; row < batch; ++row) real_max[row] = row_max(rows.real(b, row), vocab);
+    for (int64_t t = 0; t < tasks; ++t) scan_task(t);
+    for (int64_t row = 0; row < batch; ++row) finish_task(row);
+    return;
+  }
+
   // An exception may not leave an OpenMP region (it would terminate the process): record
   // it and throw after the region instead.
   int failed = 0;
-
-#pragma omp parallel num_threads(threads) if (parallel)
+  // Dynamic schedules: a thread that starts late (its core busy with other work) takes
+  // fewer tasks instead of holding the others back with a share fixed up front.
+#pragma omp parallel num_threads(threads)
   {
-    if (p.log_plausibility > -kInf) {
+    if (plausibility) {
       // The cutoff needs each row's maximum before any token can be judged.
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t row = 0; row < batch; ++row) real_max[row] = row_max(rows.real(b, row), vocab);
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t row = t / chunks, begin = (t % chunks) * chunk_len;
-      const int64_t end = std::min(vocab, begin + chunk_len);
       try {
-        Partial& part = parts[t];
-        part.sensitive = TopK(sensitive_heap);
-        part.sampling = TopK(sampling_heap);
-        const RowSetup s = row_setup(p, b, row, real_max[row]);
-        float* z_row = z_all ? z_all + row * vocab : nullptr;
-        const int64_t* ids_end = b.refusal_ids + b.num_refusal;
-        const int64_t* first_id = std::lower_bound(b.refusal_ids, ids_end, begin);
-        scan_chunk(rows.real(b, row), rows.noised(b, row), first_id, ids_end, begin, end, s.contrast, want_sum, z_row,
-                   part);
+        scan_task(t);
       } catch (...) {
 #pragma omp atomic write
         failed = 1;
       }
     }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < batch; ++row) {
       try {
-        Partial& part = parts[row * chunks];
-        for (int64_t c = 1; c < chunks; ++c) part.merge(parts[row * chunks + c]);
-        const RowSetup s = row_setup(p, b, row, real_max[row]);
-        std::vector<RefusalValue> refusal;
-        std::unique_ptr<Sampler> sampler(sampling ? new Sampler(p, vocab) : nullptr);
-        finish_row<T>(p, b, row, s, part, z_all ? z_all + row * vocab : nullptr, sampler.get(), refusal);
+        finish_task(row);
       } catch (...) {
 #pragma omp atomic write
         failed = 1;
@@ -494,6 +560,10 @@ void run(const StepParams& p, const StepBuffers& b) {
     }
   }
   if (failed) throw std::runtime_error("safecode_step_cpu: out of memory");
+}
+
+void check(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
 }
 
 void check(bool ok, const std::string& what) {
@@ -509,16 +579,19 @@ void validate(const StepParams& p, const StepBuffers& b) {
   check((b.mass_before == nullptr) == (b.mass_after == nullptr),
         "mass_before and mass_after must both be given or both be null");
   check(b.num_refusal >= 0 && (b.num_refusal == 0 || b.refusal_ids), "refusal ids missing");
+  // The messages are built only on failure (building them costs more than the loops).
   for (int64_t j = 0; j < b.num_refusal; ++j) {
     const int64_t v = b.refusal_ids[j];
-    check(v >= 0 && v < b.vocab,
-          "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(b.vocab) + ")");
+    if (!(v >= 0 && v < b.vocab))
+      check(false,
+            "refusal id " + std::to_string(v) + " is outside the vocabulary [0, " + std::to_string(b.vocab) + ")");
     check(j == 0 || v > b.refusal_ids[j - 1], "refusal ids must be sorted and unique");
   }
   for (int64_t row = 0; row < b.batch; ++row) {
     const int8_t v = b.verdict[row];
-    check(v == kVerdictUnsafe || v == kVerdictNone || v == kVerdictSafe,
-          "unknown verdict value " + std::to_string(v) + " in row " + std::to_string(row) + ": expected +1, -1 or 0");
+    if (!(v == kVerdictUnsafe || v == kVerdictNone || v == kVerdictSafe))
+      check(false, "unknown verdict value " + std::to_string(v) + " in row " + std::to_string(row) +
+                       ": expected +1 (unsafe), -1 (safe) or 0 (none)");
   }
   check(std::isfinite(p.real_weight) && p.real_weight > 0.0f, "real_weight must be finite and > 0");
   check(std::isfinite(p.alpha_unsafe) && p.alpha_unsafe >= 0.0f, "alpha must be finite and >= 0");

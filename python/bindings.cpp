@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "step_cpu.h"
 
@@ -145,6 +146,53 @@ int64_t step(const py::buffer& real, const py::buffer& noised, const std::string
   return problems;
 }
 
+// The same step on raw addresses, for the launcher's fast path (ops/step_cpu.py): no buffer
+// protocol, so a call costs about a microsecond. The caller vouches for the layout (CPU
+// tensors it holds during the call: [batch, vocab] logits with unit vocabulary stride and
+// the given row strides, int8 verdicts [batch], contiguous int64 ids, outputs of the right
+// size); the kernel still checks every value (verdicts, ids, parameters) and each row's data.
+// Returns None when every row is OK, else the list of row status codes.
+py::object step_addresses(uintptr_t real, uintptr_t noised, int dtype, int64_t batch, int64_t vocab,
+                          int64_t real_row_stride, int64_t noised_row_stride, uintptr_t verdict, uintptr_t refusal_ids,
+                          int64_t num_refusal, uintptr_t tokens, const safecode::StepParams& params, uint64_t seed,
+                          uintptr_t logits, uintptr_t mass_before, uintptr_t mass_after, int num_threads) {
+  require(dtype >= 0 && dtype <= 2, "unknown dtype code " + std::to_string(dtype));
+  require(real && noised && verdict && tokens && (num_refusal == 0 || refusal_ids), "a required address is null");
+  require((mass_before == 0) == (mass_after == 0), "give both mass_before and mass_after, or neither");
+  safecode::StepBuffers b;
+  b.dtype = static_cast<safecode::DType>(dtype);
+  b.real = reinterpret_cast<const void*>(real);
+  b.noised = reinterpret_cast<const void*>(noised);
+  b.batch = batch;
+  b.vocab = vocab;
+  b.real_row_stride = real_row_stride;
+  b.noised_row_stride = noised_row_stride;
+  b.verdict = reinterpret_cast<const int8_t*>(verdict);
+  b.refusal_ids = reinterpret_cast<const int64_t*>(refusal_ids);
+  b.num_refusal = num_refusal;
+  b.tokens = reinterpret_cast<int64_t*>(tokens);
+  b.logits = reinterpret_cast<float*>(logits);
+  b.mass_before = reinterpret_cast<float*>(mass_before);
+  b.mass_after = reinterpret_cast<float*>(mass_after);
+  b.num_threads = num_threads;
+  int32_t small[16];
+  std::vector<int32_t> large;
+  if (batch > 16) large.resize(static_cast<size_t>(std::max<int64_t>(batch, 0)));
+  b.status = batch > 16 ? large.data() : small;
+  safecode::StepParams p = params;
+  p.seed = seed;
+  bool ok = true;
+  {
+    py::gil_scoped_release release;  // the kernel touches no Python object
+    safecode::safecode_step_cpu(p, b);
+    for (int64_t row = 0; row < b.batch; ++row) ok &= b.status[row] == safecode::kRowOk;
+  }
+  if (ok) return py::none();
+  py::list status;
+  for (int64_t row = 0; row < b.batch; ++row) status.append(b.status[row]);
+  return status;
+}
+
 int openmp_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -178,6 +226,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mass_before") = py::none(), py::arg("mass_after") = py::none(), py::arg("num_threads") = 0,
         "One fused SafeCoDe step over a batch; writes tokens, status and the optional outputs, and returns "
         "the number of rows whose status is not OK.");
+
+  m.def("step_addresses", &step_addresses, py::arg("real"), py::arg("noised"), py::arg("dtype"), py::arg("batch"),
+        py::arg("vocab"), py::arg("real_row_stride"), py::arg("noised_row_stride"), py::arg("verdict"),
+        py::arg("refusal_ids"), py::arg("num_refusal"), py::arg("tokens"), py::arg("params"), py::arg("seed"),
+        py::arg("logits"), py::arg("mass_before"), py::arg("mass_after"), py::arg("num_threads"),
+        "The step on data addresses of tensors the caller holds (its layout checked by the caller); returns None "
+        "when every row is OK, else the row status codes.");
 
   m.attr("ROW_STATUS") = row_status_codes();
   m.attr("VERDICT") = verdict_codes();

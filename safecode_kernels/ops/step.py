@@ -68,7 +68,7 @@ def safecode_step(
         torch.Size([2])
     """
     if params is None:
-        params = SteeringParams()
+        params = _DEFAULT_PARAMS
     if torch.compiler.is_compiling():
         # Traced by torch.compile: one call of the registered op (no graph break).
         return _call_op(
@@ -82,7 +82,12 @@ def safecode_step(
             tokens, logits, stats = run_step(*args)
     else:
         tokens, logits, stats = run_step(*args)
-    return StepOutput(tokens=tokens, logits=logits, refusal_mass=stats)
+    return StepOutput(tokens, logits, stats)
+
+
+# Shared (it is frozen): a fresh one per call would be validated on every step, and the
+# kernels' caches of converted parameters key on the object.
+_DEFAULT_PARAMS = SteeringParams()
 
 
 def _call_op(logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats):

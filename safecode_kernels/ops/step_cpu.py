@@ -1,7 +1,9 @@
 """The ``cpu`` backend of the step op: the launcher of the C++ kernel (csrc/step_cpu.cpp).
 
-The kernel reads the logits in their own dtype through buffer views (no conversion copy),
-runs with the GIL released, and reports problems per row, which become :class:`StepError`.
+The kernel reads the logits in their own dtype in place (no conversion copy), runs with the
+GIL released, and reports problems per row, which become :class:`StepError`. Inputs in the
+layout it assumes (what :mod:`.step_inputs` produces) are handed over as raw addresses, which
+costs about a microsecond; any other layout goes through buffer-protocol views checked in C++.
 """
 
 from __future__ import annotations
@@ -37,8 +39,22 @@ def _buffer(t: torch.Tensor):
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
-def _kernel_params(inp: StepInputs):
-    p = inp.params
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # _C.DTYPES
+# The last SteeringParams converted, with its kernel form: a decoder passes the same
+# (frozen) params every step, and converting them costs more than a small step.
+_last_params: tuple = (None, None)
+
+
+def _kernel_params(params):
+    global _last_params
+    cached, kernel = _last_params
+    if cached is not params:
+        kernel = _new_kernel_params(params)
+        _last_params = (params, kernel)
+    return kernel
+
+
+def _new_kernel_params(p):
     k = _C.StepParams()
     k.real_weight = p.real_weight
     k.alpha_unsafe = p.alpha
@@ -52,18 +68,57 @@ def _kernel_params(inp: StepInputs):
     k.temperature = p.temperature
     k.top_k = p.top_k
     k.top_p = p.top_p
-    k.seed = inp.seed or 0
     return k
 
 
 def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
-    batch, vocab = inp.batch, inp.vocab
+    real, noised = inp.logits_real, inp.logits_noised
+    batch, vocab = real.shape
     tokens = torch.empty(batch, dtype=torch.int64)
-    status = torch.empty(batch, dtype=torch.int32)
     logits = torch.empty(batch, vocab, dtype=torch.float32) if return_logits else None
     before = torch.empty(batch, dtype=torch.float32) if return_stats else None
     after = torch.empty(batch, dtype=torch.float32) if return_stats else None
+    # Raw addresses only for inputs built by the checks of step_inputs, on the CPU; any other
+    # layout goes through buffer views that C++ checks.
+    if inp.kernel_layout and real.is_cpu:
+        ids = inp.refusal_ids
+        status = _C.step_addresses(
+            real.data_ptr(),
+            noised.data_ptr(),
+            _DTYPE_CODES[real.dtype],
+            batch,
+            vocab,
+            real.stride()[0],
+            noised.stride()[0],
+            inp.verdict.data_ptr(),
+            ids.data_ptr(),
+            ids.shape[0],
+            tokens.data_ptr(),
+            _kernel_params(inp.params),
+            inp.seed or 0,
+            0 if logits is None else logits.data_ptr(),
+            0 if before is None else before.data_ptr(),
+            0 if after is None else after.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status is not None:
+            raise_for_row_status(torch.tensor(status, dtype=torch.int32))
+    else:
+        _step_buffers(inp, tokens, logits, before, after)
+    return tokens, logits, ((before, after) if return_stats else None)
+
+
+# The kernel rejects a verdict other than +1, -1 or 0 with the error of the Python checks, so
+# the fast path of the step need not check the values before it (ops/step_op.py).
+step_cpu.checks_verdict_values = True
+
+
+def _step_buffers(inp: StepInputs, tokens, logits, before, after) -> None:
+    """The kernel through buffer-protocol views, every layout checked in C++."""
+    status = torch.empty(inp.batch, dtype=torch.int32)
+    k = _new_kernel_params(inp.params)
+    k.seed = inp.seed or 0
     problems = _C.step(
         _buffer(inp.logits_real),
         _buffer(inp.logits_noised),
@@ -72,7 +127,7 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
         _buffer(inp.refusal_ids),
         tokens.numpy(),
         status.numpy(),
-        _kernel_params(inp),
+        k,
         logits=None if logits is None else logits.numpy(),
         mass_before=None if before is None else before.numpy(),
         mass_after=None if after is None else after.numpy(),
@@ -80,4 +135,3 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
     )
     if problems:
         raise_for_row_status(status)
-    return tokens, logits, ((before, after) if return_stats else None)

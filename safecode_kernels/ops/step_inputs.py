@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -14,11 +15,17 @@ from .codes import RowStatus
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class StepInputs:
     """The validated inputs of one step: logits ``[B, V]`` (vocabulary stride 1), int8
     verdicts ``[B]``, the refusal set as a bool mask ``[V]`` and as sorted ids, and the seed
-    for sampling (``None`` when greedy)."""
+    for sampling (``None`` when greedy).
+
+    Read-only by convention (not frozen: a frozen dataclass costs a microsecond more to
+    build, on every step). ``kernel_layout`` is True when :func:`prepare_step_inputs` or
+    :func:`fast_step_inputs` built it: then every tensor is on one device, the verdicts and
+    ids are contiguous int8 / int64 and the logits have unit vocabulary stride, which lets a
+    kernel take raw addresses without checking the layout again."""
 
     logits_real: torch.Tensor
     logits_noised: torch.Tensor
@@ -27,6 +34,7 @@ class StepInputs:
     refusal_ids: torch.Tensor
     params: SteeringParams
     seed: int | None
+    kernel_layout: bool = False
 
     @property
     def batch(self) -> int:
@@ -63,6 +71,7 @@ def raise_for_row_status(status: torch.Tensor) -> None:
 
 
 def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator) -> StepInputs:
+    """Check and normalise every kind of input the step accepts (lists, strided rows, masks, ...)."""
     check_logits(logits_real, logits_noised)
     if not isinstance(params, SteeringParams):
         raise TypeError(f"params must be a SteeringParams, got {type(params).__name__}")
@@ -80,7 +89,90 @@ def prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, ge
         ids,
         params,
         seed,
+        True,
     )
+
+
+def fast_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator) -> StepInputs | None:
+    """The inputs of the call a decoder makes every step, checked at the cost of a few
+    attribute reads, or ``None`` for any other input (then :func:`prepare_step_inputs` checks
+    it fully): two ``[B, V]`` tensors of one supported dtype and device with unit vocabulary
+    stride, a contiguous int8 verdict tensor ``[B]`` on that device, a
+    :class:`RefusalVocabulary` (its ids and mask cached per device and size) and a
+    :class:`SteeringParams`. Nothing is created or converted. The logits' values (NaN, +inf)
+    are checked by every kernel in its row status words; the verdicts' values are not checked
+    here: the caller runs :func:`check_verdict_values` unless its backend checks them itself.
+    """
+    tensor = torch.Tensor
+    if (
+        type(logits_real) is not tensor
+        or type(logits_noised) is not tensor
+        or type(verdict) is not tensor
+        or type(refusal) is not RefusalVocabulary
+        or type(params) is not SteeringParams
+    ):
+        return None
+    dtype = logits_real.dtype
+    shape = logits_real.shape
+    if len(shape) != 2 or logits_noised.shape != shape or dtype not in SUPPORTED_DTYPES or logits_noised.dtype != dtype:
+        return None
+    batch, vocab = shape
+    verdict_shape = verdict.shape
+    if (
+        batch == 0
+        or vocab == 0
+        or logits_real.stride()[1] != 1
+        or logits_noised.stride()[1] != 1
+        or verdict.dtype != torch.int8
+        or len(verdict_shape) != 1
+        or verdict_shape[0] != batch
+        or not verdict.is_contiguous()
+    ):
+        return None
+    device = logits_real.device
+    if logits_noised.device != device or verdict.device != device:
+        return None
+    mask, ids = _refusal_on(refusal, vocab, device)
+    seed = None if params.temperature == 0.0 else seed_from(generator)
+    return StepInputs(logits_real, logits_noised, verdict, mask, ids, params, seed, True)
+
+
+# The last (refusal set, vocabulary size, device) looked up and its (mask, ids): a decoder
+# passes the same set every step, and the set's own cache keys on str(device).
+_last_refusal: tuple = (None, 0, None, None)
+
+
+def _refusal_on(refusal: RefusalVocabulary, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    global _last_refusal
+    cached, cached_vocab, cached_device, entry = _last_refusal
+    if cached is refusal and cached_vocab == vocab and cached_device == device:
+        return entry
+    entry = refusal_mask_and_ids(refusal, vocab, device)
+    _last_refusal = (refusal, vocab, device, entry)
+    return entry
+
+
+# The last verdict tensor whose values were checked, and its version counter then: a decoder
+# that keeps one verdict tensor for a batch has it checked once (and again after any in-place
+# change, which bumps the counter), not on every step.
+_last_verdict: tuple = (None, -1)
+
+
+def check_verdict_values(verdict: torch.Tensor) -> None:
+    """Raise ``ValueError`` if an int8 verdict tensor holds a value other than +1, -1 or 0
+    (what :func:`~safecode_kernels.verdict.as_verdict_tensor` checks); skipped for the tensor
+    checked last when it was not modified since."""
+    global _last_verdict
+    ref, version = _last_verdict
+    try:
+        current = verdict._version
+    except RuntimeError:  # an inference tensor has no version counter: check it every time
+        current = None
+    if current is not None and ref is not None and ref() is verdict and version == current:
+        return
+    as_verdict_tensor(verdict, verdict.shape[0], verdict.device)
+    if current is not None:
+        _last_verdict = (weakref.ref(verdict), current)
 
 
 def check_logits(real, noised) -> None:

@@ -39,7 +39,7 @@ import torch
 from ..params import SteeringParams
 from .codes import Scope
 from .dispatch import resolve_backend
-from .step_inputs import prepare_step_inputs
+from .step_inputs import check_verdict_values, fast_step_inputs, prepare_step_inputs
 
 OP_NAME = "safecode_kernels::step"
 
@@ -57,9 +57,16 @@ _INT64_MAX = 2**63 - 1
 def run_step(logits_real, logits_noised, verdict, refusal, params, generator, backend, return_logits, return_stats):
     """Check the inputs, pick the backend and run it: ``(tokens, logits | None, (before, after) | None)``.
 
-    What the op and the eager path of ``safecode_step`` both run."""
-    inputs = prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator)
-    run = resolve_backend(backend, inputs.logits_real.device)
+    What the op and the eager path of ``safecode_step`` both run. A decoder's usual call takes
+    the fast path (:func:`fast_step_inputs`: no tensor created or converted before the kernel
+    runs); any other input is checked fully."""
+    inputs = fast_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator)
+    if inputs is None:
+        inputs = prepare_step_inputs(logits_real, logits_noised, verdict, refusal, params, generator)
+        return resolve_backend(backend, inputs.logits_real.device)(inputs, return_logits, return_stats)
+    run = resolve_backend(backend, logits_real.device)
+    if not getattr(run, "checks_verdict_values", False):
+        check_verdict_values(inputs.verdict)
     return run(inputs, return_logits, return_stats)
 
 

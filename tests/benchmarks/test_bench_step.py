@@ -1,0 +1,57 @@
+"""benchmarks/bench_step.py: what its timed callables do, checked on the CPU (the Triton
+kernels run in Triton's interpreter here, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from safecode_kernels.ops.dispatch import backend_status
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_step  # noqa: E402
+
+TRITON_REASON = backend_status()["triton"]
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# A host sync: reading a tensor's value on the host (.item(), bool(), int()).
+SYNC = "aten._local_scalar_dense.default"
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_kernel_timing_has_no_host_sync(mode):
+    """The ``kernel`` column times the launches alone: no host sync inside the timed call,
+    where the whole op (``op`` column) reads its status words once."""
+    case = bench_step.Case(2, 600, "fp32", mode)
+    kernel = bench_step.kernel_fn(case, "cpu")
+    kernel()  # compiles (interprets) once, outside the count
+    with _OpCounter() as counter:
+        kernel()
+    assert counter.counts[SYNC] == 0
+    op = bench_step.step_fn(case, "triton", "cpu")
+    with _OpCounter() as counter:
+        op()
+    assert counter.counts[SYNC] >= 1  # the counter does see the op's sync
+
+
+def test_floor_and_fixed_cost_cases():
+    case = bench_step.Case(1, 64, "bf16", "greedy")
+    assert len(bench_step.floor_fns(case)) == 1  # numpy has no bfloat16: torch's reduction only
+    assert len(bench_step.floor_fns(bench_step.Case(1, 64, "fp32", "greedy"))) == 2
+    small = bench_step.step_fn(bench_step.Case(1, bench_step.FIXED_COST_VOCAB, "fp32", "sample"), "torch")
+    assert small().tokens.shape == (1,)
