@@ -462,7 +462,9 @@ template <typename T>
 void run(const StepParams& p, const StepBuffers& b) {
   const int64_t batch = b.batch, vocab = b.vocab;
   const Rows<T> rows;
-  const bool sampling = p.temperature > 0.0f;
+  // A temperature whose inverse overflows float32 leaves every token but the maximum with
+  // probability 0: greedy, ties to the lower index, as every backend decides (decodes_greedily).
+  const bool sampling = p.temperature > 0.0f && std::isfinite(1.0f / p.temperature);
   std::unique_ptr<float[]> owned;
   float* z_all = b.logits ? b.logits : (sampling ? sampling_scratch(checked_elements(batch, vocab), owned) : nullptr);
 
