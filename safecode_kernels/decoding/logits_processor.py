@@ -8,6 +8,7 @@ import torch
 
 from ..ops.step import safecode_step
 from ..params import SteeringParams
+from ..refusal import RefusalVocabulary
 
 
 class SafeCoDeLogitsProcessor:
@@ -53,7 +54,9 @@ class SafeCoDeLogitsProcessor:
         if isinstance(verdicts, (str, int)):  # a Verdict is an int too
             raise TypeError(f"verdicts must hold one verdict per request (a list or a tensor), got {verdicts!r}")
         self.verdicts = verdicts
-        self.refusal = refusal
+        # One conversion: a RefusalVocabulary keeps the set's ids and mask per device, so the
+        # set follows the scores onto any device (CPU ids with CUDA scores) at no cost per step.
+        self.refusal = as_refusal_vocabulary(refusal)
         self.params = (params if params is not None else SteeringParams()).replace(temperature=0.0, top_k=0, top_p=1.0)
         self.steer_steps = steer_steps
         self.noised_logits_fn = noised_logits_fn
@@ -124,3 +127,22 @@ class SafeCoDeLogitsProcessor:
             scores, noised, verdicts, self.refusal, self.params, backend=self.backend, return_logits=True
         )
         return out.logits.to(scores.dtype)
+
+
+def as_refusal_vocabulary(refusal) -> RefusalVocabulary:
+    """A :class:`RefusalVocabulary` from any refusal set ``safecode_step`` accepts: itself, ids
+    (a list, a tuple, an integer tensor) or a bool mask ``[V]``. Raises ``TypeError`` otherwise."""
+    if isinstance(refusal, RefusalVocabulary):
+        return refusal
+    if isinstance(refusal, torch.Tensor) and refusal.dtype == torch.bool:
+        if refusal.dim() != 1:
+            raise ValueError(f"a refusal mask must be 1-D [V], got shape {list(refusal.shape)}")
+        return RefusalVocabulary.from_ids(refusal.nonzero().flatten().cpu())
+    if isinstance(refusal, torch.Tensor):
+        return RefusalVocabulary.from_ids(refusal.cpu())
+    if isinstance(refusal, (list, tuple)):
+        return RefusalVocabulary(refusal)
+    raise TypeError(
+        f"refusal must be a RefusalVocabulary, ids (a list or an integer tensor) or a bool mask, "
+        f"got {type(refusal).__name__}"
+    )

@@ -201,7 +201,12 @@ def _unit_vocab_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def refusal_mask_and_ids(refusal, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The refusal set as ``(bool mask [vocab], sorted int64 ids)`` on ``device``."""
+    """The refusal set as ``(bool mask [vocab], sorted int64 ids)`` on ``device``, the logits'.
+
+    A :class:`RefusalVocabulary` gives its cached pair for ``device``; a list, or a tensor on
+    another device (CPU ids with CUDA logits, say), is checked where its values are and then
+    copied to ``device``, on every call: wrap a set used every step in a ``RefusalVocabulary``.
+    """
     if isinstance(refusal, RefusalVocabulary):
         return refusal.mask(vocab, device), refusal.ids_on(vocab, device)
     if isinstance(refusal, (list, tuple)):
@@ -212,7 +217,8 @@ def refusal_mask_and_ids(refusal, vocab: int, device: torch.device) -> tuple[tor
             f"got {type(refusal).__name__}"
         )
     if refusal.device != device:
-        raise ValueError(f"refusal is on {refusal.device} but the logits are on {device}")
+        mask, ids = refusal_mask_and_ids(refusal, vocab, refusal.device)
+        return mask.to(device), ids.to(device)
     if refusal.dtype == torch.bool:
         if refusal.shape != (vocab,):
             raise ValueError(f"the refusal mask must have shape [{vocab}] (the vocabulary), got {list(refusal.shape)}")

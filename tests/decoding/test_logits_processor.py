@@ -29,6 +29,28 @@ def test_modulates_the_first_steps_only():
         proc(torch.zeros(2, 6, dtype=torch.long), real)
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [[1, 5, 7], (7, 1, 5), torch.tensor([1, 5, 7]), torch.tensor([1, 5, 7], dtype=torch.int32), "mask"],
+    ids=["list", "tuple", "tensor", "int32-tensor", "mask"],
+)
+def test_any_refusal_form_becomes_one_vocabulary(refusal):
+    """Every accepted form is converted once into a RefusalVocabulary (which keeps the set per
+    device, so it follows the scores onto any device) and gives the same modulation."""
+    if isinstance(refusal, str):
+        refusal = torch.zeros(50, dtype=torch.bool).index_fill(0, torch.tensor([1, 5, 7]), True)
+    torch.manual_seed(0)
+    real, noised = torch.randn(2, 50), torch.randn(2, 50)
+    proc = SafeCoDeLogitsProcessor(["unsafe", "safe"], refusal, PARAMS, steer_steps=1, backend=BACKEND)
+    assert isinstance(proc.refusal, RefusalVocabulary) and proc.refusal.ids.tolist() == [1, 5, 7]
+    want = safecode_step(real, noised, ["unsafe", "safe"], RefusalVocabulary([1, 5, 7]), PARAMS, backend=BACKEND)
+    proc.set_noised_logits(noised)
+    got = proc(torch.zeros(2, 3, dtype=torch.long), real)
+    assert torch.equal(got.argmax(-1), want.tokens)
+    with pytest.raises(TypeError, match="refusal must be"):
+        SafeCoDeLogitsProcessor(["unsafe"], "I'm sorry")
+
+
 def test_a_new_generation_is_recognised_from_its_inputs():
     """The step count starts again whenever the inputs do not continue the last call's: other
     rows, a length that is not one more, or other prompt columns (even one column longer)."""
