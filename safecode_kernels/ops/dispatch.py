@@ -31,7 +31,7 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
     if backend == "auto":
         backend = _env_backend()
     if backend == "auto":
-        backend = _auto(device)
+        return _auto(device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {', '.join(BACKENDS)}")
 
@@ -50,6 +50,35 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
     return step_triton.step_triton
 
 
+# Under "auto", the devices whose Triton kernels ran once (from then on their errors are
+# real errors) and those whose first build or launch failed (the torch backend runs there).
+_TRITON_RAN: set[str] = set()
+_TRITON_BROKEN: dict[str, str] = {}
+# Bad input and CUDA running out of memory are not Triton's failures: they propagate.
+_NOT_A_BUILD_FAILURE = (ValueError, TypeError, torch.cuda.OutOfMemoryError)
+
+
+def _triton_else_torch(inputs, return_logits: bool, return_stats: bool):
+    """The Triton step, or, where its first kernel build or launch fails (no C compiler or
+    Python headers for Triton's launcher in an image, say), the torch reference from then on,
+    with the reason logged once. An explicit ``backend="triton"`` raises instead."""
+    device = str(inputs.logits_real.device)
+    try:
+        out = step_triton.step_triton(inputs, return_logits, return_stats)
+    except _NOT_A_BUILD_FAILURE:
+        raise
+    except Exception as err:
+        if device in _TRITON_RAN:
+            raise
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        reason = f"its first kernel build or launch failed: {type(err).__name__}: {first_line}"
+        _TRITON_BROKEN[device] = reason
+        _log_fallback("triton", inputs.logits_real.device, reason)
+        return step_torch.step_torch(inputs, return_logits, return_stats)
+    _TRITON_RAN.add(device)
+    return out
+
+
 _ENV = "SAFECODE_BACKEND"
 # os.environ.get costs about 2 us (it encodes the key, then decodes the value); the mapping
 # behind CPython's os.environ answers the common "not set" in a dict lookup.
@@ -64,19 +93,20 @@ def _env_backend() -> str:
     return os.environ.get(_ENV, "auto").strip().lower() or "auto"
 
 
-def _auto(device: torch.device) -> str:
+def _auto(device: torch.device) -> Callable:
+    """The fastest usable step on ``device``: the C++ kernel on the CPU, Triton on CUDA (the
+    torch reference where Triton's kernels would not build), else the torch reference."""
     if device.type == "cpu":
         reason = step_cpu.unavailable_reason()
         if reason is None:
-            return "cpu"
+            return step_cpu.step_cpu
         _log_fallback("cpu", device, reason)
-        return "torch"
-    if device.type == "cuda":
-        reason = step_triton.unavailable_reason(device)
+    elif device.type == "cuda":
+        reason = step_triton.unavailable_reason(device) or _TRITON_BROKEN.get(str(device))
         if reason is None:
-            return "triton"
+            return _triton_else_torch
         _log_fallback("triton", device, reason)
-    return "torch"
+    return step_torch.step_torch
 
 
 def _log_fallback(faster: str, device: torch.device, reason: str) -> None:

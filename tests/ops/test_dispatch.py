@@ -180,3 +180,64 @@ def test_no_log_when_nothing_falls_back(monkeypatch, fallback_log):
         monkeypatch.delenv("SAFECODE_BACKEND")
         resolve_backend("auto", CPU)
     assert fallback_log() == []
+
+
+class _BrokenTriton:
+    """Stands in for the Triton step: every call raises ``error``."""
+
+    def __init__(self, error: Exception):
+        self.error, self.calls = error, 0
+
+    def __call__(self, inputs, return_logits, return_stats):
+        self.calls += 1
+        raise self.error
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """'auto' on a CUDA device whose Triton backend reports itself usable (no GPU needed: the
+    step functions are stand-ins and the inputs carry only their device)."""
+    from safecode_kernels.ops import dispatch, step_triton
+
+    monkeypatch.setattr(step_triton, "unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(dispatch, "_TRITON_RAN", set())
+    monkeypatch.setattr(dispatch, "_TRITON_BROKEN", {})
+    monkeypatch.setattr(dispatch, "_LOGGED_FALLBACKS", set())
+    torch_calls = []
+    monkeypatch.setattr(step_torch, "step_torch", lambda inputs, logits, stats: torch_calls.append(1) or "torch")
+    device = torch.device("cuda", 0)
+    inputs = type("Inputs", (), {"logits_real": type("T", (), {"device": device})()})()
+    return step_triton, device, inputs, torch_calls
+
+
+def test_auto_falls_back_to_torch_once_when_triton_cannot_build(fake_cuda, monkeypatch, caplog):
+    step_triton, device, inputs, torch_calls = fake_cuda
+    broken = _BrokenTriton(RuntimeError("Failed to find C compiler. Please specify via CC environment variable."))
+    monkeypatch.setattr(step_triton, "step_triton", broken)
+    with caplog.at_level(logging.WARNING, logger="safecode_kernels"):
+        assert resolve_backend("auto", device)(inputs, False, False) == "torch"
+        assert resolve_backend("auto", device)(inputs, False, False) == "torch"
+    assert broken.calls == 1 and len(torch_calls) == 2  # Triton is not tried again
+    [record] = [r for r in caplog.records if "falls back" in r.getMessage()]
+    assert "RuntimeError: Failed to find C compiler" in record.getMessage()
+    with pytest.raises(RuntimeError, match="C compiler"):  # an explicit backend still raises
+        resolve_backend("triton", device)(inputs, False, False)
+
+
+@pytest.mark.parametrize("error", [sk.StepError("logits_real row 0 contains NaN"), TypeError("bad input")])
+def test_auto_does_not_hide_input_errors_behind_the_fallback(fake_cuda, monkeypatch, error):
+    step_triton, device, inputs, torch_calls = fake_cuda
+    monkeypatch.setattr(step_triton, "step_triton", _BrokenTriton(error))
+    with pytest.raises(type(error)):
+        resolve_backend("auto", device)(inputs, False, False)
+    assert not torch_calls
+
+
+def test_auto_raises_triton_errors_once_its_kernels_ran(fake_cuda, monkeypatch):
+    step_triton, device, inputs, torch_calls = fake_cuda
+    monkeypatch.setattr(step_triton, "step_triton", lambda inputs, logits, stats: "triton")
+    assert resolve_backend("auto", device)(inputs, False, False) == "triton"
+    monkeypatch.setattr(step_triton, "step_triton", _BrokenTriton(RuntimeError("launch failed")))
+    with pytest.raises(RuntimeError, match="launch failed"):
+        resolve_backend("auto", device)(inputs, False, False)
+    assert not torch_calls
