@@ -53,9 +53,23 @@ from safecode_kernels.ops.dispatch import backend_status
 
 # The naive baseline and the fused kernel of each device.
 BACKENDS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton")}
-# Peak memory bandwidth (GB/s) of the cards the GPU numbers are reported for.
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
-BATCHES = (1, 16, 64)
+# Peak memory bandwidth (GB/s) by card and form factor, from NVIDIA's data sheets; matched
+# against torch.cuda.get_device_name() in this order, most specific first ("NVIDIA H100 80GB
+# HBM3" is the SXM card, "NVIDIA H100 PCIe" the PCIe one).
+PEAK_GBPS = (
+    (("H200",), 4800.0),  # SXM and NVL
+    (("H100", "NVL"), 3900.0),
+    (("H100", "PCIe"), 2000.0),
+    (("H100",), 3350.0),  # SXM5
+    (("H800", "PCIe"), 2000.0),
+    (("H800",), 3350.0),
+    (("A100", "80GB", "PCIe"), 1935.0),
+    (("A100", "80GB"), 2039.0),  # SXM4
+    (("A100",), 1555.0),  # 40 GB, SXM4 and PCIe
+    (("L40S",), 864.0),
+    (("A10G",), 600.0),
+)
+BATCHES = (1, 16, 64, 256)
 VOCABS = (32000, 152064)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = {
@@ -148,8 +162,13 @@ def peak_gbps(device: str) -> float | None:
     """The card's peak memory bandwidth, where known."""
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((gbps for key, gbps in PEAK_GBPS.items() if key in name), None)
+    return card_peak_gbps(torch.cuda.get_device_name())
+
+
+def card_peak_gbps(name: str) -> float | None:
+    """The peak of the card ``name`` (as ``torch.cuda.get_device_name()`` spells it), or ``None``."""
+    lowered = name.lower()
+    return next((gbps for words, gbps in PEAK_GBPS if all(w.lower() in lowered for w in words)), None)
 
 
 def machine_description(device: str = "cpu") -> str:
@@ -282,8 +301,17 @@ def main(argv=None) -> int:
         default=None,
         help="torch / OpenMP threads for both CPU backends (default: torch's default)",
     )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        metavar="B",
+        help=f"batch sizes to run (default {' '.join(map(str, BATCHES))}; with --quick 1 16)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.batches is not None and any(b < 1 for b in args.batches):
+        parser.error(f"--batches must be >= 1, got {args.batches}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -296,6 +324,8 @@ def main(argv=None) -> int:
         print(f"the {fast} backend is unavailable: {reason}", file=sys.stderr)
         return 1
     cases = QUICK_CASES if args.quick else CASES
+    if args.batches is not None:
+        cases = [Case(b, v, d, m) for b in args.batches for v in VOCABS for d in DTYPES for m in MODES]
     min_time, min_reps, max_reps = (0.3, 3, 200) if args.quick else (1.0, 5, 1000)
 
     machine = machine_description(args.device)
@@ -320,7 +350,9 @@ def main(argv=None) -> int:
             fixed[key] = time_gpu(fn) if cuda else min(time_call(fn, 0.0, 200, 200) for _ in range(5))
         floor = min(timed(fn) for fn in floor_fns(case, args.device))
         kernel = timed(kernel_fn(case, args.device)) if cuda else None
-        fast_gbps = case.input_bytes / seconds[fast] / 1e9
+        # On a GPU the share of the card's peak is the kernels' alone (the op's time adds the
+        # host's input checks and the status read); on the CPU the op's.
+        fast_gbps = case.input_bytes / (kernel if kernel is not None else seconds[fast]) / 1e9
         rows.append(
             dict(
                 case=case.name,
@@ -355,7 +387,8 @@ def main(argv=None) -> int:
     print(
         f"Median time per step; ratio = torch / {fast} from the same run. Fixed cost: the {fast} op at "
         f"V = {FIXED_COST_VOCAB}. Read floor: a max-reduction over both input rows, same run. GB/s = bytes "
-        f"of both input rows / time ({reference} {peak:.1f} GB/s).\n"
+        f"of both input rows / time ({reference} {peak:.1f} GB/s"
+        f"{'; on a GPU the kernel time, no input checks or status read' if args.device == 'cuda' else ''}).\n"
     )
     print(format_table(rows, fast))
     if args.json:

@@ -5,7 +5,7 @@ reserved only the steered steps, and plain generation for comparison.
 Nothing is downloaded and nothing runs on a GPU: each model's config is built in code with
 transformers' config classes (the published shapes), its parameters are counted on the meta
 device, and the KV bytes per position come from ``kv_cache.kv_bytes_per_position``, the
-function the decoder itself uses (tests/test_memory_plan.py checks this arithmetic against the
+function the decoder itself uses (tests/benchmarks/test_memory_plan.py checks this arithmetic against the
 bytes a tiny model's cache holds).
 
     python benchmarks/memory_plan.py [--new-tokens 256] [--steer-steps 5] [--text-tokens 64]

@@ -4,16 +4,14 @@ kernels run in Triton's interpreter here, tests/conftest.py)."""
 from __future__ import annotations
 
 import collections
-import sys
-from pathlib import Path
 
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from safecode_kernels.ops.dispatch import backend_status
+from tests.benchmarks import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_step  # noqa: E402
+bench_step = load_script("bench_step")
 
 TRITON_REASON = backend_status()["triton"]
 
@@ -55,3 +53,37 @@ def test_floor_and_fixed_cost_cases():
     assert len(bench_step.floor_fns(bench_step.Case(1, 64, "fp32", "greedy"))) == 2
     small = bench_step.step_fn(bench_step.Case(1, bench_step.FIXED_COST_VOCAB, "fp32", "sample"), "torch")
     assert small().tokens.shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "name, gbps",
+    [
+        ("NVIDIA H100 80GB HBM3", 3350.0),
+        ("NVIDIA H100 PCIe", 2000.0),
+        ("NVIDIA H100 NVL", 3900.0),
+        ("NVIDIA H200", 4800.0),
+        ("NVIDIA A100-SXM4-80GB", 2039.0),
+        ("NVIDIA A100 80GB PCIe", 1935.0),
+        ("NVIDIA A100-SXM4-40GB", 1555.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_bandwidth_by_card_and_form_factor(name, gbps):
+    assert bench_step.card_peak_gbps(name) == gbps
+
+
+def test_batches_option_selects_the_cases(monkeypatch, capsys):
+    """``--batches`` runs exactly those batch sizes (what the device check asks for)."""
+    ran = []
+
+    def step_fn(case, backend, device="cpu"):
+        ran.append(case.batch)
+        return lambda: 0
+
+    monkeypatch.setattr(bench_step, "step_fn", step_fn)
+    monkeypatch.setattr(bench_step, "floor_fns", lambda case, device="cpu": [lambda: 0])
+    monkeypatch.setattr(bench_step, "time_call", lambda fn, *args: 1e-3)
+    assert bench_step.main(["--batches", "3", "5", "--quick"]) == 0
+    assert set(ran) == {3, 5}  # the fixed cost too runs at each case's batch
+    with pytest.raises(SystemExit):
+        bench_step.main(["--batches", "0"])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "device_check.py"
+from tests.benchmarks import BENCHMARKS
+
+SCRIPT = BENCHMARKS / "device_check.py"
 
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -20,7 +21,7 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess:
         [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=BENCHMARKS.parent,
         timeout=900,
     )
 

@@ -3,28 +3,18 @@ decoder's cache holds on a tiny model, and its largest batches are the largest t
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from safecode_kernels.decoding import SafeCoDeDecoder
 from safecode_kernels.decoding.kv_cache import kv_bytes_per_position
 from safecode_kernels.testing.tiny_models import BACKEND, BUILDERS, PARAMS, batch, refusal_ids
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def plan():
-    spec = importlib.util.spec_from_file_location("memory_plan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_plan"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["memory_plan"]
+    return load_script("memory_plan")
 
 
 @pytest.mark.parametrize("new_tokens", [2, 6])
