@@ -398,12 +398,29 @@ def _error_case(name):
     elif name == "bias-overflow":
         real[0, 9] = 3.4e38
         params = SteeringParams(scope="all", boost=1e38, alpha=0.0)
+    elif name == "banned-after-bias-sensitive":  # the merge biases the sensitive refusal tokens
+        noised[1] = -math.inf
+        noised[1, refusal] = 0.0
+        params = SteeringParams(sensitive_top_k=2, suppress=math.inf)
+    elif name == "bias-overflow-sensitive":
+        real[0, 9] = 3.4e38
+        params = SteeringParams(sensitive_top_k=1, boost=1e38, alpha=0.0)
     return real, noised, verdicts(3), refusal, params
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize(
-    "name", ["nan-real", "inf-noised", "all-banned", "contrast-overflow", "banned-after-bias", "bias-overflow"]
+    "name",
+    [
+        "nan-real",
+        "inf-noised",
+        "all-banned",
+        "contrast-overflow",
+        "banned-after-bias",
+        "bias-overflow",
+        "banned-after-bias-sensitive",
+        "bias-overflow-sensitive",
+    ],
 )
 def test_errors_match_reference(block, name):
     block(16)
