@@ -492,6 +492,31 @@ def test_gpu_sampling_grid(vocab, mode):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("vocab", [32000, 152064])
+@pytest.mark.parametrize("n_ref", ["20000", "V"])
+@pytest.mark.parametrize("mode", list(LARGE_REFUSAL_MODES))
+def test_gpu_large_refusal_sets(reference_calls, vocab, n_ref, mode):
+    """20000 refusal ids or every id at real vocabulary sizes, bf16: the kernels take the
+    step, greedy matches, sampled tokens stay in the kept set. (Top-p nuclei of these random
+    rows can be wider than the candidates: those rows alone may be recomputed.)"""
+    batch = 17
+    params = LARGE_REFUSAL_MODES[mode]
+    refusal = make_refusal(vocab, 20_000 if n_ref == "20000" else vocab, seed=vocab)
+    real, noised = make_logits(batch, vocab, torch.bfloat16, seed=vocab, refusal=refusal)
+    assert step_triton._plan(prepare_step_inputs(real, noised, verdicts(batch), refusal, params, None)).fits
+    got, want = both(real, noised, verdicts(batch), refusal, params, generator=7)
+    if params.temperature == 0:
+        assert_same(got, want)
+    else:
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        probs = reference_probs(want.logits, params)
+        assert bool((probs.gather(1, got.tokens[:, None]) > 0).all())
+    if params.top_p == 1.0:
+        assert not reference_calls
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_top_p_distribution_large_vocab(fallback_rows):
     """Top-p alone at V = 152064 (the nucleus comes from candidates of many blocks)."""
     n, vocab = 20_000, 152064
