@@ -1,7 +1,7 @@
 """The ``triton`` backend of the step op (docs/design.md §2): the launcher of the fused kernels.
 
 The kernels live in :mod:`.step_triton_kernels`; this module picks block sizes (heuristics
-by V and B; no autotuning), carves the small partial-result buffers out of one allocation
+by V; no autotuning), carves the small partial-result buffers out of one allocation
 per dtype, launches the kernels, and reads the per-row status word: the one host-device
 sync of a step (it turns problems into the reference's :class:`StepError`).
 
@@ -9,13 +9,19 @@ How exact it is, against :mod:`.step_torch`:
 
 * Contrast, plausibility cutoff, bias and the written logits: the same fp32 operations in
   the same order (floating-point contraction disabled), so they are bitwise equal.
-* Greedy tokens: exact (argmax over the non-refusal tokens per block, merged with the
-  refusal tokens recomputed from their ids; lowest index on ties).
-* Sensitive set: exact. Each block sends its top-``k`` candidates (radix select on the
-  float's ordered bits and the index, ties to the lower index) and the merge takes the
-  k-th largest of candidates + refusal tokens. A block can send at most ``MAX_MERGE_LANES /
-  n_blocks`` candidates; for a larger k the merge checks whether the candidates decided
-  the row, and rows they did not are recomputed (fallback below).
+* Refusal tokens, any number up to V: each block handles those it holds, from the refusal
+  mask; no kernel's shape, registers or compile time depends on the refusal set. With scope
+  "all" or ``sensitive_top_k >= V`` (or 0: no bias) every refusal token's bias is known
+  before the merge, and the blocks apply it. With the
+  sensitive top-k set only the refusal tokens among a block's candidates can be in it: those
+  are *pending*, left to the merge, and every other refusal token is unbiased.
+* Greedy tokens: exact (argmax per block over every token but the pending ones, merged with
+  the pending ones after their bias; lowest index on ties).
+* Sensitive set: exact. Each block sends its top-``k`` candidates over all its tokens (radix
+  select on the float's ordered bits and the index, ties to the lower index) and the merge
+  takes the k-th largest candidate. A block can send at most ``MAX_MERGE_LANES / n_blocks``
+  candidates; for a larger k the merge checks whether the candidates decided the row, and
+  rows they did not are recomputed (fallback below).
 * Refusal mass before/after: the same sums in another order (float rounding only).
 * Sampling scales ``(z' - max z') / T`` as the reference does, never ``z' / T`` (huge finite
   logits over a small T would overflow): each block shifts by its own max, the merge
@@ -39,15 +45,15 @@ How exact it is, against :mod:`.step_torch`:
 
 Memory traffic: every input logit is read exactly once, except that with
 ``plausibility > 0`` a first small kernel reads the real row once more for its max (the
-cutoff must be known before any token is judged); the merge re-reads the few refusal
-logits by id.
+cutoff must be known before any token is judged); the block kernel reads the refusal mask
+(one byte per token), and the merge reads only the partials and candidates.
 
 Compiled variants: few by design (:func:`kernel_variants`, every one compiled for sm_80 and
 sm_90 by tests/ops/test_triton_compile.py): one block size on a GPU, runtime switches
-rather than constexprs wherever registers allow, a merge read through int16 views (any
-dtype) and compiled for ``X_SIZES`` lanes only. A step the kernels cannot take (more than
-``NB_MAX`` blocks, i.e. V > 524288, or more refusal ids than the merge's lanes) runs the
-torch reference.
+rather than constexprs wherever registers allow, and a merge that never reads the logits
+(any dtype), compiled for ``X_SIZES`` lanes only. The plan depends on V and the parameters
+only (never on the batch or the refusal set). A step the kernels cannot take (more than
+``NB_MAX`` blocks, i.e. V > 524288) runs the torch reference.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from .codes import FALLBACK_FLAG, STATUS_MASK, SensitiveSet, sensitive_set
 from .step_inputs import StepInputs, raise_for_row_status
 from .step_torch import decodes_greedily, step_torch
 
-# Lanes of the merge kernel (candidates of all blocks + refusal tokens): what top-p without
+# Lanes of the merge kernel (the candidates of all blocks): what top-p without
 # top-k fills, and the most any configuration may use (larger k are decided by the merge or
 # fall back). The merge is compiled for X_SIZES lanes only (a few variants, see
 # kernel_variants); MAX_BLOCK bounds a block kernel's tile (registers).
@@ -78,8 +84,8 @@ MAX_BLOCK = 8192
 GPU_BLOCK = 2048
 # Most vocabulary blocks per row (step_triton_kernels.NB_MAX: the width of the partials' loads).
 NB_MAX = 256
-# Logits dtypes and the merge kernel's codes for them (step_triton_kernels.DTYPE_*).
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Logits dtypes the block kernels are compiled for (the merge never reads the logits).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tests set this to split small vocabularies over several blocks (0: the heuristics decide).
 _FORCE_BLOCK = 0
@@ -138,14 +144,14 @@ class _Plan:
     merge_warps: int
     k_cand: int  # candidates per block (0: none)
     c_shift: int  # log2 of the candidate slots per block
-    x_pad: int  # lanes of the merge kernel: candidate slots + refusal tokens (one of X_SIZES)
+    x_pad: int  # lanes of the merge kernel: the candidate slots (one of X_SIZES)
     idx_bits: int
     sens: SensitiveSet  # which refusal tokens get the bias
     greedy: bool
     gumbel: bool
     top_k: bool
     top_p: bool
-    fits: bool  # False: the kernels cannot take this step (the torch reference runs it)
+    fits: bool  # False: the kernels cannot take this step (V > NB_MAX blocks: the torch reference runs it)
 
 
 def _next_pow2(n: int) -> int:
@@ -153,12 +159,13 @@ def _next_pow2(n: int) -> int:
 
 
 def _plan(inp: StepInputs) -> _Plan:
-    return plan(inp.vocab, inp.refusal_ids.numel(), inp.params, _interpreted())
+    return plan(inp.vocab, inp.params, _interpreted())
 
 
-def plan(vocab: int, n_ref: int, p, interpreted: bool = False) -> _Plan:
-    """The launch plan of a step over rows of ``vocab`` logits with ``n_ref`` refusal ids and
-    :class:`~safecode_kernels.SteeringParams` ``p`` (the batch size plays no part). Every
+def plan(vocab: int, p, interpreted: bool = False) -> _Plan:
+    """The launch plan of a step over rows of ``vocab`` logits with
+    :class:`~safecode_kernels.SteeringParams` ``p``. Neither the batch size nor the refusal
+    set plays a part (the blocks handle the refusal tokens they hold, from the mask). Every
     compiled kernel a plan can lead to is in :func:`kernel_variants` (tests check it)."""
     greedy = decodes_greedily(p)
     sens = sensitive_set(p.scope, p.sensitive_top_k, vocab)
@@ -184,16 +191,16 @@ def plan(vocab: int, n_ref: int, p, interpreted: bool = False) -> _Plan:
 
     k_cand = need
     if nucleus:
-        room = max(1, (TOP_P_LANES - n_ref) // n_blocks)
+        room = max(1, TOP_P_LANES // n_blocks)
         k_cand = max(k_cand, 1 << (room.bit_length() - 1))  # a power of two: no padding
     if k_cand:
         # Never more than a block holds, nor more lanes than the merge takes (a power of two:
         # the slots are padded to one): with a larger k the merge detects the rows the
         # candidates cannot decide (they fall back).
-        room = max(1, (MAX_MERGE_LANES - n_ref) // n_blocks)
+        room = max(1, MAX_MERGE_LANES // n_blocks)
         k_cand = min(k_cand, block, 1 << (room.bit_length() - 1))
     c_pad = _next_pow2(k_cand) if k_cand else 1
-    lanes = (n_blocks * c_pad if k_cand else 0) + n_ref
+    lanes = n_blocks * c_pad if k_cand else 0
     x_pad = next((size for size in X_SIZES if size >= lanes), X_SIZES[-1])
     return _Plan(
         block=block,
@@ -209,7 +216,7 @@ def plan(vocab: int, n_ref: int, p, interpreted: bool = False) -> _Plan:
         gumbel=gumbel,
         top_k=top_k,
         top_p=top_p,
-        fits=n_blocks <= NB_MAX and lanes <= MAX_MERGE_LANES,
+        fits=n_blocks <= NB_MAX,
     )
 
 
@@ -227,7 +234,7 @@ def _merge_warps(x_pad: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class KernelVariant:
     """One compiled kernel: ``step_triton_kernels.<kernel>`` with these constexprs, for logits
-    of ``dtype`` (None: the merge reads every dtype through int16 views)."""
+    of ``dtype`` (None: the merge, which never reads the logits)."""
 
     kernel: str
     dtype: torch.dtype | None
@@ -253,7 +260,7 @@ def kernel_variants() -> list[KernelVariant]:
     for sm_80 and sm_90."""
     warps = _block_warps(GPU_BLOCK)
     variants = []
-    for dtype in DTYPE_CODES:
+    for dtype in DTYPES:
         for twin in ("", "_any"):
             variants.append(KernelVariant("row_max_kernel" + twin, dtype, (("BLOCK", GPU_BLOCK),), warps, True))
             for cands in (False, True):
@@ -280,8 +287,7 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
     from . import step_triton_kernels as kernels
 
     if not _plan(inp).fits:
-        # More than NB_MAX blocks (V > 1M) or more refusal ids than the merge's lanes: the
-        # reference takes the step (exact, slower).
+        # More than NB_MAX blocks (V > 524288): the reference takes the step (exact, slower).
         return step_torch(inp, return_logits, return_stats)
     launches, tokens, out, mass, status = _launches(inp, return_logits, return_stats)
     with _on(inp.logits_real.device):
@@ -345,6 +351,10 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
             "best_idx": (parts if plan.greedy else None, i32),
             "zmax": (parts if return_stats else None, f32),
             "zsum": (parts if return_stats else None, f32),
+            "rmax": (parts if return_stats else None, f32),
+            "rsum": (parts if return_stats else None, f32),
+            "amax": (parts if return_stats else None, f32),
+            "asum": (parts if return_stats else None, f32),
             "gumbel_val": (parts if plan.gumbel else None, f32),
             "gumbel_idx": (parts if plan.gumbel else None, i32),
             "umax": (parts if usum or plan.gumbel else None, f32),
@@ -364,8 +374,6 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     refmask = inp.refusal_mask.view(torch.uint8)
     if not _aligned(refmask):
         refmask = refmask.clone()
-    n_ref = inp.refusal_ids.numel()
-    ref_ids = inp.refusal_ids if n_ref else torch.zeros(1, dtype=i64, device=device)
     # Offset into [2**62, 2**63) so that the seed is always an int64 argument (one compiled
     # variant); distinct seeds stay distinct Philox keys.
     seed = (inp.seed or 0) + (1 << 62)
@@ -385,6 +393,7 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
         stride_r=zr.stride(0),
         stride_n=zn.stride(0),
     )
+    bias = dict(bias_unsafe=p.bias_unsafe, bias_safe=p.bias_safe, sens=int(plan.sens))
     contrast = dict(
         V=vocab,
         NB=plan.n_blocks,
@@ -396,15 +405,19 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
     )
     partials = dict(
         flags_ptr=w["block_flags"],  # [B, NB] int32: BLOCK_* bits
-        best_val_ptr=w["best_val"],  # [B, NB] fp32: greedy best value (argmax / greedy)
+        best_val_ptr=w["best_val"],  # [B, NB] fp32: greedy best z' but the pending tokens' (greedy)
         best_idx_ptr=w["best_idx"],  # [B, NB] int32: its token
-        zmax_ptr=w["zmax"],  # [B, NB] fp32: max of z over non-refusal tokens (sumexp / stats)
+        zmax_ptr=w["zmax"],  # [B, NB] fp32: max of z over non-refusal tokens (stats)
         zsum_ptr=w["zsum"],  # [B, NB] fp32: sum of exp(z - zmax)
+        rmax_ptr=w["rmax"],  # [B, NB] fp32: max of z over refusal tokens, before the bias (stats)
+        rsum_ptr=w["rsum"],  # [B, NB] fp32: sum of exp(z - rmax)
+        amax_ptr=w["amax"],  # [B, NB] fp32: max of z' over refusal tokens but the pending ones (stats)
+        asum_ptr=w["asum"],  # [B, NB] fp32: sum of exp(z' - amax)
         gumbel_val_ptr=w["gumbel_val"],  # [B, NB] fp32: Gumbel-max best of (z - umax) / T + g (gumbel)
         gumbel_idx_ptr=w["gumbel_idx"],  # [B, NB] int32: its token
-        umax_ptr=w["umax"],  # [B, NB] fp32: max of z (gumbel, usum: the shift of the block's scores)
+        umax_ptr=w["umax"],  # [B, NB] fp32: max of z' (gumbel, usum: the shift of the block's scores)
         usum_ptr=w["usum"],  # [B, NB] fp32: sum of exp((z - umax) / T) (usum: top-p without top-k)
-        cand_val_ptr=w["cand_val"],  # [B, NB, 2**c_shift] fp32: top-k_cand candidates' z (CANDS)
+        cand_val_ptr=w["cand_val"],  # [B, NB, 2**c_shift] fp32: top-k_cand candidates' z' (pending: z) (CANDS)
         cand_idx_ptr=w["cand_idx"],  # [B, NB, 2**c_shift] int32: their tokens
         cand_count_ptr=w["cand_count"],  # [B, NB] int32: candidates sent per block
         tail_ptr=w["tail"],  # [B, NB] int64: rank key of the last kept candidate, or -1
@@ -440,6 +453,7 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
                 stride_o=stride_o,
                 **partials,
                 **contrast,
+                **bias,
                 temperature=temperature,
                 seed=seed,
                 k_cand=plan.k_cand,
@@ -461,29 +475,21 @@ def _launches(inp: StepInputs, return_logits: bool, return_stats: bool):
             "step_merge_kernel",
             (batch,),
             dict(
-                zr_ptr=zr.view(torch.int16),  # [B, V (x2 for fp32)] int16 view of logits_real
-                zn_ptr=zn.view(torch.int16),  # the same of logits_noised
-                stride_r=zr.stride(0),  # in logits, not int16 words
-                stride_n=zn.stride(0),
-                dtype_code=DTYPE_CODES[zr.dtype],
                 verdict_ptr=inp.verdict,  # [B] int8: codes.Verdict
-                ref_ids_ptr=ref_ids,  # [R] int64: sorted refusal ids ([1] zeros when R = 0)
-                R=n_ref,
-                rowmax_ptr=w["rowmax"],  # [B, NB] fp32: row_max_kernel's maxima (read when plaus)
-                out_ptr=out,  # [B, V] fp32 out: the refusal tokens' biased logits (write_logits)
+                refmask_ptr=refmask,  # [V] uint8: the refusal mask (read at the candidates)
+                out_ptr=out,  # [B, V] fp32 out: the biased pending tokens' logits (write_logits)
                 stride_o=stride_o,
                 **partials,
                 tokens_ptr=tokens,  # [B] int64 out: the chosen tokens
                 before_ptr=mass[0],  # [B] fp32 out: refusal mass before the bias (stats)
                 after_ptr=mass[1],  # [B] fp32 out: refusal mass after the bias (stats)
                 status_ptr=w["status"],  # [B] int32 out: codes.RowStatus | FALLBACK_FLAG
-                **contrast,
-                bias_unsafe=p.bias_unsafe,
-                bias_safe=p.bias_safe,
+                V=vocab,
+                NB=plan.n_blocks,
+                **bias,
                 temperature=temperature,
                 top_p=float(p.top_p),
                 seed=seed,
-                sens=int(plan.sens),
                 k_sens=min(p.sensitive_top_k, vocab),
                 top_k=min(p.top_k, vocab),
                 c_shift=plan.c_shift,

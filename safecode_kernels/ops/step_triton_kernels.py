@@ -8,17 +8,17 @@ Three kernels, one step:
    sum-exp, Gumbel-max, the written logits) depends on it, so this cheap pass reads the
    real row once more (half the input bytes; for decoding-sized batches it comes from L2).
 2. ``step_block_kernel``, grid ``(rows, vocabulary blocks)``: reads each input logit once,
-   computes the contrast and everything a row needs from its block, over the block's
-   *non-refusal* tokens only: error flags, the greedy best, online max/sum-exp, the
+   computes the contrast, the refusal bias where it is known here (see below), and
+   everything a row needs from its block: error flags, the greedy best, online
+   max/sum-exp (non-refusal tokens, refusal tokens before and after the bias), the
    Gumbel-max best, and the block's top-``C`` candidates (a radix select on the float's
-   ordered bits and the index: exact, never a sort). It writes the contrasted logits when
+   ordered bits and the index: exact, never a sort). It writes the modulated logits when
    asked.
-3. ``step_merge_kernel``, grid ``(rows,)``: merges the block partials and handles the few
-   refusal tokens exactly from their ids (it re-reads those tens of logits): the sensitive
-   set (the k-th largest of candidates + refusal tokens), the bias, the refusal mass before
-   and after, the token (argmax, Gumbel-max, or top-k/top-p over the candidates), and one
-   status word per row that the launcher checks. It reads the logits through int16 views,
-   so one compiled merge serves every dtype.
+3. ``step_merge_kernel``, grid ``(rows,)``: merges the block partials and the candidates:
+   the sensitive set (the k-th largest candidate), the bias of the refusal candidates in it,
+   the refusal mass before and after, the token (argmax, Gumbel-max, or top-k/top-p over the
+   candidates), and one status word per row that the launcher checks. It never reads the
+   logits, so one compiled merge serves every dtype.
 
 Sampling scales ``(z' - max z') / T`` as the torch reference does (never ``z' / T``: huge
 finite logits over a small temperature would overflow): each block shifts by its own max and
@@ -27,9 +27,16 @@ the merge rescales the blocks' partials to the row's max.
 The compiled variants are few on purpose (see ``step_triton.kernel_variants``): the cheap
 switches are runtime arguments, and only the constexprs that change a kernel's shape remain.
 
-Why the refusal tokens are kept out of the block reductions: their value changes with the
-bias, which is only known after the merge. Reductions over the other tokens never change,
-so greedy argmax, sum-exp and Gumbel-max stay exact with a single read.
+Refusal tokens: each is handled by the block that holds it, from the refusal mask, so no
+kernel's shape, registers or compile time depends on the size of the refusal set (up to V).
+With scope "all" (or ``sensitive_top_k >= V``) or ``sensitive_top_k == 0`` the bias of every
+refusal token is known before the merge: the blocks apply it, and all reductions are over
+final values. With the sensitive top-k set, a refusal token is biased only if it is among the
+row's top-k, which is known only after the merge; such a token is among its block's top-``C``
+candidates (``C >= k``), so the refusal tokens among the candidates are left out of the
+block reductions (*pending*) and the merge finishes them, while every other refusal token is
+outside the top-k (unbiased) and reduced in its block like any token. Reductions over final
+values never change, so greedy argmax, sum-exp and Gumbel-max stay exact with a single read.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ BLOCK_ZR_BAD = tl.constexpr(1)  # NaN or +inf in logits_real
 BLOCK_ZN_BAD = tl.constexpr(2)  # NaN or +inf in logits_noised
 BLOCK_Z_BAD = tl.constexpr(4)  # the contrast gave NaN or +inf
 BLOCK_LIVE = tl.constexpr(8)  # some token (refusal or not) has z > -inf
-BLOCK_LIVE_OTHER = tl.constexpr(16)  # some non-refusal token has z > -inf
+BLOCK_LIVE_FINAL = tl.constexpr(16)  # some token the merge does not bias has z' > -inf
+BLOCK_BIAS_BAD = tl.constexpr(32)  # the refusal bias overflowed on such a token
 
 # The codes of codes.py, as the constexprs a kernel can read. The merge kernel writes one
 # word per row: the row's RowStatus (the first problem in the reference's check order), plus
@@ -67,10 +75,6 @@ SENS_TOP_K = tl.constexpr(int(SensitiveSet.TOP_K))
 # Most vocabulary blocks of a row: the width of the loads of per-block partials (the launcher
 # picks blocks large enough; a fixed width keeps it out of the compiled variants).
 NB_MAX = tl.constexpr(256)
-# Dtype codes of the logits for the merge kernel, which reads them through int16 views.
-DTYPE_FP32 = tl.constexpr(0)
-DTYPE_FP16 = tl.constexpr(1)
-DTYPE_BF16 = tl.constexpr(2)
 
 NEG_INF = tl.constexpr(float("-inf"))
 POS_INF = tl.constexpr(float("inf"))
@@ -204,14 +208,36 @@ def _any_bit(flags, bit):
 
 
 @triton.jit
-def _refusal_mass(max_other, sum_other, values, is_ref):
-    """Mass of the refusal tokens under softmax, from the non-refusal tokens' (max, sum-exp)
-    and the refusal tokens' values."""
-    v = tl.where(is_ref, values, NEG_INF)
-    m = _finite_or_zero(tl.maximum(max_other, tl.max(v, axis=0)))
-    num = tl.sum(tl.where(v > NEG_INF, tl.exp(v - m), 0.0), axis=0)
-    den = num + tl.where(max_other > NEG_INF, sum_other * tl.exp(max_other - m), 0.0)
+def _max_sum_exp(v):
+    """``(max, sum of exp(v - max))`` of values ``v`` (-inf: absent; the sum is 0 then)."""
+    m = tl.max(v, axis=0)
+    return m, tl.sum(tl.where(v > NEG_INF, tl.exp(v - _finite_or_zero(m)), 0.0), axis=0)
+
+
+@triton.jit
+def _refusal_mass(ref_max, ref_sum, other_max, other_sum, values):
+    """Mass of the refusal tokens under softmax, from the (max, sum-exp) of the refusal tokens
+    the blocks reduced, the same of the non-refusal tokens, and the values of the refusal
+    tokens the merge holds (``values``, -inf elsewhere)."""
+    m = _finite_or_zero(tl.maximum(tl.maximum(ref_max, other_max), tl.max(values, axis=0)))
+    num = tl.sum(tl.where(values > NEG_INF, tl.exp(values - m), 0.0), axis=0)
+    num += tl.where(ref_max > NEG_INF, ref_sum * tl.exp(ref_max - m), 0.0)
+    den = num + tl.where(other_max > NEG_INF, other_sum * tl.exp(other_max - m), 0.0)
     return num / tl.where(den > 0.0, den, 1.0)
+
+
+@triton.jit
+def _lanes_equal(scalar, value, lanes):
+    """``scalar == value`` as a bool tensor shaped like the int ``lanes`` (the interpreter
+    turns a scalar comparison combined with bool tensors into int32, which masks refuse)."""
+    return (lanes * 0 + scalar) == value
+
+
+@triton.jit
+def _row_bias(verdict_ptr, row, bias_unsafe, bias_safe):
+    """The refusal bias of the row's verdict (0 for no verdict)."""
+    verdict = tl.load(verdict_ptr + row)
+    return tl.where(verdict == VERDICT_UNSAFE, bias_unsafe, tl.where(verdict == VERDICT_SAFE, bias_safe, 0.0))
 
 
 @triton.jit
@@ -228,21 +254,6 @@ def _merge_scaled_sum_exp(max_ptr, sum_ptr, offs, mask, shift, temperature):
     m = tl.load(max_ptr + offs, mask=mask, other=NEG_INF)
     s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
     return tl.sum(tl.where(m > NEG_INF, s * tl.exp(tl.div_rn(m - shift, temperature)), 0.0), axis=0)
-
-
-@triton.jit
-def _load_logits(ptr16, offs, mask, dtype_code):
-    """Logits at element offsets ``offs`` of a row read through an int16 view (one compiled
-    merge kernel for every dtype), as fp32; -inf where ``mask`` is off. fp32 elements are two
-    little-endian int16 words."""
-    wide = (offs * 0 + dtype_code) == DTYPE_FP32  # a tensor like mask (scalar masks are refused)
-    lo = tl.load(ptr16 + tl.where(wide, 2 * offs, offs), mask=mask, other=0).to(tl.uint16, bitcast=True)
-    hi = tl.load(ptr16 + 2 * offs + 1, mask=mask & wide, other=0).to(tl.uint16, bitcast=True)
-    as_f32 = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)).to(tl.float32, bitcast=True)
-    as_bf16 = (lo.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    as_f16 = lo.to(tl.float16, bitcast=True).to(tl.float32)
-    x = tl.where(wide, as_f32, tl.where(dtype_code == DTYPE_BF16, as_bf16, as_f16))
-    return tl.where(mask, x, NEG_INF)
 
 
 @triton.jit
@@ -283,6 +294,7 @@ BLOCK_DNS = (
     "verdict_ptr",
     "NB",
     "plaus",
+    "sens",
     "seed",
     "k_cand",
     "c_shift",
@@ -320,6 +332,10 @@ def _step_block(
     best_idx_ptr,
     zmax_ptr,
     zsum_ptr,
+    rmax_ptr,
+    rsum_ptr,
+    amax_ptr,
+    asum_ptr,
     gumbel_val_ptr,
     gumbel_idx_ptr,
     umax_ptr,
@@ -335,6 +351,9 @@ def _step_block(
     alpha,
     alpha_safe,
     log_beta,
+    bias_unsafe,
+    bias_safe,
+    sens,
     temperature,
     seed,
     k_cand,
@@ -349,9 +368,15 @@ def _step_block(
     CANDS: tl.constexpr,
 ):
     """One (row, block) of the step, grid ``(rows, blocks)``: all partial results of the
-    block's tokens. The switches ``write_logits``, ``sumexp``, ``argmax``, ``usum``, ``gumbel``
-    (0 or 1) are runtime branches; ``CANDS`` (the radix select, which needs many registers)
-    is a constexpr so that the kernels without it keep a high occupancy.
+    block's tokens, refusal tokens included. The switches ``write_logits``, ``sumexp``,
+    ``argmax``, ``usum``, ``gumbel`` (0 or 1) and ``sens`` (a SensitiveSet) are runtime
+    branches; ``CANDS`` (the radix select, which needs many registers) is a constexpr so that
+    the kernels without it keep a high occupancy.
+
+    A refusal token's bias is applied here unless the sensitive set decides it (``sens`` is
+    TOP_K): then the refusal tokens among the block's candidates are *pending* (left out of
+    every reduction here; the merge biases them or not), and every other refusal token ranks
+    below the block's top-``k_cand``, so outside the sensitive set: unbiased, final here.
 
     Partials are indexed ``row * NB + block``; candidates ``(row * NB + block) * 2**c_shift + j``.
     """
@@ -366,47 +391,32 @@ def _step_block(
     zr = tl.load(zr_ptr + row64 * stride_r + offs, mask=inside, other=NEG_INF).to(tl.float32)
     zn = tl.load(zn_ptr + row64 * stride_n + offs, mask=inside, other=NEG_INF).to(tl.float32)
     z = _contrast(zr, zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta)
-    if write_logits != 0:
-        # Refusal tokens get their biased value from the merge kernel afterwards.
-        tl.store(out_ptr + row64 * stride_o + offs, z, mask=inside)
-
-    z_bad = (z != z) | (z == POS_INF)
     is_ref = tl.load(refmask_ptr + offs, mask=inside, other=0) != 0
-    # Non-refusal values; refusal and broken tokens are -inf here (a broken row is an error).
-    x = tl.where(is_ref | z_bad, NEG_INF, z)
-    live = x > NEG_INF
-
+    z_bad = (z != z) | (z == POS_INF)
     flags = tl.max(((zr != zr) | (zr == POS_INF)).to(tl.int32), axis=0) * BLOCK_ZR_BAD
     flags |= tl.max(((zn != zn) | (zn == POS_INF)).to(tl.int32), axis=0) * BLOCK_ZN_BAD
     flags |= tl.max(z_bad.to(tl.int32), axis=0) * BLOCK_Z_BAD
     flags |= tl.max((z > NEG_INF).to(tl.int32), axis=0) * BLOCK_LIVE
-    flags |= tl.max(live.to(tl.int32), axis=0) * BLOCK_LIVE_OTHER
-    tl.store(flags_ptr + part, flags)
-
-    if argmax != 0:
-        best, best_idx = _best(x, offs, V)
-        tl.store(best_val_ptr + part, best)
-        tl.store(best_idx_ptr + part, best_idx)
     if sumexp != 0:
-        m = tl.max(x, axis=0)
+        # Refusal mass before the bias: every refusal token.
+        m, s = _max_sum_exp(tl.where(is_ref & ~z_bad, z, NEG_INF))
+        tl.store(rmax_ptr + part, m)
+        tl.store(rsum_ptr + part, s)
+    # z' as the reference computes it (where(target, z + bias, z)), except for pending tokens.
+    bias = _row_bias(verdict_ptr, row, bias_unsafe, bias_safe)
+    zb = tl.where(is_ref & _lanes_equal(sens, SENS_ALL, offs), z + bias, z)
+    if write_logits != 0:
+        # Pending tokens that the merge biases are rewritten by it afterwards.
+        tl.store(out_ptr + row64 * stride_o + offs, zb, mask=inside)
+    bias_bad = tl.max((zb == POS_INF).to(tl.int32), axis=0)  # such tokens are -inf in x: never pending
+    flags |= bias_bad * BLOCK_BIAS_BAD
+    # Ranked values; broken tokens are -inf here (a broken row is an error).
+    x = tl.where(z_bad | (zb == POS_INF), NEG_INF, zb)
+    if sumexp != 0:
+        # The non-refusal tokens' part of the refusal masses.
+        m, s = _max_sum_exp(tl.where(is_ref, NEG_INF, x))
         tl.store(zmax_ptr + part, m)
-        tl.store(zsum_ptr + part, tl.sum(tl.where(live, tl.exp(x - _finite_or_zero(m)), 0.0), axis=0))
-    # Sampling scales (x - shift) / T, never x / T: huge logits over a small T would overflow.
-    # The block's own max is the shift; the merge rescales to the row's max.
-    if usum != 0:
-        m = tl.max(x, axis=0)
-        tl.store(umax_ptr + part, m)
-        u = tl.div_rn(x - _finite_or_zero(m), temperature)
-        tl.store(usum_ptr + part, tl.sum(tl.where(live, tl.exp(u), 0.0), axis=0))
-    if gumbel != 0:
-        # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
-        m = tl.max(x, axis=0)
-        tl.store(umax_ptr + part, m)
-        u = tl.div_rn(x - _finite_or_zero(m), temperature)
-        score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
-        best, best_idx = _best(score, offs, V)
-        tl.store(gumbel_val_ptr + part, best)
-        tl.store(gumbel_idx_ptr + part, best_idx)
+        tl.store(zsum_ptr + part, s)
     if CANDS:
         # The block's top-k_cand by (value desc, index asc), in index order.
         key = _rank_key(x, offs, idx_bits)
@@ -415,13 +425,47 @@ def _step_block(
         dst = (part << c_shift) + slot
         tl.store(cand_val_ptr + dst, x, mask=chosen)
         tl.store(cand_idx_ptr + dst, offs, mask=chosen)
-        n_live = tl.sum(live.to(tl.int32), axis=0)
+        n_live = tl.sum((x > NEG_INF).to(tl.int32), axis=0)
         tl.store(cand_count_ptr + part, tl.minimum(n_live, k_cand))
         # A block that kept only some of its live tokens reports the key of its last kept
         # one: every token it left out ranks below, which tells the merge how far the union
         # of the candidates is exact.
         last = tl.min(tl.where(chosen, key, 0x7FFFFFFFFFFFFFFF), axis=0)
         tl.store(tail_ptr + part, tl.where(n_live > k_cand, last, -1))
+        pending = chosen & is_ref & _lanes_equal(sens, SENS_TOP_K, offs)
+    else:
+        pending = tl.zeros((BLOCK,), dtype=tl.int1)
+    # The values every reduction below covers: all tokens but the pending ones.
+    xf = tl.where(pending, NEG_INF, x)
+    # Some token outside the merge's hands is not -inf after the bias (+inf counts).
+    flags |= (tl.max((xf > NEG_INF).to(tl.int32), axis=0) | bias_bad) * BLOCK_LIVE_FINAL
+    tl.store(flags_ptr + part, flags)
+    if sumexp != 0:
+        # Refusal tokens after the bias, but the pending ones.
+        m, s = _max_sum_exp(tl.where(is_ref, xf, NEG_INF))
+        tl.store(amax_ptr + part, m)
+        tl.store(asum_ptr + part, s)
+
+    if argmax != 0:
+        best, best_idx = _best(xf, offs, V)
+        tl.store(best_val_ptr + part, best)
+        tl.store(best_idx_ptr + part, best_idx)
+    # Sampling scales (x - shift) / T, never x / T: huge logits over a small T would overflow.
+    # The block's own max is the shift; the merge rescales to the row's max.
+    if usum != 0:
+        m = tl.max(xf, axis=0)
+        tl.store(umax_ptr + part, m)
+        u = tl.div_rn(xf - _finite_or_zero(m), temperature)
+        tl.store(usum_ptr + part, tl.sum(tl.where(xf > NEG_INF, tl.exp(u), 0.0), axis=0))
+    if gumbel != 0:
+        # Gumbel-max: argmax(u + g) is a sample of softmax(u), and argmax merges across blocks.
+        m = tl.max(xf, axis=0)
+        tl.store(umax_ptr + part, m)
+        u = tl.div_rn(xf - _finite_or_zero(m), temperature)
+        score = u + _gumbel_block(seed, row, blk * BLOCK, BLOCK)
+        best, best_idx = _best(score, offs, V)
+        tl.store(gumbel_val_ptr + part, best)
+        tl.store(gumbel_idx_ptr + part, best_idx)
 
 
 row_max_kernel = triton.jit(_row_max, do_not_specialize=ROW_MAX_DNS)
@@ -433,15 +477,8 @@ step_block_kernel_any = triton.jit(_step_block, do_not_specialize=BLOCK_DNS + BL
 # The merge kernel is specialised on nothing but its constexprs: one compiled variant per
 # (mode, X_PAD), whatever the dtype, batch, vocabulary or alignment.
 MERGE_PARAMS = (
-    "zr_ptr",
-    "zn_ptr",
-    "stride_r",
-    "stride_n",
-    "dtype_code",
     "verdict_ptr",
-    "ref_ids_ptr",
-    "R",
-    "rowmax_ptr",
+    "refmask_ptr",
     "out_ptr",
     "stride_o",
     "flags_ptr",
@@ -449,6 +486,10 @@ MERGE_PARAMS = (
     "best_idx_ptr",
     "zmax_ptr",
     "zsum_ptr",
+    "rmax_ptr",
+    "rsum_ptr",
+    "amax_ptr",
+    "asum_ptr",
     "gumbel_val_ptr",
     "gumbel_idx_ptr",
     "umax_ptr",
@@ -463,11 +504,6 @@ MERGE_PARAMS = (
     "status_ptr",
     "V",
     "NB",
-    "plaus",
-    "real_weight",
-    "alpha",
-    "alpha_safe",
-    "log_beta",
     "bias_unsafe",
     "bias_safe",
     "temperature",
@@ -490,15 +526,8 @@ MERGE_PARAMS = (
 
 @triton.jit(do_not_specialize=MERGE_PARAMS)
 def step_merge_kernel(
-    zr_ptr,
-    zn_ptr,
-    stride_r,
-    stride_n,
-    dtype_code,
     verdict_ptr,
-    ref_ids_ptr,
-    R,
-    rowmax_ptr,
+    refmask_ptr,
     out_ptr,
     stride_o,
     flags_ptr,
@@ -506,6 +535,10 @@ def step_merge_kernel(
     best_idx_ptr,
     zmax_ptr,
     zsum_ptr,
+    rmax_ptr,
+    rsum_ptr,
+    amax_ptr,
+    asum_ptr,
     gumbel_val_ptr,
     gumbel_idx_ptr,
     umax_ptr,
@@ -520,11 +553,6 @@ def step_merge_kernel(
     status_ptr,
     V,
     NB,
-    plaus,
-    real_weight,
-    alpha,
-    alpha_safe,
-    log_beta,
     bias_unsafe,
     bias_safe,
     temperature,
@@ -544,14 +572,17 @@ def step_merge_kernel(
     topp,
     X_PAD: tl.constexpr,
 ):
-    """One row: merge the block partials, handle the refusal tokens, choose the token.
+    """One row: merge the block partials, bias the pending refusal tokens, choose the token.
 
-    ``zr_ptr`` / ``zn_ptr`` are int16 views of the logits (``dtype_code``: DTYPE_*), strides in
-    logits. ``sens``: a :class:`~.codes.SensitiveSet` (NONE, ALL, or TOP_K: the top-``k_sens``
-    set). Token: ``greedy``, ``gumbel`` (temperature only), or ``topk`` / ``topp`` over the
-    candidates (``cands``: the blocks sent some). Every switch is a runtime 0 or 1: the merge is
-    one program per row, so its register count hardly matters, and one compiled variant per
-    ``X_PAD`` keeps the compile cost low."""
+    The lanes hold the blocks' candidates only (``cands``: the blocks sent some), so their
+    number does not depend on the refusal set. ``sens``: a :class:`~.codes.SensitiveSet`;
+    with TOP_K the refusal tokens among the candidates are pending and get the bias when they
+    are in the top-``k_sens`` of the candidates (which hold the row's whole top-``k_sens``
+    unless the row is flagged). Token: ``greedy``, ``gumbel`` (temperature only), or ``topk``
+    / ``topp`` over the candidates. Every switch is a runtime 0 or 1: the merge is one
+    program per row, so its register count hardly matters, and one compiled variant per
+    ``X_PAD`` keeps the compile cost low. It never reads the logits (the block kernel
+    computed every contrast), so one compiled merge serves every dtype."""
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     blocks = tl.arange(0, NB_MAX)
@@ -559,49 +590,40 @@ def step_merge_kernel(
     parts = row64 * NB + blocks
     bflags = tl.load(flags_ptr + parts, mask=block_ok, other=0)
 
-    # X: the block candidates (if any) followed by the refusal tokens, one lane each.
+    # X: the block candidates, one lane each (-inf elsewhere).
     lane = tl.arange(0, X_PAD)
     c_pad = 1 << c_shift
-    n_cand_slots = NB * c_pad * cands
     blk = lane >> c_shift
     slot = lane & (c_pad - 1)
-    is_cand = lane < n_cand_slots
+    is_cand = lane < NB * c_pad * cands
     count = tl.load(cand_count_ptr + row64 * NB + blk, mask=is_cand, other=0)
     is_cand = is_cand & (slot < count)
     cand_off = ((row64 * NB + blk) << c_shift) + slot
-    cand_z = tl.load(cand_val_ptr + cand_off, mask=is_cand, other=NEG_INF)
-    cand_idx = tl.load(cand_idx_ptr + cand_off, mask=is_cand, other=0)
-    ref_lane = lane - n_cand_slots
-    is_ref = (ref_lane >= 0) & (ref_lane < R)
-    ref_idx = tl.load(ref_ids_ptr + ref_lane, mask=is_ref, other=0).to(tl.int32)
-    ref_zr = _load_logits(zr_ptr, row64 * stride_r + ref_idx, is_ref, dtype_code)
-    ref_zn = _load_logits(zn_ptr, row64 * stride_n + ref_idx, is_ref, dtype_code)
-    ref_z = _contrast(ref_zr, ref_zn, row, verdict_ptr, rowmax_ptr, NB, plaus, real_weight, alpha, alpha_safe, log_beta)
-    xz = tl.where(is_cand, cand_z, ref_z)
-    xidx = tl.where(is_cand, cand_idx, ref_idx)
+    xz = tl.load(cand_val_ptr + cand_off, mask=is_cand, other=NEG_INF)
+    xidx = tl.load(cand_idx_ptr + cand_off, mask=is_cand, other=0)
+    cand_ref = tl.load(refmask_ptr + xidx, mask=is_cand, other=0) != 0
+    pending = is_cand & cand_ref & _lanes_equal(sens, SENS_TOP_K, lane)
 
     # Every token ranking at or above t_star is among the candidates (see step_block_kernel).
     t_star = tl.max(tl.load(tail_ptr + parts, mask=blocks < NB * cands, other=-1), axis=0)
     fallback = tl.zeros((), dtype=tl.int32)
 
-    # 2-3. Sensitive set and refusal bias.
-    verdict = tl.load(verdict_ptr + row)
-    bias = tl.where(verdict == VERDICT_UNSAFE, bias_unsafe, tl.where(verdict == VERDICT_SAFE, bias_safe, 0.0))
+    # 2-3. Sensitive set and refusal bias (the pending tokens; the blocks biased the others).
+    # (Only TOP_K has pending tokens; one mask for both branches keeps its type in the interpreter.)
+    key = _rank_key(xz, xidx, idx_bits)
+    kth = tl.full((), 0x7FFFFFFFFFFFFFFF, dtype=tl.int64)
     if sens == SENS_TOP_K:
-        key = _rank_key(xz, xidx, idx_bits)
         kth = _kth_largest_key(key, k_sens)
-        target = is_ref & (key >= kth) & (key >= 0)
         fallback |= (kth < t_star).to(tl.int32)
-    else:
-        target = is_ref & (sens == SENS_ALL)
-    xzb = tl.where(target, xz + bias, xz)
+    target = pending & (key >= kth) & (key >= 0)
+    xzb = tl.where(target, xz + _row_bias(verdict_ptr, row, bias_unsafe, bias_safe), xz)
     if write_logits != 0:
-        tl.store(out_ptr + row64 * stride_o + ref_idx, xzb, mask=is_ref)
+        tl.store(out_ptr + row64 * stride_o + xidx, xzb, mask=target)
 
     # The row's status, in the reference's check order.
-    live_after = _any_bit(bflags, BLOCK_LIVE_OTHER) | tl.max((is_ref & (xzb > NEG_INF)).to(tl.int32), axis=0)
+    live_after = _any_bit(bflags, BLOCK_LIVE_FINAL) | tl.max((pending & (xzb > NEG_INF)).to(tl.int32), axis=0)
     over_contrast = _any_bit(bflags, BLOCK_Z_BAD)
-    over_bias = tl.max((is_ref & (xzb == POS_INF)).to(tl.int32), axis=0)
+    over_bias = _any_bit(bflags, BLOCK_BIAS_BAD) | tl.max((pending & (xzb == POS_INF)).to(tl.int32), axis=0)
     status = tl.where(
         _any_bit(bflags, BLOCK_ZR_BAD) != 0,
         STATUS_REAL_NOT_FINITE,
@@ -627,15 +649,19 @@ def step_merge_kernel(
     if stats != 0:
         zmax = tl.max(tl.load(zmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
         zsum = _merge_sum_exp(zmax_ptr, zsum_ptr, parts, block_ok, zmax)
-        tl.store(before_ptr + row, _refusal_mass(zmax, zsum, xz, is_ref))
-        tl.store(after_ptr + row, _refusal_mass(zmax, zsum, xzb, is_ref))
+        rmax = tl.max(tl.load(rmax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
+        rsum = _merge_sum_exp(rmax_ptr, rsum_ptr, parts, block_ok, rmax)
+        amax = tl.max(tl.load(amax_ptr + parts, mask=block_ok, other=NEG_INF), axis=0)
+        asum = _merge_sum_exp(amax_ptr, asum_ptr, parts, block_ok, amax)
+        tl.store(before_ptr + row, _refusal_mass(rmax, rsum, zmax, zsum, tl.where(lane < 0, xz, NEG_INF)))
+        tl.store(after_ptr + row, _refusal_mass(amax, asum, zmax, zsum, tl.where(pending, xzb, NEG_INF)))
 
     # 4. Token choice. Sampling scales (z' - max z') / T, as the reference does: dividing
     # unshifted huge logits by a small T would overflow.
     if greedy != 0:
         block_best = tl.load(best_val_ptr + parts, mask=block_ok, other=NEG_INF)
         block_idx = tl.load(best_idx_ptr + parts, mask=block_ok, other=V)
-        ref_best, ref_best_idx = _best(tl.where(is_ref, xzb, NEG_INF), xidx, V)
+        ref_best, ref_best_idx = _best(tl.where(pending, xzb, NEG_INF), xidx, V)
         best, best_idx = _best(block_best, block_idx, V)
         token = tl.where(
             ref_best > best, ref_best_idx, tl.where(ref_best == best, tl.minimum(ref_best_idx, best_idx), best_idx)
@@ -643,18 +669,19 @@ def step_merge_kernel(
     elif gumbel != 0:
         # Blocks scored (x - block max) / T + g; rescale their best to the row's max.
         block_max = tl.load(umax_ptr + parts, mask=block_ok, other=NEG_INF)
-        row_max = _finite_or_zero(tl.maximum(tl.max(block_max, axis=0), tl.max(tl.where(is_ref, xzb, NEG_INF), axis=0)))
+        pending_max = tl.max(tl.where(pending, xzb, NEG_INF), axis=0)
+        row_max = _finite_or_zero(tl.maximum(tl.max(block_max, axis=0), pending_max))
         block_best = tl.load(gumbel_val_ptr + parts, mask=block_ok, other=NEG_INF)
         block_idx = tl.load(gumbel_idx_ptr + parts, mask=block_ok, other=V)
         shift = tl.div_rn(_finite_or_zero(block_max) - row_max, temperature)
         block_best = tl.where(block_best > NEG_INF, block_best + shift, NEG_INF)
         score = tl.div_rn(xzb - row_max, temperature) + _gumbel_at(seed, row, xidx)
-        ref_best, ref_best_idx = _best(tl.where(is_ref, score, NEG_INF), xidx, V)
+        ref_best, ref_best_idx = _best(tl.where(pending, score, NEG_INF), xidx, V)
         best, best_idx = _best(block_best, block_idx, V)
         token = tl.where(ref_best > best, ref_best_idx, best_idx)
     else:
-        # Top-k / top-p: every token that can be kept is in X (or the row falls back).
-        allowed = (is_cand | is_ref) & (xzb > NEG_INF)
+        # Top-k / top-p: every token that can be kept is a candidate (or the row falls back).
+        allowed = is_cand & (xzb > NEG_INF)
         key = tl.where(allowed, _rank_key(xzb, xidx, idx_bits), -1)
         if topk != 0:
             kth = _kth_largest_key(key, top_k)
@@ -671,9 +698,9 @@ def step_merge_kernel(
             if topk != 0:
                 total = tl.sum(tl.where(allowed, tl.exp(u), 0.0), axis=0)
             else:
-                # All tokens count: the non-refusal blocks' sum-exp plus the refusal tokens.
+                # All tokens count: the blocks' sum-exp plus the pending tokens.
                 total = _merge_scaled_sum_exp(umax_ptr, usum_ptr, parts, block_ok, row_max, temperature)
-                total += tl.sum(tl.where(is_ref & (xzb > NEG_INF), tl.exp(u), 0.0), axis=0)
+                total += tl.sum(tl.where(pending & (xzb > NEG_INF), tl.exp(u), 0.0), axis=0)
             prob = tl.where(allowed, tl.exp(u), 0.0) / total
             threshold = _mass_threshold_key(key, prob, top_p)
             keep = allowed & (key >= threshold)

@@ -234,6 +234,72 @@ def test_no_refusal_tokens(block):
 
 
 # ----------------------------------------------------------------------------------------
+# Large refusal sets: the kernels take them (no reference pass), up to every token
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """The rows of every call the launcher makes to the torch reference (a whole step the
+    kernels cannot take, or rows they flagged)."""
+    calls = []
+    original = step_triton.step_torch
+
+    def counting(inp, *args):
+        calls.append(inp.batch)
+        return original(inp, *args)
+
+    monkeypatch.setattr(step_triton, "step_torch", counting)
+    return calls
+
+
+LARGE_REFUSAL_MODES = {
+    "greedy-k20": SteeringParams(sensitive_top_k=20),
+    "greedy-all": SteeringParams(scope="all", boost=2.0),
+    "greedy-k0-plausibility": SteeringParams(sensitive_top_k=0, plausibility=0.05),
+    "T-k20": SteeringParams(temperature=0.8, sensitive_top_k=20),
+    "T-all": SteeringParams(temperature=0.8, scope="all"),
+    "top-k": SteeringParams(temperature=0.9, top_k=50, sensitive_top_k=20),
+    "top-p": SteeringParams(temperature=1.0, top_p=0.9, sensitive_top_k=20),
+    "top-k-top-p-all": SteeringParams(temperature=0.7, top_k=40, top_p=0.8, scope="all"),
+}
+
+
+@pytest.mark.parametrize("n_ref", [3000, 5000])
+@pytest.mark.parametrize("mode", list(LARGE_REFUSAL_MODES))
+def test_large_refusal_set_matches_reference(block, reference_calls, mode, n_ref):
+    """V = 5000 in 5 blocks with 3000 refusal ids or every id: logits bitwise equal to the
+    reference's, masses to rounding, greedy tokens equal, sampled tokens inside the
+    reference's kept set, and no row handed to the reference."""
+    block(1024)
+    vocab, batch = 5000, 3
+    params = LARGE_REFUSAL_MODES[mode]
+    refusal = make_refusal(vocab, n_ref, seed=n_ref)
+    real, noised = make_logits(batch, vocab, torch.float32, seed=n_ref + 1, refusal=refusal)
+    got, want = both(real, noised, verdicts(batch), refusal, params, generator=17)
+    assert torch.equal(got.logits, want.logits)
+    for g, w in zip(got.refusal_mass, want.refusal_mass):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    if params.temperature == 0:
+        assert torch.equal(got.tokens, want.tokens)
+    else:
+        probs = reference_probs(want.logits, params)
+        assert bool((probs.gather(1, got.tokens[:, None]) > 0).all())
+    assert not reference_calls
+
+
+def test_sampling_distribution_with_most_tokens_refusal(block, reference_calls):
+    """Gumbel-max over 2 blocks where 20 of 24 tokens are refusal tokens and the sensitive
+    top-4 decides which are biased (the merge finishes those): the draws follow the
+    reference's distribution."""
+    block(16)
+    n = 100_000 if HAS_CUDA else 200
+    refusal = tuple(i for i in range(24) if i % 6)
+    params = SteeringParams(temperature=0.7, sensitive_top_k=4, boost=1.5)
+    tokens, probs = _draws(n, 24, params, refusal=refusal)
+    assert_drawn_from(tokens, probs)
+    assert not reference_calls
+
+
+# ----------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------
 def _draws(n, vocab, params, *, seed=0, refusal=(1, 4)):
@@ -332,12 +398,29 @@ def _error_case(name):
     elif name == "bias-overflow":
         real[0, 9] = 3.4e38
         params = SteeringParams(scope="all", boost=1e38, alpha=0.0)
+    elif name == "banned-after-bias-sensitive":  # the merge biases the sensitive refusal tokens
+        noised[1] = -math.inf
+        noised[1, refusal] = 0.0
+        params = SteeringParams(sensitive_top_k=2, suppress=math.inf)
+    elif name == "bias-overflow-sensitive":
+        real[0, 9] = 3.4e38
+        params = SteeringParams(sensitive_top_k=1, boost=1e38, alpha=0.0)
     return real, noised, verdicts(3), refusal, params
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
 @pytest.mark.parametrize(
-    "name", ["nan-real", "inf-noised", "all-banned", "contrast-overflow", "banned-after-bias", "bias-overflow"]
+    "name",
+    [
+        "nan-real",
+        "inf-noised",
+        "all-banned",
+        "contrast-overflow",
+        "banned-after-bias",
+        "bias-overflow",
+        "banned-after-bias-sensitive",
+        "bias-overflow-sensitive",
+    ],
 )
 def test_errors_match_reference(block, name):
     block(16)
@@ -405,6 +488,31 @@ def test_gpu_sampling_grid(vocab, mode):
         assert bool((probs.gather(1, got.tokens[:, None]) > 0).all())
         again = sk.safecode_step(real, noised, verdicts(batch), refusal, params, generator=99, backend="triton")
         assert torch.equal(got.tokens, again.tokens)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("vocab", [32000, 152064])
+@pytest.mark.parametrize("n_ref", ["20000", "V"])
+@pytest.mark.parametrize("mode", list(LARGE_REFUSAL_MODES))
+def test_gpu_large_refusal_sets(reference_calls, vocab, n_ref, mode):
+    """20000 refusal ids or every id at real vocabulary sizes, bf16: the kernels take the
+    step, greedy matches, sampled tokens stay in the kept set. (Top-p nuclei of these random
+    rows can be wider than the candidates: those rows alone may be recomputed.)"""
+    batch = 17
+    params = LARGE_REFUSAL_MODES[mode]
+    refusal = make_refusal(vocab, 20_000 if n_ref == "20000" else vocab, seed=vocab)
+    real, noised = make_logits(batch, vocab, torch.bfloat16, seed=vocab, refusal=refusal)
+    assert step_triton._plan(prepare_step_inputs(real, noised, verdicts(batch), refusal, params, None)).fits
+    got, want = both(real, noised, verdicts(batch), refusal, params, generator=7)
+    if params.temperature == 0:
+        assert_same(got, want)
+    else:
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-6)
+        probs = reference_probs(want.logits, params)
+        assert bool((probs.gather(1, got.tokens[:, None]) > 0).all())
+    if params.top_p == 1.0:
+        assert not reference_calls
 
 
 @pytest.mark.gpu

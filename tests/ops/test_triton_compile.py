@@ -104,11 +104,11 @@ GRID = (
             [7, 1000, 152_064, 1_000_000],  # vocabulary (1M: more blocks than NB_MAX)
             ["fp32", "bf16", "fp16"],
             LAYOUTS,
-            [0, 150, 5000],  # refusal ids (5000: more than the merge's lanes with candidates)
+            [0, 150, 5000],  # refusal ids
             ["greedy-k0", "greedy-all-plaus", "top-p"],
         )
     )
-    + list(itertools.product([3], [1000, 32_000, 152_064], ["bf16"], LAYOUTS, [0, 24, 150, 5000], list(MODES)))
+    + list(itertools.product([3], [1000, 32_000, 152_064], ["bf16"], LAYOUTS, [0, 24, 150, 5000, 20_000], list(MODES)))
     + [(70_000, 1000, "bf16", "expanded", 24, mode) for mode in MODES]  # > 65535 rows: the grid's x
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,8 +157,34 @@ def test_launches_use_only_the_compiled_variants(monkeypatch):
             grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
             assert grid[0] < 2**31 and grid[1] <= 65535 and grid[2] <= 65535, (variant.name, grid)
     assert used == space, sorted(v.name for v in space - used)
-    # The whole-step fallback is taken for what the kernels cannot take only.
-    assert sizes["torch fallback"] == {(1_000_000, n) for n in (0, 150, 5000)} | {(v, 5000) for v in (32_000, 152_064)}
+    # The whole-step fallback is taken for what the kernels cannot take only: more blocks
+    # than NB_MAX, whatever the refusal set.
+    assert sizes["torch fallback"] == {(1_000_000, n) for n in (0, 150, 5000)}
+
+
+@pytest.mark.parametrize("vocab", [32_000, 152_064])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_20000_refusal_ids_compile_the_default_kernels(monkeypatch, vocab, mode):
+    """A step with 20000 refusal ids launches exactly the kernels (variants, grids, warps,
+    argument types) of a step with a default-sized set of 150: its compile time, registers
+    and local memory are those that test_variant_compiles_without_spills measures."""
+    monkeypatch.setattr(step_triton, "_interpreted", lambda: False)  # the GPU heuristics
+    launched = {}
+    for n_ref in (150, 20_000):
+        inputs = _inputs(3, vocab, torch.bfloat16, "contiguous", n_ref, MODES[mode])
+        assert inputs.refusal_ids.numel() == n_ref
+        assert step_triton._plan(inputs).fits  # the kernels take the step, not the reference
+        launches, *_ = step_triton._launches(inputs, True, True)
+        launched[n_ref] = [
+            (
+                step_triton.variant_of(launch),
+                launch.grid,
+                {name: triton_compile._arg_type(value) for name, value in launch.args.items()},
+            )
+            for launch in launches
+        ]
+    assert launched[20_000] == launched[150]
+    assert all(variant in VARIANTS for variant, *_ in launched[20_000])
 
 
 def main() -> None:
