@@ -513,8 +513,7 @@ class _Run:
                 steering.observe(i, self.sequences[i], logits[real_rows[k]])
         steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER and k not in bad]
         if steered:
-            rows = torch.tensor([real_rows[k] for k in steered], device=logits.device)
-            real, noised = logits[rows], logits[rows + 1]
+            real, noised = self._paired_logits(logits, [real_rows[k] for k in steered])
             out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences, self.return_logits)
             launched.steered = (steered, out, real, noised)
             launched.add(out.tokens, out.mass_before, out.mass_after, out.pending and out.pending.status)
@@ -526,6 +525,20 @@ class _Run:
         for _, chosen, status, _ in launched.plain:
             launched.add(chosen, status)
         return launched
+
+    def _paired_logits(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real and noised logits of the steered requests whose real rows are ``rows``:
+        views when every row is steered, else gathered with an index tensor made once per set
+        of rows (a fresh one per step would be a blocking host-to-device copy, which on CUDA
+        waits for the step's forward)."""
+        if len(rows) * 2 == logits.shape[0]:  # every row is a steered pair: 0, 2, 4, ...
+            return logits[0::2], logits[1::2]
+        cache = self.__dict__.setdefault("_row_index", {})
+        key = (tuple(rows), logits.device)
+        index = cache.get(key)
+        if index is None:
+            index = cache[key] = torch.tensor(rows, device=logits.device)
+        return logits[index], logits[index + 1]
 
     def _finish(self, launched: _Launched, values: list, logits, real_rows: list[int], bad: set[int]) -> list:
         """Record the tokens read (and the steering records), resolving the step op's status

@@ -345,35 +345,43 @@ class _HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("poison", [None, (2, 1, float("nan"))], ids=["clean", "bad-logits"])
-def test_one_host_read_per_step(tiny, monkeypatch, poison):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_one_host_read_per_step(tiny, monkeypatch, poison, sampled):
     """Every step's choice (steered and plain) reads the device once: the tokens, the step op's
     status words, the refusal masses and the rows holding NaN or +inf in one copy; a step with
-    a bad row reads once more (its step runs again without it)."""
+    a bad row reads once more (its step runs again without it). Sampled steps also draw each
+    step op's seed from the run's generator, a CPU one (a read of host memory), and nothing else."""
+    from safecode_kernels.ops import step_inputs
+    from safecode_kernels.ops.step_torch import decodes_greedily
+
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
-    reads, scalar_reads = [], []
-    real_read, real_choose = decoder_module._read_step, decoder_module._Run.choose
+    reads, seeds, counts = [], [], []
+    real_read, real_choose, real_seed = decoder_module._read_step, decoder_module._Run.choose, step_inputs.seed_from
     monkeypatch.setattr(decoder_module, "_read_step", lambda values: reads.append(1) or real_read(values))
+    monkeypatch.setattr(step_inputs, "seed_from", lambda generator: seeds.append(1) or real_seed(generator))
 
     def choose(run, logits):
-        reads.clear()
+        reads.clear(), seeds.clear()
         with _HostReads() as counter:
             tokens = real_choose(run, logits)
-        scalar_reads.append((len(reads), counter.count))
+        counts.append((len(reads), counter.count - len(seeds)))
         return tokens
 
     monkeypatch.setattr(decoder_module._Run, "choose", choose)
-    decoder = SafeCoDeDecoder(model, processor, PARAMS, steer_steps=2, refusal=refusal, backend=BACKEND)
+    params = PARAMS.replace(temperature=0.8, top_p=0.9) if sampled else PARAMS
+    decoder = SafeCoDeDecoder(model, processor, params, steer_steps=2, refusal=refusal, backend=BACKEND)
     refusal.mask(model.get_output_embeddings().weight.shape[0], "cpu")  # built once per set (checks its ids)
+    decodes_greedily(params)  # decided once per temperature
     handle = model.get_output_embeddings().register_forward_hook(PoisonRow(*poison)) if poison else None
+    settings = dict(do_sample=True, temperature=0.8, top_p=0.9) if sampled else {}
     try:
-        result = decoder.generate(images, prompts, verdicts, max_new_tokens=5, eos_token_id=[], **kwargs)
+        result = decoder.generate(images, prompts, verdicts, max_new_tokens=5, eos_token_id=[], **settings, **kwargs)
     finally:
         if handle is not None:
             handle.remove()
-    assert len(scalar_reads) == 5
     expected = [(1, 0)] * 5
     if poison:
         expected[poison[0]] = (2, 0)
         assert result.errors[1] is not None
-    assert scalar_reads == expected
+    assert counts == expected
