@@ -21,6 +21,7 @@ import dataclasses
 
 import torch
 
+from ..ops.step_pending import finish_step
 from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
@@ -464,46 +465,31 @@ class _Run:
     def choose(self, logits: torch.Tensor) -> list[int]:
         """The next token of every active request (appended to its sequence), by phase:
         steered requests from their paired rows, forced ones from the recipe, plain ones from
-        their real row."""
-        steering, recorder = self.steering, self.recorder
+        their real row.
+
+        Everything the step needs on the host (the tokens, the step op's row status words, the
+        refusal masses, which rows hold NaN or +inf) is read in one copy (:func:`_read_step`).
+        Rows holding NaN or +inf end their request; in the rare step that has one, the step
+        runs again without them (a second read), as the step op would raise for the batch."""
+        steering = self.steering
         real_rows = self._real_rows()
-        tokens: list[int | None] = [None] * len(self.active)
-        bad = self._fail_bad_rows(logits, real_rows)  # these end here; the others go on
-        for k, i in enumerate(self.active):
-            if self.phases[i] != PLAIN and k not in bad:
-                steering.observe(i, self.sequences[i], logits[real_rows[k]])
-        steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER and k not in bad]
-        if steered:
-            rows = torch.tensor([real_rows[k] for k in steered], device=logits.device)
-            real, noised = logits[rows], logits[rows + 1]
-            out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences, self.return_logits)
-            for n, k in enumerate(steered):
-                tokens[k] = int(out.tokens[n])
-                recorder.add(
-                    self.active[k],
-                    tokens[k],
-                    real[n],
-                    noised[n],
-                    out.logits[n] if self.return_logits else None,
-                    mass=(out.mass_before[n], out.mass_after[n]),
-                    action=out.actions[n],
-                    phrase=out.phrases[n],
-                )
-        for k, i in enumerate(self.active):
-            if self.phases[i] == FORCED and k not in bad:
-                tokens[k] = steering.forced_token(i, self.sequences[i])
-                recorder.add(
-                    i,
-                    tokens[k],
-                    logits[real_rows[k]] if self.return_logits else None,
-                    mass=(float("nan"), float("nan")),
-                    action="forced",
-                )
-        plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN and k not in bad]
-        if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
-            self._choose_plain(plain, logits, tokens)
-        else:
-            self._choose_plain(plain, [logits[real_rows[k]] for k in plain], tokens)
+        # NaN (the max propagates it) or +inf anywhere in a row, per cache row, on the device.
+        row_max = logits.amax(-1)
+        flags = torch.isnan(row_max) | (row_max == float("inf"))
+        bad: set[int] = set()
+        if not steering.defers_reads and any(self.phases[i] != PLAIN for i in self.active):
+            # This recipe reads its steered rows on the host itself: drop the bad rows first.
+            bad, flags = self._fail_bad_rows(_read_step(flags), real_rows), None
+        state = self.setup.generator.get_state() if flags is not None else None
+        launched = self._launch(logits, real_rows, bad)
+        values = launched.read(flags)
+        if flags is not None:
+            bad = self._fail_bad_rows(values.pop(0), real_rows)
+            if bad:  # these end here; the others' step runs again without them, from the same state
+                self.setup.generator.set_state(state)
+                launched = self._launch(logits, real_rows, bad)
+                values = launched.read(None)
+        tokens = self._finish(launched, values, logits, real_rows, bad)
 
         # Phases move on; a request whose steering just ended may drop some of its tokens.
         for k, i in enumerate(self.active):
@@ -517,20 +503,91 @@ class _Run:
                     tokens[k] = self._truncate(k, i, keep, real_rows[k])
         return tokens
 
-    def _fail_bad_rows(self, logits: torch.Tensor, real_rows: list[int]) -> set[int]:
+    def _launch(self, logits: torch.Tensor, real_rows: list[int], bad: set[int]) -> _Launched:
+        """Start the step's token choices on the device for every active request but ``bad``
+        (forced tokens are taken in :meth:`_finish`, as they read nothing)."""
+        steering = self.steering
+        launched = _Launched(logits.device, logits.shape[-1])
+        for k, i in enumerate(self.active):
+            if self.phases[i] != PLAIN and k not in bad:
+                steering.observe(i, self.sequences[i], logits[real_rows[k]])
+        steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER and k not in bad]
+        if steered:
+            real, noised = self._paired_logits(logits, [real_rows[k] for k in steered])
+            out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences, self.return_logits)
+            launched.steered = (steered, out, real, noised)
+            launched.add(out.tokens, out.mass_before, out.mass_after, out.pending and out.pending.status)
+        plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN and k not in bad]
+        if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
+            launched.plain = self._launch_plain(plain, logits)
+        else:
+            launched.plain = self._launch_plain(plain, [logits[real_rows[k]] for k in plain])
+        for _, chosen, status, _ in launched.plain:
+            launched.add(chosen, status)
+        return launched
+
+    def _paired_logits(self, logits: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real and noised logits of the steered requests whose real rows are ``rows``:
+        views when every row is steered, else gathered with an index tensor made once per set
+        of rows (a fresh one per step would be a blocking host-to-device copy, which on CUDA
+        waits for the step's forward)."""
+        if len(rows) * 2 == logits.shape[0]:  # every row is a steered pair: 0, 2, 4, ...
+            return logits[0::2], logits[1::2]
+        cache = self.__dict__.setdefault("_row_index", {})
+        key = (tuple(rows), logits.device)
+        index = cache.get(key)
+        if index is None:
+            index = cache[key] = torch.tensor(rows, device=logits.device)
+        return logits[index], logits[index + 1]
+
+    def _finish(self, launched: _Launched, values: list, logits, real_rows: list[int], bad: set[int]) -> list:
+        """Record the tokens read (and the steering records), resolving the step op's status
+        words: its errors are raised, rows it could not decide exactly recomputed."""
+        recorder = self.recorder
+        tokens: list[int | None] = [None] * len(self.active)
+        if launched.steered is not None:
+            steered, out, real, noised = launched.steered
+            chosen, before, after, words = (values.pop(0) for _ in range(4))
+            steered_logits = out.logits
+            if words and any(words):  # rare: an error to raise, or rows to recompute
+                chosen, steered_logits, stats = finish_step(out.pending, [int(w) for w in words])
+                chosen, before, after = chosen.tolist(), *(m.tolist() for m in stats)
+            for n, k in enumerate(steered):
+                tokens[k] = int(chosen[n])
+                recorder.add(
+                    self.active[k],
+                    tokens[k],
+                    real[n],
+                    noised[n],
+                    steered_logits[n] if self.return_logits else None,
+                    mass=(before[n], after[n]),
+                    action=out.actions[n],
+                    phrase=out.phrases[n],
+                )
+        for k, i in enumerate(self.active):
+            if self.phases[i] == FORCED and k not in bad:
+                tokens[k] = self.steering.forced_token(i, self.sequences[i])
+                recorder.add(
+                    i,
+                    tokens[k],
+                    logits[real_rows[k]] if self.return_logits else None,
+                    mass=(float("nan"), float("nan")),
+                    action="forced",
+                )
+        self._finish_plain(launched.plain, values, tokens)
+        return tokens
+
+    def _fail_bad_rows(self, flags: list, real_rows: list[int]) -> set[int]:
         """End the requests whose logits hold NaN or +inf (an fp16 overflow, say) with an error
-        in their result; return their positions in ``active``. The step op would raise
-        ``StepError`` for the whole batch; here only the bad request stops. One fp32 sum per
-        row finds the suspects (NaN or +inf in a row makes it NaN or +inf); they are checked exactly.
-        """
-        sums = logits.sum(-1, dtype=torch.float32)
-        if not bool((torch.isnan(sums) | (sums == float("inf"))).any()):
+        in their result; return their positions in ``active``. ``flags``: per cache row, whether
+        it holds one. The step op would raise ``StepError`` for the whole batch; here only the
+        bad request stops."""
+        if not any(flags):
             return set()
-        bad_rows = set((torch.isnan(logits) | (logits == float("inf"))).any(-1).nonzero().flatten().tolist())
         bad = set()
         for k, i in enumerate(self.active):
             branches = ["real image", "noised image"][: 2 if self.paired[k] else 1]
-            hit = [name for b, name in enumerate(branches) if real_rows[k] + b in bad_rows]
+            hit = [name for b, name in enumerate(branches) if flags[real_rows[k] + b]]
             if hit:
                 bad.add(k)
                 self.failed.add(i)
@@ -541,12 +598,14 @@ class _Run:
                 )
         return bad
 
-    def _choose_plain(self, plain: list[int], rows, tokens: list) -> None:
-        """Plain tokens for the requests at positions ``plain`` (``rows``: their logits, a list
-        of ``[V]`` rows or one ``[len(plain), V]`` tensor), grouped by sampling params."""
+    def _launch_plain(self, plain: list[int], rows) -> list:
+        """Start the plain tokens of the requests at positions ``plain`` (``rows``: their
+        logits, a list of ``[V]`` rows or one ``[len(plain), V]`` tensor), one choice per group
+        of sampling params: ``[(members, tokens, status, finish)]`` (see ``Setup.choose_pending``)."""
         groups: dict = {}
         for k, row in zip(plain, rows):
             groups.setdefault(self.steering.plain_params(self.active[k]), []).append((k, row))
+        launched = []
         for params, members in groups.items():
             batch = (
                 rows
@@ -554,13 +613,33 @@ class _Run:
                 else torch.stack([row for _, row in members])
             )
             # The logits are ours; ban in place unless they are kept for the caller.
-            chosen = self.setup.choose(batch, in_place=not self.return_logits, params=params).tolist()
+            chosen, status, finish = self.setup.choose_pending(batch, in_place=not self.return_logits, params=params)
+            launched.append((members, chosen, status, finish))
+        return launched
+
+    def _finish_plain(self, launched: list, values: list, tokens: list) -> None:
+        """Record the plain tokens of :meth:`_launch_plain`'s groups; ``values``: per group, the
+        tokens and status words read (taken from its front)."""
+        for members, _, _, finish in launched:
+            chosen, words = values.pop(0), values.pop(0)
+            if words and any(words):  # a row without a finite best value: the step op raises its error
+                chosen = finish([int(w) for w in words]).tolist()
             for (k, row), token in zip(members, chosen):
+                token = int(token)
                 tokens[k] = token
                 if self.return_logits:
                     self.recorder.add(self.active[k], token, row)
                 else:
                     self.sequences[self.active[k]].append(token)
+
+    def _choose_plain(self, plain: list[int], rows, tokens: list) -> None:
+        """Plain tokens for the requests at positions ``plain`` (see :meth:`_launch_plain`),
+        read at once."""
+        launched = _Launched(rows[0].device, rows[0].shape[-1])
+        launched.plain = self._launch_plain(plain, rows)
+        for _, chosen, status, _ in launched.plain:
+            launched.add(chosen, status)
+        self._finish_plain(launched.plain, launched.read(None), tokens)
 
     def _truncate(self, k: int, request: int, keep: int, row: int) -> int:
         """Keep the first ``keep`` tokens of ``request`` and choose its next one again.
@@ -641,6 +720,45 @@ class _Run:
         self.stats["forward_calls"] += 1
         self.next_position = self.next_position + 1
         return logits
+
+
+def _read_step(values: torch.Tensor) -> list:
+    """The decoding step's device-to-host read, its only blocking one (tests count the calls):
+    ``values`` (1-D) as a list of Python numbers."""
+    return values.tolist()
+
+
+class _Launched:
+    """A step's token choices, launched on the device, and the values the host needs from
+    them, read in one copy (:meth:`read`)."""
+
+    def __init__(self, device: torch.device, vocab: int):
+        self.device = device  # the logits': every part is read from there (a CPU part is copied there first)
+        # float32 holds every token id below 2**24, status word, flag and fp32 mass exactly.
+        self.dtype = torch.float32 if vocab <= 2**24 else torch.float64
+        self.steered = None  # (positions in active, SteeredTokens, real rows, noised rows)
+        self.plain: list = []  # what _Run._launch_plain returned
+        self._parts: list = []  # [R] tensors to read, lists already on the host, or None
+
+    def add(self, *parts) -> None:
+        self._parts.extend(parts)
+
+    def read(self, first: torch.Tensor | None) -> list:
+        """Each part added (``first`` before them unless ``None``) as a list (``None`` stays),
+        the tensors' values read with one :func:`_read_step`."""
+        parts = ([first] if first is not None else []) + self._parts
+        tensors = [part for part in parts if isinstance(part, torch.Tensor)]
+        if not tensors:
+            return parts
+        flat = torch.cat([t.reshape(-1).to(device=self.device, dtype=self.dtype) for t in tensors])
+        values, start, out = _read_step(flat), 0, []
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                out.append(values[start : start + part.numel()])
+                start += part.numel()
+            else:
+                out.append(part)
+        return out
 
 
 #: The most prompt tokens (rows x columns) one prefill forward takes on the CPU by default.

@@ -66,6 +66,10 @@ class ReleasedSteering:
     (other, unsafe) answers; the recipe's caps apply to the rest.
     """
 
+    #: :meth:`steer` reads its rows on the host (the phrase ranking, the quote-mark rule) and
+    #: keeps state: the decoder drops bad rows before calling it.
+    defers_reads = False
+
     def __init__(
         self,
         setup: Setup,

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from ..ops.step_pending import PendingStep
 from ..params import SteeringParams
 from .token_policy import Setup
 
@@ -24,14 +25,17 @@ class SteeredTokens:
     """The steered step's choice for ``R`` requests: ``tokens`` ``[R]`` int64; per request the
     refusal mass before/after the modulation, the action (``"bias"``, ``"forced"``,
     ``"suppressed"``, ``"boosted"``) and the forced phrase (or ``None``); ``logits`` ``[R, V]``
-    fp32, what the tokens were chosen from (only when asked for)."""
+    fp32, what the tokens were chosen from (only when asked for). With ``pending`` (the step
+    op launched, its status words not read yet), the tokens and the masses are its ``[R]``
+    tensors on the logits' device, which the decoder reads with the step's other values."""
 
     tokens: torch.Tensor
-    mass_before: list[float]
-    mass_after: list[float]
+    mass_before: list[float] | torch.Tensor
+    mass_after: list[float] | torch.Tensor
     actions: list[str]
     phrases: list[str | None]
     logits: torch.Tensor | None = None
+    pending: PendingStep | None = None
 
 
 class PaperSteering:
@@ -40,6 +44,9 @@ class PaperSteering:
 
     #: Columns a request may need beyond ``max_new_tokens`` (tokens dropped after steering).
     extra_columns = 0
+    #: :meth:`steer` reads nothing on the host and has no side effect (the decoder may launch
+    #: it again): its tokens and masses are read with the step's other values.
+    defers_reads = True
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -56,15 +63,16 @@ class PaperSteering:
         sequences: list[list[int]],
         return_logits: bool,
     ) -> SteeredTokens:
-        out = self.setup.steer(real, noised, requests, return_logits)
-        before, after = (m.tolist() for m in out.refusal_mass)
+        pending = self.setup.steer_pending(real, noised, requests, return_logits)
+        before, after = pending.stats
         return SteeredTokens(
-            out.tokens,
+            pending.tokens,
             before,
             after,
             ["bias"] * len(requests),
             [None] * len(requests),
-            out.logits if return_logits else None,
+            pending.logits if return_logits else None,
+            pending,
         )
 
     def forced_token(self, request: int, tokens: list[int]) -> int:

@@ -58,13 +58,14 @@ _TRITON_BROKEN: dict[str, str] = {}
 _NOT_A_BUILD_FAILURE = (ValueError, TypeError, torch.cuda.OutOfMemoryError)
 
 
-def _triton_else_torch(inputs, return_logits: bool, return_stats: bool):
+def _triton_else_torch(inputs, return_logits: bool, return_stats: bool, read_status: bool = True):
     """The Triton step, or, where its first kernel build or launch fails (no C compiler or
     Python headers for Triton's launcher in an image, say), the torch reference from then on,
     with the reason logged once. An explicit ``backend="triton"`` raises instead."""
     device = str(inputs.logits_real.device)
     try:
-        out = step_triton.step_triton(inputs, return_logits, return_stats)
+        args = (inputs, return_logits, return_stats) if read_status else (inputs, return_logits, return_stats, False)
+        out = step_triton.step_triton(*args)
     except _NOT_A_BUILD_FAILURE:
         raise
     except Exception as err:
@@ -74,7 +75,7 @@ def _triton_else_torch(inputs, return_logits: bool, return_stats: bool):
         reason = f"its first kernel build or launch failed: {type(err).__name__}: {first_line}"
         _TRITON_BROKEN[device] = reason
         _log_fallback("triton", inputs.logits_real.device, reason)
-        return step_torch.step_torch(inputs, return_logits, return_stats)
+        return step_torch.step_torch(*args)
     _TRITON_RAN.add(device)
     return out
 

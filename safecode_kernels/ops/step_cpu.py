@@ -71,8 +71,10 @@ def _new_kernel_params(p):
     return k
 
 
-def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
-    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
+def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool, read_status: bool = True):
+    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``;
+    with ``read_status=False``, ``(tokens, logits, stats, status)``: the problems are not
+    raised but returned as ``[B]`` int32 ``RowStatus`` codes (``None`` when every row is fine)."""
     real, noised = inp.logits_real, inp.logits_noised
     batch, vocab = real.shape
     tokens = torch.empty(batch, dtype=torch.int64)
@@ -103,10 +105,15 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
             torch.get_num_threads(),
         )
         if status is not None:
-            raise_for_row_status(torch.tensor(status, dtype=torch.int32))
+            status = torch.tensor(status, dtype=torch.int32)
     else:
-        _step_buffers(inp, tokens, logits, before, after)
-    return tokens, logits, ((before, after) if return_stats else None)
+        status = _step_buffers(inp, tokens, logits, before, after)
+    stats = (before, after) if return_stats else None
+    if not read_status:
+        return tokens, logits, stats, status
+    if status is not None:
+        raise_for_row_status(status)
+    return tokens, logits, stats
 
 
 # The kernel rejects a verdict other than +1, -1 or 0 with the error of the Python checks, so
@@ -114,8 +121,9 @@ def step_cpu(inp: StepInputs, return_logits: bool, return_stats: bool):
 step_cpu.checks_verdict_values = True
 
 
-def _step_buffers(inp: StepInputs, tokens, logits, before, after) -> None:
-    """The kernel through buffer-protocol views, every layout checked in C++."""
+def _step_buffers(inp: StepInputs, tokens, logits, before, after) -> torch.Tensor | None:
+    """The kernel through buffer-protocol views, every layout checked in C++; returns the
+    rows' status codes when any row has a problem."""
     status = torch.empty(inp.batch, dtype=torch.int32)
     k = _new_kernel_params(inp.params)
     k.seed = inp.seed or 0
@@ -133,5 +141,4 @@ def _step_buffers(inp: StepInputs, tokens, logits, before, after) -> None:
         mass_after=None if after is None else after.numpy(),
         num_threads=torch.get_num_threads(),
     )
-    if problems:
-        raise_for_row_status(status)
+    return status if problems else None

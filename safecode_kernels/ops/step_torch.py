@@ -7,6 +7,7 @@ over rows or tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,13 +18,19 @@ from .step_inputs import ROW_PROBLEMS, StepError, StepInputs
 NEG_INF = float("-inf")
 
 
-def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
-    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
+def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool, read_status: bool = True):
+    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``.
+
+    ``read_status=False`` (for decoders): problems are not raised here (no host sync) but
+    recorded per row, first in check order, and ``(tokens, logits, stats, status)`` is
+    returned with ``status`` ``[B]`` int32 ``RowStatus`` codes; the tokens of such rows are
+    meaningless. :func:`.step_op.finish_step` raises the error."""
     p = inp.params
     zr = inp.logits_real.float()
     zn = inp.logits_noised.float()
-    _check_rows(zr, RowStatus.REAL_NOT_FINITE)
-    _check_rows(zn, RowStatus.NOISED_NOT_FINITE)
+    status = None if read_status else torch.zeros(zr.shape[0], dtype=torch.int32, device=zr.device)
+    _check_rows(zr, RowStatus.REAL_NOT_FINITE, status)
+    _check_rows(zn, RowStatus.NOISED_NOT_FINITE, status)
 
     # 1. Contrast. A -inf in either branch bans the token (it would give inf - inf otherwise).
     safe = (inp.verdict == Verdict.SAFE).unsqueeze(1)
@@ -33,7 +40,7 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
         cutoff = math.log(p.plausibility) + zr.amax(dim=1, keepdim=True)
         banned |= zr < cutoff
     z = (p.real_weight * zr - alpha * zn).masked_fill(banned, NEG_INF)
-    _check_modulated(z, RowStatus.ALL_BANNED_CONTRAST, RowStatus.OVERFLOW_CONTRAST)
+    _check_modulated(z, RowStatus.ALL_BANNED_CONTRAST, RowStatus.OVERFLOW_CONTRAST, status)
 
     # 2-3. Sensitive set and verdict-conditioned refusal bias.
     target = inp.refusal_mask.unsqueeze(0)
@@ -43,7 +50,7 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
     bias = bias.masked_fill((inp.verdict == Verdict.UNSAFE).unsqueeze(1), p.bias_unsafe)
     bias = bias.masked_fill(safe, p.bias_safe)
     modulated = torch.where(target, z + bias, z)
-    _check_modulated(modulated, RowStatus.ALL_BANNED_BIAS, RowStatus.OVERFLOW_BIAS)
+    _check_modulated(modulated, RowStatus.ALL_BANNED_BIAS, RowStatus.OVERFLOW_BIAS, status)
 
     stats = None
     if return_stats:
@@ -53,7 +60,12 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool):
     if decodes_greedily(p):
         tokens = modulated.argmax(dim=1)
     else:
-        tokens = _sample(modulated, p.temperature, p.top_k, p.top_p, inp.seed)
+        # Rows with a problem sample from zeros instead (multinomial rejects NaN); their
+        # tokens are discarded with the error.
+        chosen = modulated if status is None else modulated.masked_fill((status != 0)[:, None], 0.0)
+        tokens = _sample(chosen, p.temperature, p.top_k, p.top_p, inp.seed)
+    if status is not None:
+        return tokens, (modulated if return_logits else None), stats, status
     return tokens, (modulated if return_logits else None), stats
 
 
@@ -65,7 +77,13 @@ def decodes_greedily(p) -> bool:
     decoding does. Every backend decides this the same way."""
     if p.is_greedy:
         return True
-    return bool(torch.isinf(1.0 / torch.tensor(p.temperature, dtype=torch.float32)))
+    return _inverse_overflows(p.temperature)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_overflows(temperature: float) -> bool:
+    # Cached: a decoder asks every step, and the float32 tensor's read is a host read.
+    return bool(torch.isinf(1.0 / torch.tensor(temperature, dtype=torch.float32)))
 
 
 def top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -105,18 +123,21 @@ def _refusal_mass(z: torch.Tensor, refusal_mask: torch.Tensor) -> torch.Tensor:
     return (z.softmax(dim=1) * refusal_mask).sum(dim=1)
 
 
-def _check_rows(x: torch.Tensor, code: RowStatus) -> None:
+def _check_rows(x: torch.Tensor, code: RowStatus, status: torch.Tensor | None) -> None:
     # One reduction per input finds both NaN (max propagates it) and +inf.
     row_max = x.amax(dim=1)
-    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), code)
+    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), code, status)
 
 
-def _check_modulated(z: torch.Tensor, all_banned: RowStatus, overflow: RowStatus) -> None:
+def _check_modulated(z: torch.Tensor, all_banned: RowStatus, overflow: RowStatus, status: torch.Tensor | None) -> None:
     row_max = z.amax(dim=1)
-    _raise_first(row_max == NEG_INF, all_banned)
-    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), overflow)
+    _raise_first(row_max == NEG_INF, all_banned, status)
+    _raise_first(torch.isnan(row_max) | (row_max == float("inf")), overflow, status)
 
 
-def _raise_first(bad: torch.Tensor, code: RowStatus) -> None:
+def _raise_first(bad: torch.Tensor, code: RowStatus, status: torch.Tensor | None) -> None:
+    if status is not None:  # recorded, not raised: a row keeps its first problem
+        status.masked_fill_(bad & (status == 0), int(code))
+        return
     if bool(bad.any()):
         raise StepError(ROW_PROBLEMS[code].format(row=int(bad.nonzero()[0, 0])))

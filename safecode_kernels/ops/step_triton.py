@@ -282,13 +282,17 @@ def variant_of(launch: _Launch) -> KernelVariant:
 # ----------------------------------------------------------------------------------------
 # The op
 # ----------------------------------------------------------------------------------------
-def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
-    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``."""
+def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool, read_status: bool = True):
+    """Returns ``(tokens [B] int64, logits [B, V] fp32 | None, (before, after) | None)``.
+
+    ``read_status=False`` (for decoders, which read the status words with the step's tokens):
+    no host sync here; returns ``(tokens, logits, stats, status)`` with ``status`` the ``[B]``
+    int32 words (a ``RowStatus`` | ``FALLBACK_FLAG``), which :func:`.step_pending.finish_step` resolves."""
     from . import step_triton_kernels as kernels
 
     if not _plan(inp).fits:
         # More than NB_MAX blocks (V > 524288): the reference takes the step (exact, slower).
-        return step_torch(inp, return_logits, return_stats)
+        return step_torch(inp, return_logits, return_stats, read_status)
     launches, tokens, out, mass, status = _launches(inp, return_logits, return_stats)
     with _on(inp.logits_real.device):
         for launch in launches:
@@ -297,6 +301,8 @@ def step_triton(inp: StepInputs, return_logits: bool, return_stats: bool):
     batch = inp.batch
     logits = out if return_logits else None
     stats = (mass[0, :batch], mass[1, :batch]) if return_stats else None
+    if not read_status:
+        return tokens, logits, stats, status
     # The one host-device sync of the step: the per-row status words (errors, fallback rows).
     words = status.cpu()
     if bool(words.any()):

@@ -6,6 +6,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from safecode_kernels.decoding import SafeCoDeDecoder, get_adapter, naive_safecode_generate, safecode_generate
@@ -321,3 +322,66 @@ def test_the_step_op_still_raises_for_direct_callers():
     real[1, 3] = float("nan")
     with pytest.raises(StepError, match="logits_real row 1 contains NaN"):
         safecode_step(real, torch.zeros(2, 8), ["safe", "safe"], RefusalVocabulary([1]), PARAMS, backend=BACKEND)
+
+
+# A host read of a value shows as exactly one of these: ``_local_scalar_dense`` normally,
+# ``is_nonzero`` / ``item`` under inference mode (which skips their decomposition).
+_READ_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the host reads of a tensor's value: ``bool(t)``, ``int(t)``, ``t.item()``, on the
+    CPU too (``.tolist()`` does not dispatch on the CPU: the decoder routes its reads through
+    ``_read_step``, counted apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _READ_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("poison", [None, (2, 1, float("nan"))], ids=["clean", "bad-logits"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_one_host_read_per_step(tiny, monkeypatch, poison, sampled):
+    """Every step's choice (steered and plain) reads the device once: the tokens, the step op's
+    status words, the refusal masses and the rows holding NaN or +inf in one copy; a step with
+    a bad row reads once more (its step runs again without it). Sampled steps also draw each
+    step op's seed from the run's generator, a CPU one (a read of host memory), and nothing else."""
+    from safecode_kernels.ops import step_inputs
+    from safecode_kernels.ops.step_torch import decodes_greedily
+
+    model, processor, refusal = tiny
+    images, prompts, verdicts, kwargs = batch(processor)
+    reads, seeds, counts = [], [], []
+    real_read, real_choose, real_seed = decoder_module._read_step, decoder_module._Run.choose, step_inputs.seed_from
+    monkeypatch.setattr(decoder_module, "_read_step", lambda values: reads.append(1) or real_read(values))
+    monkeypatch.setattr(step_inputs, "seed_from", lambda generator: seeds.append(1) or real_seed(generator))
+
+    def choose(run, logits):
+        reads.clear(), seeds.clear()
+        with _HostReads() as counter:
+            tokens = real_choose(run, logits)
+        counts.append((len(reads), counter.count - len(seeds)))
+        return tokens
+
+    monkeypatch.setattr(decoder_module._Run, "choose", choose)
+    params = PARAMS.replace(temperature=0.8, top_p=0.9) if sampled else PARAMS
+    decoder = SafeCoDeDecoder(model, processor, params, steer_steps=2, refusal=refusal, backend=BACKEND)
+    refusal.mask(model.get_output_embeddings().weight.shape[0], "cpu")  # built once per set (checks its ids)
+    decodes_greedily(params)  # decided once per temperature
+    handle = model.get_output_embeddings().register_forward_hook(PoisonRow(*poison)) if poison else None
+    settings = dict(do_sample=True, temperature=0.8, top_p=0.9) if sampled else {}
+    try:
+        result = decoder.generate(images, prompts, verdicts, max_new_tokens=5, eos_token_id=[], **settings, **kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    expected = [(1, 0)] * 5
+    if poison:
+        expected[poison[0]] = (2, 0)
+        assert result.errors[1] is not None
+    assert counts == expected
