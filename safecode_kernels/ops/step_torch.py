@@ -24,7 +24,7 @@ def step_torch(inp: StepInputs, return_logits: bool, return_stats: bool, read_st
     ``read_status=False`` (for decoders): problems are not raised here (no host sync) but
     recorded per row, first in check order, and ``(tokens, logits, stats, status)`` is
     returned with ``status`` ``[B]`` int32 ``RowStatus`` codes; the tokens of such rows are
-    meaningless. :func:`.step_op.finish_step` raises the error."""
+    meaningless. :func:`.step_pending.finish_step` raises the error."""
     p = inp.params
     zr = inp.logits_real.float()
     zn = inp.logits_noised.float()
