@@ -438,7 +438,7 @@ def _cmd_generate(args) -> int:
     from ..ops.step_inputs import StepError
 
     params = _check_generate_args(args)
-    if args.no_progress:
+    if args.no_progress or not sys.stderr.isatty():  # bars only on a terminal, never in a log file
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' own bars (loading weights)

@@ -269,7 +269,7 @@ def _cmd_eval(args) -> int:
             ray_run.import_ray()
         except ImportError as err:
             raise CLIError(_first_line(err)) from None
-    if args.no_progress:
+    if args.no_progress or not sys.stderr.isatty():  # bars only on a terminal, never in a log file
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

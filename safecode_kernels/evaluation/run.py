@@ -140,7 +140,7 @@ def run_eval(
         config: what the caller knows of the run, recorded in ``run.json`` (``model``,
             ``benchmark``, ``data``, ``split``, ``limit``, ``judge``, ``device``, ``dtype``...); JSON
             values only, none of :data:`OWN_CONFIG_KEYS`.
-        progress: a tqdm bar on stderr (samples/s, ETA).
+        progress: a tqdm bar on stderr (samples/s, ETA) when stderr is a terminal.
         retry_errors: also generate again the samples whose line holds an ``error`` (a new line is
             appended; scoring reads the later one).
         max_consecutive_errors: stop (:class:`RunAborted`) after this many samples in a row failed
@@ -291,7 +291,7 @@ def _loop(batches, samples, pending: int, out_dir: Path, progress, max_consecuti
         initial=already,
         unit="sample",
         file=sys.stderr,
-        disable=not progress,
+        disable=None if progress else True,  # None: tqdm shows the bar on a terminal only
         dynamic_ncols=True,
         desc=f"eval {samples[0].benchmark if samples else ''} ({method})",
     )

@@ -434,3 +434,16 @@ def test_score_bounds_the_judge_requests_in_flight_and_resumes(capsys, saved, tm
     assert 1 < active["most"] <= 2 or 6 - judged == 1
     assert sorted(r["id"] for r in store.read_lines(tmp_path / "run" / "scores.jsonl")) == [str(i) for i in range(1, 7)]
     assert json.loads((tmp_path / "run" / "report.json").read_text())["n"] == 6
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(capsys, saved, tmp_path):
+    """Without --no-progress, eval and score still write no bar (no carriage returns, no
+    transformers' loading bar) into a log file: bars are for terminals only."""
+    argv = eval_argv(saved, tmp_path / "run", "jsonl", "jsonl/samples.jsonl", "--verdict", "unsafe")
+    argv.remove("--no-progress")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "\r" not in err and "sample/s" not in err and "Loading" not in err
+    code, _, err = run(capsys, "score", tmp_path / "run", "--scorer", "refusal-strings")
+    assert code == 0, err
+    assert "\r" not in err and "sample/s" not in err

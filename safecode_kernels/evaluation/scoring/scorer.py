@@ -210,7 +210,7 @@ def score(
         judge_template: path of a custom judge prompt with ``{question}`` and ``{response}``
             (see :func:`~.rubrics.load_template`), replacing the benchmark's built-in prompt.
         concurrency: judge requests in flight at once.
-        progress: show a tqdm bar on stderr (samples/s, ETA).
+        progress: show a tqdm bar on stderr (samples/s, ETA) when stderr is a terminal.
         image_loader: ``reference -> PIL image`` for the ``image`` field of samples whose judge
             sees the image (MOSSBench); default: the reference as a local path, tried as given and
             relative to ``directory`` (``hf://`` references need a loader).
@@ -261,7 +261,7 @@ def score(
             desc=f"scoring {benchmark}",
             unit="sample",
             file=sys.stderr,
-            disable=not progress,
+            disable=None if progress else True,  # None: tqdm shows the bar on a terminal only
             dynamic_ncols=True,
         )
         try:
