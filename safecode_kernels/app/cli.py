@@ -258,6 +258,26 @@ def load_model(model_name: str, dtype: str, device: str):
     return model.eval(), processor
 
 
+def resolve_device(name: str, local: bool = True) -> str:
+    """``--device`` checked before anything loads: ``auto`` (CUDA if available), or a device
+    torch knows (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) that this machine has when the
+    model runs here (``local``). Raises :class:`CLIError` (exit 2) naming the problem."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, ... or auto") from None
+    if local and device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA device is available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 def _finite(value: float):
     """JSON has no NaN: a refusal mass that was not computed (a forced token) is null."""
     return None if value != value else value
@@ -430,7 +450,6 @@ def judge_record(kind: str, judgement) -> dict:
 
 
 def _cmd_generate(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from ..decoding import SafeCoDeDecoder
@@ -445,7 +464,7 @@ def _cmd_generate(args) -> int:
     image = load_image(args.image)
     model_name = resolve_model(args.model)
     check_architecture(model_name)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
 
     stages = ["load model", "judge", "generate"]
     if args.judge != "self":

@@ -34,6 +34,7 @@ from .cli import (
     choice,
     load_model,
     make_judge,
+    resolve_device,
     resolve_model,
 )
 
@@ -256,7 +257,6 @@ def _load_samples(args):
 
 
 def _cmd_eval(args) -> int:
-    import torch
 
     from ..evaluation import ray_run
     from ..evaluation import run as runner
@@ -276,9 +276,10 @@ def _cmd_eval(args) -> int:
     samples = _load_samples(args)
     model_name = resolve_model(args.model)
     if args.ray is not None:  # the workers' device, not this machine's
-        device = args.device if args.device != "auto" else ("cuda" if args.gpus_per_worker else "cpu")
+        auto = "cuda" if args.gpus_per_worker else "cpu"
+        device = auto if args.device == "auto" else resolve_device(args.device, local=False)
     else:
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device)
     data = None if args.data is None else (os.path.abspath(args.data) if os.path.exists(args.data) else args.data)
     config = {
         "model": os.path.abspath(model_name) if os.path.isdir(model_name) else model_name,

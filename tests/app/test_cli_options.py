@@ -251,3 +251,28 @@ def test_bench_help_names_the_command(capsys):
     assert out.startswith("usage: safecode-kernels bench ")
     assert "2-core" not in out and "this machine" not in out
     assert "--phases" in out and "a whole answer" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "--device 'gpu' is not a device"), ("cuda", "--device cuda: no CUDA device is available")],
+)
+def test_a_bad_or_absent_device_is_bad_input(capsys, saved_llava, device, message):
+    """Exit 2 with one line, before the model loads (not torch's error after it, exit 1)."""
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run(capsys, *generate_argv(saved_llava, "--verdict", "safe", "--device", device))
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "option", [["--batches", "0"], ["--reps", "0"], ["--naive-reps", "0"], ["--threads", "0"], ["--backend", "gpu"]]
+)
+def test_bench_counts_and_backend_are_checked_before_any_model_is_built(capsys, monkeypatch, option):
+    from safecode_kernels.app.benchmarking import decode
+
+    monkeypatch.setattr(decode, "run", lambda *args: pytest.fail("the benchmark ran"))
+    code, _, err = run(capsys, "bench", "--tiny", *option)
+    assert code == 2, err
+    assert option[0] in err

@@ -620,7 +620,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=1,
         help="torch intra-op threads for every decoder (default 1: stable on a shared machine)",
     )
-    parser.add_argument("--backend", default="auto", help="backend of the step op (default auto)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cpu", "triton"],
+        help="backend of the step op (default auto)",
+    )
     parser.add_argument(
         "--tiny", action="store_true", help="the tiny smoke-test model instead (seconds; default: the benchmark model)"
     )
@@ -631,7 +636,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str | None = None) -> tuple[Settings, str]:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    # Counts are checked before any model is built (exit 2, as argparse's own errors).
+    for option in ("batches", "reps", "naive_reps", "threads"):
+        values = getattr(args, option)
+        values = values if isinstance(values, list) else [values]
+        if any(v is not None and v < 1 for v in values):
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     from .models import TINY
 
     settings = Settings(threads=args.threads, backend=args.backend, quick=args.quick)
@@ -647,9 +659,9 @@ def parse_args(argv=None, prog: str | None = None) -> tuple[Settings, str]:
         settings.systems = (False,)
     if args.system_only:
         settings.systems = (True,)
-    if args.reps:
+    if args.reps is not None:
         settings.reps = args.reps
-    if args.naive_reps:
+    if args.naive_reps is not None:
         settings.naive_reps = args.naive_reps
     return settings, args.out
 
