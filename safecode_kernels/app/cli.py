@@ -580,7 +580,7 @@ def _cmd_generate(args) -> int:
     )
     print(f"verdict:  {verdict} ({how})")
     if judgement.caption is not None:
-        print(f"caption:  {judgement.caption}")
+        print(f"caption:  {shown(judgement.caption)}")
     if judgement.raw_answer and args.judge != "fixed":
         print(f"judge:    {judgement.raw_answer!r}")
     phrases = [s["phrase"] for s in steering if s["phrase"]]
@@ -590,10 +590,18 @@ def _cmd_generate(args) -> int:
         print("steering: --sensitive-top-k 0 makes the sensitive set empty: no refusal bias, the contrast alone")
     masses = [s for s in steering if s["refusal_mass_before"] is not None]
     if masses:
-        shown = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
-        print(f"steering: refusal mass per steered step (before->after): {shown}")
-    print(f"answer:   {result.texts[0]}")
+        per_step = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
+        print(f"steering: refusal mass per steered step (before->after): {per_step}")
+    print(f"answer:   {shown(result.texts[0])}")
     return _ended_early(result.errors[0])
+
+
+def shown(text: str, indent: int = 10) -> str:
+    """Model text for a terminal: control and other non-printable characters escaped as
+    ``repr`` escapes them (a model's output must not drive the terminal), line breaks kept
+    with the continuation lines indented under the label's text."""
+    lines = [line if line.isprintable() else repr(line)[1:-1] for line in text.split("\n")]
+    return ("\n" + " " * indent).join(lines)
 
 
 def _ended_early(error: str | None) -> int:

@@ -352,3 +352,11 @@ def test_console_script():
         pytest.skip("the console script is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("safecode-kernels ")
+
+
+def test_model_text_is_shown_without_control_characters():
+    """A model's bell, backspace or escape characters are shown escaped; line breaks stay, indented."""
+    assert cli.shown("plain text") == "plain text"
+    assert cli.shown("ring\x07 back\x08 \x1b[2J") == "ring\\x07 back\\x08 \\x1b[2J"
+    assert cli.shown("line one\nline two") == "line one\n          line two"
+    assert cli.shown("tab\there") == "tab\\there"
