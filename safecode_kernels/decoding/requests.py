@@ -219,6 +219,9 @@ def _check_noised(noised_images, images):
 
 
 def _sampling(do_sample, temperature, top_k, top_p) -> dict:
+    # SteeringParams' checks (the command line's too), whether or not this run samples: a
+    # value that would be rejected when sampling is not silently ignored on a greedy run.
+    SteeringParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if not do_sample:
         return dict(temperature=0.0, top_k=0, top_p=1.0)
     if not (isinstance(temperature, (int, float)) and temperature > 0):

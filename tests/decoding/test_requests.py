@@ -97,6 +97,21 @@ def test_bad_settings(decoder):
         SafeCoDeDecoder(decoder.model, decoder.processor, params={"alpha": 1.0})
 
 
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be finite"),
+        (dict(top_p=1.5), "top_p must be <= 1"),
+        (dict(top_k=-1), "top_k must be >= 0"),
+    ],
+)
+def test_sampling_settings_are_checked_on_a_greedy_run_too(decoder, sampling, message):
+    """What SteeringParams (and the command line) reject is rejected whether or not the run samples."""
+    with pytest.raises(ValueError, match=message):
+        generate(decoder, **sampling)
+
+
 def test_naive_loop_checks_the_same(tiny):
     model, processor, refusal = tiny
     images, prompts, verdicts, _ = batch(processor)
