@@ -66,11 +66,18 @@ DRY_PREFIXES = ("mixed",)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\nUsage::")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="folder for the results (created)")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU with tiny sizes")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which parts (default all)")
-    parser.add_argument("--total", type=float, default=None, help="seconds for all parts together")
+    parser.add_argument(
+        "--total",
+        type=float,
+        default=None,
+        help=f"seconds for all parts together (default {TOTAL}, {DRY_TOTAL} with --dry-run)",
+    )
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # run one part in this process
     parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -563,7 +570,11 @@ def _md_grid(r: dict) -> list[str]:
 
 
 def _md_step(r: dict) -> list[str]:
-    lines = [f"Machine: {r.get('machine')}; peak {r.get('peak_gbps')} GB/s.", ""]
+    peak = r.get("peak_gbps")
+    on_card = any(row.get("fast_peak_share") is not None for row in r.get("rows", []))
+    what = "the card's peak" if on_card else "a CPU read rate: no card, so no % of peak"
+    shown = f"{peak:.1f} GB/s" if isinstance(peak, (int, float)) else "unknown"
+    lines = [f"Machine: {r.get('machine')}; bandwidth reference ({what}): {shown}.", ""]
     lines += [f"- {note}" for note in r.get("notes", [])]
     lines += ["", "| case | torch ms | fused ms | torch / fused | fused GB/s | % of peak |"]
     lines += ["|---|---:|---:|---:|---:|---:|"]
