@@ -321,8 +321,13 @@ def step_views(result, index: int, verdict: str, refusal, params, tokenizer) -> 
 
 def token_text(tokenizer, token: int) -> str:
     """The token's text, quoted, with control and other non-printable characters escaped as
-    ``repr`` escapes them (a random model's tokens must not drive the terminal)."""
-    return repr(tokenizer.decode([token]))
+    ``repr`` escapes them (a random model's tokens must not drive the terminal); a token that
+    is part of a character's bytes (it decodes to U+FFFD) is shown as its id's byte piece."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        return f"<bytes {piece}>" if isinstance(piece, str) else f"<bytes of id {token}>"
+    return repr(text)
 
 
 def _resolved_backend(backend: str) -> str:
@@ -364,7 +369,8 @@ def steering_section(report: DemoReport) -> list[str]:
         f"(~{n_refusal}/{vocab} = {n_refusal / vocab:.2f}: random).",
         f"   in top-{k:<3} refusal tokens among the {k} largest z (the sensitive set), the only ones biased: "
         f"+{s['boost']:g} unsafe, -{s['suppress']:g} safe.",
-        "   token      the token chosen from the biased contrast (greedy), its text quoted with escapes.",
+        "   token      the token chosen from the biased contrast (greedy), its text quoted with escapes",
+        "              (<bytes ..>: a piece of a character's bytes).",
         "   bias       'changed' where the contrast alone would have chosen another token (from -> to), else '-'.",
         "",
     ]
@@ -385,6 +391,8 @@ def steering_section(report: DemoReport) -> list[str]:
     out += _table(["#", "verdict", "step", "mass", f"in top-{k}", "token", "bias"], rows)
     changed = sum(v.changed for r in report.requests for v in r.steps)
     total = sum(len(r.steps) for r in report.requests)
+    if total == 0:
+        return out + ["", "   No step was steered (--steer-steps 0): every token is the model's plain choice."]
     out += [
         "",
         f"   The bias changed the chosen token at {changed} of {total} steered steps. The mass moves more where more",

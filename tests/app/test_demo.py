@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safecode_kernels.app import cli
-from safecode_kernels.app.demo import format_report, run_demo
+from safecode_kernels.app.demo import format_report, run_demo, token_text
 
 
 def test_run_demo_small():
@@ -126,3 +126,21 @@ def test_step_views_against_a_hand_computed_contrast():
     ]
     assert views[0].token_text == repr("\x1b[31mI") == "'\\x1b[31mI'" and views[0].refusal
     assert views[0].unbiased_text == "'ok\\n'" and not views[0].unbiased_refusal
+
+
+def test_token_text_escapes_and_names_byte_fragments():
+    class Tokenizer:
+        def decode(self, ids):
+            return {1: "\x07bell", 2: "\ufffd"}[ids[0]]
+
+        def convert_ids_to_tokens(self, token):
+            return "Ä"
+
+    assert token_text(Tokenizer(), 1) == "'\\x07bell'"
+    assert token_text(Tokenizer(), 2) == "<bytes Ä>"
+
+
+def test_no_steered_step_is_said_plainly(capsys):
+    assert cli.main(["demo", "--requests", "2", "--max-new-tokens", "3", "--steer-steps", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "No step was steered (--steer-steps 0)" in out and "0 of 0" not in out
