@@ -87,7 +87,13 @@ def _add_eval(subparsers) -> None:
         "default the hub data set from the local cache)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder (created; reused to resume)")
-    p.add_argument("--split", default=None, help="a part of the benchmark, where it has them (default: see README)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="a part of the benchmark where it has them: MM-SafetyBench SD, TYPO or SD_TYPO; MSSBench chat or "
+        "embodied; FigStep SafeBench or SafeBench-Tiny (any case); HADES and MSTS a hub split (default: "
+        "the whole benchmark; FigStep SafeBench, HADES test, MSTS english)",
+    )
     p.add_argument(
         "--method",
         default="safecode",

@@ -113,11 +113,17 @@ def root_path(root: str | os.PathLike[str] | None, benchmark: str) -> Path:
     return Path(root)
 
 
-def check_split(split: str | None, allowed: Sequence[str], benchmark: str) -> None:
-    """``ValueError`` unless ``split`` is ``None`` or one of ``allowed``."""
-    if split is not None and split not in allowed:
-        choices = ", ".join(allowed) if allowed else "none (pass split=None)"
-        raise ValueError(f"{benchmark} has no split {split!r}; splits: {choices}")
+def check_split(split: str | None, allowed: Sequence[str], benchmark: str) -> str | None:
+    """``split`` as ``allowed`` spells it (matched without regard to case), or ``None``;
+    ``ValueError`` for any other split."""
+    if split is None:
+        return None
+    match = next((name for name in allowed if name.lower() == split.lower()), None)
+    if match is None:
+        if not allowed:
+            raise ValueError(f"{benchmark} has no split {split!r} (it has no splits: leave the split out)")
+        raise ValueError(f"{benchmark} has no split {split!r}; splits: {', '.join(allowed)}")
+    return match
 
 
 def first(samples: list[Sample], limit: int | None) -> list[Sample]:

@@ -48,7 +48,7 @@ FIGSTEP_PROMPT = (
 def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int | None = None) -> list[Sample]:
     """The FigStep samples under ``root`` (see the module docstring), the first ``limit`` in order."""
     root = root_path(root, BENCHMARK)
-    check_split(split, SPLITS, BENCHMARK)
+    split = check_split(split, SPLITS, BENCHMARK)
     split = split or SPLITS[0]
     path = root / QUESTIONS[split]
     try:

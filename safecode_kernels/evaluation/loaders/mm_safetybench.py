@@ -67,7 +67,7 @@ ORIGINAL_QUESTION = "Question"
 def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int | None = None) -> list[Sample]:
     """The MM-SafetyBench samples under ``root`` (see the module docstring), the first ``limit`` in order."""
     root = root_path(root, BENCHMARK)
-    check_split(split, tuple(KINDS), BENCHMARK)
+    split = check_split(split, tuple(KINDS), BENCHMARK)
     kinds = tuple(KINDS) if split is None else (split,)
     questions_dir = root / QUESTIONS_DIR
     present = [s for s in SCENARIOS if (questions_dir / f"{s}.json").is_file()]

@@ -76,7 +76,7 @@ EMBODIED_PROMPT = (
 def load(root: str | os.PathLike[str], *, split: str | None = None, limit: int | None = None) -> list[Sample]:
     """The MSSBench samples under ``root`` (see the module docstring), the first ``limit`` in order."""
     root = root_path(root, BENCHMARK)
-    check_split(split, SETTINGS, BENCHMARK)
+    split = check_split(split, SETTINGS, BENCHMARK)
     path = next((root / name for name in DATA_FILES if (root / name).is_file()), root / DATA_FILES[0])
     data = check_object(read_json(path), str(path), "an object with 'chat' and 'embodied'")
     samples: list[Sample] = []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import threading
 import time
 
@@ -133,7 +135,20 @@ def test_mossbench_scores_and_report(moss_run, capsys):
     pytest.importorskip("matplotlib")
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
     err = capsys.readouterr().err
-    assert "scoring mossbench" in err and "sample" in err  # the tqdm bar
+    assert "scoring mossbench" not in err  # stderr is no terminal here: no bar in a log file
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_shows_on_a_terminal(moss_run, monkeypatch):
+    run, answers = moss_run
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    score(run, judge=FakeJudge(answers), concurrency=2)
+    assert "scoring mossbench" in terminal.getvalue() and "sample" in terminal.getvalue()  # the tqdm bar
 
 
 def test_resumes_after_a_judge_failure(moss_run):
