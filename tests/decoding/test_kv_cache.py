@@ -4,6 +4,7 @@ and of the CUDA prefill limit (checked on the CPU, the device's free memory monk
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import pytest
@@ -127,7 +128,9 @@ def test_kv_bytes_per_position_is_what_the_cache_holds(dtype):
     assert kv_bytes_per_position(model.config, dtype) == 2 * 3 * 1 * 16 * dtype.itemsize
     cache = reserved_cache(model, capacity=20)
     with torch.inference_mode():
-        model(input_ids=torch.randint(1, 60, (3, 9)), cache=cache, use_cache=True)
+        # transformers renamed past_key_values to cache; the floor version takes the old name.
+        kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(input_ids=torch.randint(1, 60, (3, 9)), use_cache=True, **{kwarg: cache})
     assert cache.get_seq_length() == 9
     assert cache_nbytes(cache) == 3 * 20 * kv_bytes_per_position(model.config, dtype)
 

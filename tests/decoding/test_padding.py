@@ -57,7 +57,12 @@ def nan_attention(model):
     """``model`` (a cached tiny model) on the NaN kernel, its own kernels restored afterwards."""
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     before = {key: config._attn_implementation_internal for key, config in configs.items()}
-    model.set_attn_implementation(NAN_SDPA)
+    try:
+        model.set_attn_implementation(NAN_SDPA)
+    except ValueError:
+        # A vision part that takes no custom kernel (InstructBLIP's Q-Former in transformers
+        # 5.5): the language model, whose padded prefill is under test, takes it alone.
+        model.get_decoder().set_attn_implementation(NAN_SDPA)
     try:
         yield
     finally:
