@@ -52,8 +52,8 @@ def resolve_backend(backend: str, device: torch.device) -> Callable:
 
 # Under "auto", the devices whose Triton kernels ran once (from then on their errors are
 # real errors) and those whose first build or launch failed (the torch backend runs there).
-_TRITON_RAN: set[str] = set()
-_TRITON_BROKEN: dict[str, str] = {}
+_TRITON_RAN: set[torch.device] = set()
+_TRITON_BROKEN: dict[torch.device, str] = {}
 # Bad input and CUDA running out of memory are not Triton's failures: they propagate.
 _NOT_A_BUILD_FAILURE = (ValueError, TypeError, torch.cuda.OutOfMemoryError)
 
@@ -62,7 +62,7 @@ def _triton_else_torch(inputs, return_logits: bool, return_stats: bool, read_sta
     """The Triton step, or, where its first kernel build or launch fails (no C compiler or
     Python headers for Triton's launcher in an image, say), the torch reference from then on,
     with the reason logged once. An explicit ``backend="triton"`` raises instead."""
-    device = str(inputs.logits_real.device)
+    device = inputs.logits_real.device
     try:
         args = (inputs, return_logits, return_stats) if read_status else (inputs, return_logits, return_stats, False)
         out = step_triton.step_triton(*args)
@@ -74,9 +74,10 @@ def _triton_else_torch(inputs, return_logits: bool, return_stats: bool, read_sta
         first_line = (str(err).strip().splitlines() or [""])[0]
         reason = f"its first kernel build or launch failed: {type(err).__name__}: {first_line}"
         _TRITON_BROKEN[device] = reason
-        _log_fallback("triton", inputs.logits_real.device, reason)
+        _log_fallback("triton", device, reason)
         return step_torch.step_torch(*args)
-    _TRITON_RAN.add(device)
+    if device not in _TRITON_RAN:  # a set lookup per step; the add happens once
+        _TRITON_RAN.add(device)
     return out
 
 
@@ -103,7 +104,7 @@ def _auto(device: torch.device) -> Callable:
             return step_cpu.step_cpu
         _log_fallback("cpu", device, reason)
     elif device.type == "cuda":
-        reason = step_triton.unavailable_reason(device) or _TRITON_BROKEN.get(str(device))
+        reason = step_triton.unavailable_reason(device) or _TRITON_BROKEN.get(device)
         if reason is None:
             return _triton_else_torch
         _log_fallback("triton", device, reason)
