@@ -26,6 +26,7 @@ from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
 from .adapters import get_adapter
+from .host_to_device import to_device
 from .kv_cache import (
     cache_nbytes,
     check_window,
@@ -468,27 +469,27 @@ class _Run:
         their real row.
 
         Everything the step needs on the host (the tokens, the step op's row status words, the
-        refusal masses, which rows hold NaN or +inf) is read in one copy (:func:`_read_step`).
-        Rows holding NaN or +inf end their request; in the rare step that has one, the step
-        runs again without them (a second read), as the step op would raise for the batch."""
+        refusal masses, which rows hold NaN or +inf, what a recipe's host rules read) is read
+        in one copy (:func:`_read_step`). Rows holding NaN or +inf end their request; in the
+        rare step that has one, the step runs again without them (a second read), as the step
+        op would raise for the batch. A request whose steered prefix the released recipe cuts
+        takes its next token from saved logits (:meth:`_truncate`: one more read, once)."""
         steering = self.steering
         real_rows = self._real_rows()
         # NaN (the max propagates it) or +inf anywhere in a row, per cache row, on the device.
         row_max = logits.amax(-1)
         flags = torch.isnan(row_max) | (row_max == float("inf"))
-        bad: set[int] = set()
-        if not steering.defers_reads and any(self.phases[i] != PLAIN for i in self.active):
-            # This recipe reads its steered rows on the host itself: drop the bad rows first.
-            bad, flags = self._fail_bad_rows(_read_step(flags), real_rows), None
-        state = self.setup.generator.get_state() if flags is not None else None
-        launched = self._launch(logits, real_rows, bad)
+        state = self.setup.generator.get_state()
+        launched = self._launch(logits, real_rows, set())
         values = launched.read(flags)
-        if flags is not None:
-            bad = self._fail_bad_rows(values.pop(0), real_rows)
-            if bad:  # these end here; the others' step runs again without them, from the same state
-                self.setup.generator.set_state(state)
-                launched = self._launch(logits, real_rows, bad)
-                values = launched.read(None)
+        bad = self._fail_bad_rows(values.pop(0), real_rows)
+        if bad:  # these end here; the others' step runs again without them, from the same state
+            self.setup.generator.set_state(state)
+            launched = self._launch(logits, real_rows, bad)
+            values = launched.read(None)
+        for k, i in enumerate(self.active):
+            if self.phases[i] != PLAIN and k not in bad:
+                steering.observe(i, self.sequences[i], logits[real_rows[k]])
         tokens = self._finish(launched, values, logits, real_rows, bad)
 
         # Phases move on; a request whose steering just ended may drop some of its tokens.
@@ -508,15 +509,12 @@ class _Run:
         (forced tokens are taken in :meth:`_finish`, as they read nothing)."""
         steering = self.steering
         launched = _Launched(logits.device, logits.shape[-1])
-        for k, i in enumerate(self.active):
-            if self.phases[i] != PLAIN and k not in bad:
-                steering.observe(i, self.sequences[i], logits[real_rows[k]])
         steered = [k for k, i in enumerate(self.active) if self.phases[i] == STEER and k not in bad]
         if steered:
             real, noised = self._paired_logits(logits, [real_rows[k] for k in steered])
             out = steering.steer(real, noised, [self.active[k] for k in steered], self.sequences, self.return_logits)
             launched.steered = (steered, out, real, noised)
-            launched.add(out.tokens, out.mass_before, out.mass_after, out.pending and out.pending.status)
+            launched.add(out.tokens, out.mass_before, out.mass_after, out.pending and out.pending.status, *out.extra)
         plain = [k for k, i in enumerate(self.active) if self.phases[i] == PLAIN and k not in bad]
         if len(plain) == logits.shape[0]:  # one row per request, all plain: no gather
             launched.plain = self._launch_plain(plain, logits)
@@ -537,7 +535,7 @@ class _Run:
         key = (tuple(rows), logits.device)
         index = cache.get(key)
         if index is None:
-            index = cache[key] = torch.tensor(rows, device=logits.device)
+            index = cache[key] = to_device(rows, torch.int64, logits.device)
         return logits[index], logits[index + 1]
 
     def _finish(self, launched: _Launched, values: list, logits, real_rows: list[int], bad: set[int]) -> list:
@@ -548,10 +546,13 @@ class _Run:
         if launched.steered is not None:
             steered, out, real, noised = launched.steered
             chosen, before, after, words = (values.pop(0) for _ in range(4))
+            extra = [values.pop(0) for _ in out.extra]
             steered_logits = out.logits
             if words and any(words):  # rare: an error to raise, or rows to recompute
                 chosen, steered_logits, stats = finish_step(out.pending, [int(w) for w in words])
                 chosen, before, after = chosen.tolist(), *(m.tolist() for m in stats)
+            if out.resolve is not None:  # the recipe's host rules, on the values read
+                chosen = out.resolve(chosen, extra)
             for n, k in enumerate(steered):
                 tokens[k] = int(chosen[n])
                 recorder.add(
@@ -688,14 +689,14 @@ class _Run:
         if drops_noised and "cache_bytes_two_branch" not in self.stats:
             self.stats["cache_bytes_two_branch"] = cache_nbytes(self.cache)
         real_rows = self._real_rows()
-        # A CPU index works for cache layers on any device (models spread with device_map).
-        index = torch.tensor([real_rows[k] + b for k, p in zip(keep, paired) for b in range(2 if p else 1)])
+        rows = [real_rows[k] + b for k, p in zip(keep, paired) for b in range(2 if p else 1)]
+        # On the mask's device, queued (a layer on another device, with device_map, copies it there).
+        index = to_device(rows, torch.int64, self.mask.device)
         if drops_noised and not any(paired):  # the last noised rows leave: the real rows get their whole room
             set_capacity(self.cache, self.capacity)
         self.cache.batch_select_indices(index)  # copies the kept rows; the old tensors are freed
-        self.adapter.select_rows(index)
-        on_mask = index.to(self.mask.device)
-        self.mask, self.next_position = self.mask[on_mask], self.next_position[on_mask]
+        self.adapter.select_rows(index, self.mask.shape[0])
+        self.mask, self.next_position = self.mask[index], self.next_position[index]
         if drops_noised and not any(paired):
             self.stats["cache_bytes_after_drop"] = cache_nbytes(self.cache)
         self._step_rows = keep
@@ -707,7 +708,7 @@ class _Run:
         if self._step_rows is not None:
             tokens = [tokens[k] for k in self._step_rows]
         per_row = [t for t, p in zip(tokens, self.paired) for _ in range(2 if p else 1)]
-        step_ids = torch.tensor(per_row, dtype=torch.int64, device=self.mask.device)
+        step_ids = to_device(per_row, torch.int64, self.mask.device)  # queued, no wait (see host_to_device.py)
         self.columns += 1
         # Steered steps run 2B rows: make one weight read serve them all (see small_batch.py).
         with small_batch_linear(self.adapter.model, enabled=small_batch and any(self.paired)):

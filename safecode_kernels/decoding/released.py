@@ -2,9 +2,10 @@
 
 Every rule of the recipe runs on the decoder's rows: the phrase ranking is one gather over a
 padded phrase table (:func:`~safecode_kernels.ops.phrase_scores.phrase_scores`), the safe
-path's scaling one ``where`` over the refusal mask; only the per-request choices (the keyword
-match among ``top_k`` ranked phrases, the quote-mark rule, the early stop on the decoded
-prefix) run in Python, once per steered request and step.
+path's scaling one ``where`` over the refusal mask, the draws ``argmax(w / q)`` on the
+device; only the per-request choices (the keyword match among ``top_k`` ranked phrases, the
+quote-mark rule, the early stop on the decoded prefix) run in Python, on values read with the
+step's one device read.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import dataclasses
 import torch
 
 from ..ops.phrase_scores import phrase_scores, phrase_table
+from ..ops.step_inputs import seed_from
 from ..params import SteeringParams
 from ..recipes import ReleasedRecipe
 from ..refusal import RefusalVocabulary, _text_tokenizer
 from ..verdict import Verdict
+from .host_to_device import to_device
 from .steering import FORCED, PLAIN, STEER, SteeredTokens
 from .token_policy import Setup
 
@@ -65,10 +68,6 @@ class ReleasedSteering:
     per-verdict continuation values). ``caller_limits``: whether the caller set the length of
     (other, unsafe) answers; the recipe's caps apply to the rest.
     """
-
-    #: :meth:`steer` reads its rows on the host (the phrase ranking, the quote-mark rule) and
-    #: keeps state: the decoder drops bad rows before calling it.
-    defers_reads = False
 
     def __init__(
         self,
@@ -138,51 +137,115 @@ class ReleasedSteering:
         sequences: list[list[int]],
         return_logits: bool,
     ) -> SteeredTokens:
+        """The steered step of ``requests``, launched on the device without a host read or a
+        side effect: the tokens the device can decide (argmax or a draw), the refusal masses,
+        and what the host rules need (each unsafe row's ranked phrases, each first safe row's
+        two best tokens) are read with the step's other values; ``resolve`` then applies the
+        rules and records the forced phrases."""
         recipe, setup = self.recipe, self.setup
         real, noised = setup._ban(real, noised)
-        paths = [self.states[i].path for i in requests]
-        alpha = torch.tensor(
-            [recipe.alpha_safe if p == SAFE else recipe.alpha for p in paths], dtype=torch.float32, device=real.device
-        )
+        paths = tuple(self.states[i].path for i in requests)
+        alpha, factor, unsafe = self._path_tensors(paths, real.device)
         probs = (real.float() - alpha[:, None] * noised.float()).softmax(-1)
         refusal = setup.refusal.mask(probs.shape[1], probs.device)
-        factor = torch.tensor(
-            [
-                recipe.suppress_factor if p == SAFE else 1.0 + recipe.lambda_boost if p == FALLBACK else 1.0
-                for p in paths
-            ],
-            dtype=torch.float32,
-            device=probs.device,
-        )
         scaled = torch.where(refusal, probs * factor[:, None], probs)
         total = scaled.sum(-1, keepdim=True)
         # Renormalise; a row whose mass vanished keeps the contrast (as the released code does).
         modulated = torch.where(total > 0, scaled / total.clamp_min(torch.finfo(torch.float32).tiny), probs)
-        before = (probs * refusal).sum(-1).tolist()
-        after = (modulated * refusal).sum(-1).tolist()
+        before = (probs * refusal).sum(-1)
+        after = torch.where(unsafe, before, (modulated * refusal).sum(-1))  # a forced phrase modulates nothing
 
-        tokens, actions, phrases = [], [], []
-        unsafe_rows = [k for k, p in enumerate(paths) if p == UNSAFE]
-        ranked = None
-        if unsafe_rows:
-            scores = phrase_scores(probs[unsafe_rows], self.phrases.table.to(probs.device))
-            ranked = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : recipe.top_k].tolist()
-        for k, (i, path) in enumerate(zip(requests, paths)):
-            state = self.states[i]
-            if path == UNSAFE:
-                j = self._choose_phrase(ranked[unsafe_rows.index(k)])
-                forced = self.phrases.ids[j][: setup.steer_steps]
-                state.forced = forced[1:]
-                tokens.append(forced[0])
-                actions.append("forced")
-                phrases.append(self.phrases.texts[j])
-                after[k] = before[k]
+        first = [not sequences[i] for i in requests]
+        tokens = self._draw(modulated, paths, first)
+        extra = []
+        ranked = UNSAFE in paths
+        if ranked:  # every row is ranked (one gather); only the unsafe rows' ranking is used
+            scores = phrase_scores(probs, self._table_on(probs.device))
+            extra.append(torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, : recipe.top_k])
+        quoted = recipe.skip_quote_first and any(f and p == SAFE for f, p in zip(first, paths))
+        if quoted:
+            extra.append(torch.topk(modulated, min(2, modulated.shape[1])).indices)
+        actions = ["forced" if p == UNSAFE else "suppressed" if p == SAFE else "boosted" for p in paths]
+        out = SteeredTokens(tokens, before, after, actions, [None] * len(requests), None, extra=extra)
+        out.logits = modulated.log() if return_logits else None
+
+        def resolve(chosen: list, values: list) -> list[int]:
+            """The step's tokens from the values read: the host rules applied, the forced
+            phrases recorded (``out.phrases``) and their remaining ids queued."""
+            ranking = values.pop(0) if ranked else None
+            best_two = values.pop(0) if quoted else None
+            chosen = [int(t) for t in chosen]
+            for k, (i, path) in enumerate(zip(requests, paths)):
+                if path == UNSAFE:
+                    width = len(ranking) // len(requests)
+                    j = self._choose_phrase([int(j) for j in ranking[k * width : (k + 1) * width]])
+                    forced = self.phrases.ids[j][: setup.steer_steps]
+                    self.states[i].forced = forced[1:]
+                    chosen[k] = forced[0]
+                    out.phrases[k] = self.phrases.texts[j]
+                elif quoted and first[k] and path == SAFE:
+                    width = len(best_two) // len(requests)
+                    top = [int(t) for t in best_two[k * width : (k + 1) * width]]
+                    mark = len(top) > 1 and setup.tokenizer.decode([top[0]]).strip() in recipe.quote_marks
+                    chosen[k] = top[1] if mark else top[0]
+            return chosen
+
+        out.resolve = resolve
+        return out
+
+    def _path_tensors(self, paths: tuple[str, ...], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of ``paths``: the contrast's alpha and the refusal tokens' factor ``[R]``
+        fp32 and whether the row is forced ``[R]`` bool, on ``device``, built once per set of
+        paths, queued without a host sync (see ``host_to_device.py``)."""
+        cache = self.__dict__.setdefault("_by_paths", {})
+        key = (paths, device)
+        if key not in cache:
+            recipe = self.recipe
+            alpha = [recipe.alpha_safe if p == SAFE else recipe.alpha for p in paths]
+            factor = [
+                recipe.suppress_factor if p == SAFE else 1.0 + recipe.lambda_boost if p == FALLBACK else 1.0
+                for p in paths
+            ]
+            cache[key] = (
+                to_device(alpha, torch.float32, device),
+                to_device(factor, torch.float32, device),
+                to_device([p == UNSAFE for p in paths], torch.bool, device),
+            )
+        return cache[key]
+
+    def _table_on(self, device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_tables", {})
+        if device not in cache:
+            cache[device] = self.phrases.table.to(device)
+        return cache[device]
+
+    def _draw(self, p: torch.Tensor, paths: tuple[str, ...], first: list[bool]) -> torch.Tensor:
+        """The device's token per row ``[R]`` int64: the argmax of ``p`` (first steps, greedy
+        runs; forced rows take theirs on the host), else a draw from ``p`` sharpened by the
+        path's temperature. A draw is ``argmax(w / q)`` with ``q ~ Exp(1)``, what
+        ``torch.multinomial(w, 1)`` computes after a check of ``w`` that reads it on the host;
+        with the same generator it draws the same token as the released code's call."""
+        tokens = p.argmax(-1)
+        recipe = self.recipe
+        for k, (path, is_first) in enumerate(zip(paths, first)):
+            if is_first or self.greedy or path == UNSAFE:
                 continue
-            tokens.append(self._pick(modulated[k], path, first=not sequences[i]))
-            actions.append("suppressed" if path == SAFE else "boosted")
-            phrases.append(None)
-        logits = modulated.log() if return_logits else None
-        return SteeredTokens(torch.tensor(tokens, dtype=torch.int64), before, after, actions, phrases, logits)
+            temperature = recipe.safe_temperature if path == SAFE else recipe.fallback_temperature
+            weights = ((p[k] + 1e-10).log() / temperature).softmax(-1)
+            noise = torch.empty_like(weights).exponential_(1, generator=self._generator(weights.device))
+            tokens[k] = (weights / noise).argmax()
+        return tokens
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The run's generator where it lives on ``device``; else a generator on ``device``
+        seeded from it for each draw (so restoring the run's generator replays the draws)."""
+        generator = self.setup.generator
+        if generator.device == device:
+            return generator
+        on_device = self.__dict__.get("_device_generator")
+        if on_device is None or on_device.device != device:
+            on_device = self._device_generator = torch.Generator(device=device)
+        return on_device.manual_seed(seed_from(generator))
 
     def _choose_phrase(self, ranked: list[int]) -> int:
         if self.recipe.prefer_keywords:
@@ -190,22 +253,6 @@ class ReleasedSteering:
                 if self.phrases.has_keyword[j]:
                     return j
         return ranked[0]
-
-    def _pick(self, p: torch.Tensor, path: str, first: bool) -> int:
-        recipe = self.recipe
-        if first:
-            if path == SAFE and recipe.skip_quote_first:
-                top = torch.topk(p, min(2, p.shape[0])).indices.tolist()
-                if len(top) > 1 and self.setup.tokenizer.decode([top[0]]).strip() in recipe.quote_marks:
-                    return top[1]
-                return top[0]
-            return int(p.argmax())
-        if self.greedy:
-            return int(p.argmax())
-        temperature = recipe.safe_temperature if path == SAFE else recipe.fallback_temperature
-        weights = ((p + 1e-10).log() / temperature).softmax(-1)
-        generator = self.setup.generator
-        return int(torch.multinomial(weights.to(generator.device), 1, generator=generator))
 
     def forced_token(self, request: int, tokens: list[int]) -> int:
         return self.states[request].forced.pop(0)

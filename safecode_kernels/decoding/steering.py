@@ -10,6 +10,7 @@ chooses the steered tokens. :class:`PaperSteering` is SafeCoDe as the paper desc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -27,15 +28,21 @@ class SteeredTokens:
     ``"suppressed"``, ``"boosted"``) and the forced phrase (or ``None``); ``logits`` ``[R, V]``
     fp32, what the tokens were chosen from (only when asked for). With ``pending`` (the step
     op launched, its status words not read yet), the tokens and the masses are its ``[R]``
-    tensors on the logits' device, which the decoder reads with the step's other values."""
+    tensors on the logits' device, which the decoder reads with the step's other values.
+
+    ``extra``: more tensors for the decoder to read in the same copy; with ``resolve``, the
+    decoder passes it the tokens and ``extra`` as read (flat lists) and takes the tokens it
+    returns (a recipe's host rules; it may fill ``phrases``)."""
 
     tokens: torch.Tensor
-    mass_before: list[float] | torch.Tensor
-    mass_after: list[float] | torch.Tensor
+    mass_before: torch.Tensor
+    mass_after: torch.Tensor
     actions: list[str]
     phrases: list[str | None]
     logits: torch.Tensor | None = None
     pending: PendingStep | None = None
+    extra: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    resolve: Callable[[list, list], list[int]] | None = None
 
 
 class PaperSteering:
@@ -44,9 +51,6 @@ class PaperSteering:
 
     #: Columns a request may need beyond ``max_new_tokens`` (tokens dropped after steering).
     extra_columns = 0
-    #: :meth:`steer` reads nothing on the host and has no side effect (the decoder may launch
-    #: it again): its tokens and masses are read with the step's other values.
-    defers_reads = True
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -63,6 +67,10 @@ class PaperSteering:
         sequences: list[list[int]],
         return_logits: bool,
     ) -> SteeredTokens:
+        """The steered tokens of ``requests`` from their ``real`` and ``noised`` rows
+        ``[R, V]``, launched on the device: every recipe's ``steer`` reads nothing on the host
+        and has no side effect (the decoder reads its tensors with the step's other values,
+        and may launch it again without rows that turned out bad)."""
         pending = self.setup.steer_pending(real, noised, requests, return_logits)
         before, after = pending.stats
         return SteeredTokens(

@@ -20,6 +20,7 @@ from ..ops.step_pending import finish_step, launch_step
 from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
 from .adapters import ModelAdapter
+from .host_to_device import to_device
 
 if TYPE_CHECKING:
     from .requests import EncodedRequest
@@ -51,13 +52,14 @@ class Setup:
 
     def verdicts(self, requests: list[int], device) -> torch.Tensor:
         """The int8 verdicts ``[R]`` of ``requests`` on ``device``, built once per row set (a
-        fresh tensor per step would cost a host-to-device copy and a check of its values)."""
+        fresh tensor per step would cost a host-to-device copy and a check of its values);
+        queued without a host sync (see ``host_to_device.py``)."""
         cache = self.__dict__.setdefault("_verdicts_by_rows", {})
         key = (tuple(requests), device)
         verdicts = cache.get(key)
         if verdicts is None:
             values = [int(self.requests[i].verdict) for i in requests]
-            verdicts = cache[key] = torch.tensor(values, dtype=torch.int8, device=device)
+            verdicts = cache[key] = to_device(values, torch.int8, device)
         return verdicts
 
     def _ban(self, real: torch.Tensor, noised: torch.Tensor):

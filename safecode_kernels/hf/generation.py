@@ -284,10 +284,10 @@ def _decode(
         if not unfinished.any() or input_ids.shape[1] >= max_length:
             break
         if width == 2 and step == s.steer_steps:  # steering is over: drop the noised rows
-            keep = torch.arange(batch)
+            keep = torch.arange(batch, device=device)
             set_capacity(cache, max_length)  # the real rows move into buffers with room for the whole answer
             cache.batch_select_indices(keep)
-            adapter.select_rows(keep)
+            adapter.select_rows(keep, 2 * batch)
             mask, next_position, width = mask[:batch], next_position[:batch], 1
         # Steered steps run 2B rows: one weight read serves both branches (see small_batch.py).
         with small_batch_linear(model, enabled=width == 2):

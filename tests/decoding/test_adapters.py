@@ -71,7 +71,10 @@ def test_qwen_rope_deltas_follow_the_rows():
     model, processor = tiny_qwen2_vl()
     adapter = get_adapter(model, processor)
     model.model.rope_deltas = torch.tensor([[1], [2], [3], [4]])
-    adapter.select_rows(torch.tensor([0, 2]))
+    adapter.select_rows(torch.tensor([0, 2]), 4)
+    assert model.model.rope_deltas.tolist() == [[1], [3]]
+    # Deltas set for another batch (a model call outside the decoder's) are left alone.
+    adapter.select_rows(torch.tensor([1]), 3)
     assert model.model.rope_deltas.tolist() == [[1], [3]]
 
 

@@ -330,13 +330,20 @@ _READ_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonze
 
 
 class _HostReads(TorchDispatchMode):
-    """Counts the host reads of a tensor's value: ``bool(t)``, ``int(t)``, ``t.item()``, on the
-    CPU too (``.tolist()`` does not dispatch on the CPU: the decoder routes its reads through
-    ``_read_step``, counted apart)."""
+    """Counts the host reads of a tensor's value: ``bool(t)``, ``int(t)``, ``t.item()`` (as
+    dispatched ops) and ``t.tolist()`` (which does not dispatch on the CPU: counted by a
+    wrapper), the decoder's own ``_read_step`` included."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
         super().__init__()
         self.count = 0
+        real_tolist = torch.Tensor.tolist
+
+        def tolist(tensor):
+            self.count += 1
+            return real_tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _READ_OPS:
@@ -344,15 +351,20 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("poison", [None, (2, 1, float("nan"))], ids=["clean", "bad-logits"])
+@pytest.mark.parametrize("recipe", ["paper", "released"])
+@pytest.mark.parametrize(
+    "poison", [None, (2, 1, float("nan")), (0, 3, float("inf"))], ids=["clean", "bad-plain", "bad-steered"]
+)
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_one_host_read_per_step(tiny, monkeypatch, poison, sampled):
-    """Every step's choice (steered and plain) reads the device once: the tokens, the step op's
-    status words, the refusal masses and the rows holding NaN or +inf in one copy; a step with
-    a bad row reads once more (its step runs again without it). Sampled steps also draw each
-    step op's seed from the run's generator, a CPU one (a read of host memory), and nothing else."""
+def test_one_host_read_per_step(tiny, monkeypatch, poison, sampled, recipe):
+    """Every step's choice (steered, forced and plain, in both recipes) reads the device once:
+    the tokens, the step op's status words, the refusal masses, the rows holding NaN or +inf
+    and what the released recipe's rules need (phrase rankings, the two best tokens) in one
+    copy; a step with a bad row reads once more (its step runs again without it). Sampled
+    steps also draw each seed from the run's generator, a CPU one (a read of host memory),
+    and nothing else is read."""
+    from safecode_kernels import ReleasedRecipe
     from safecode_kernels.ops import step_inputs
-    from safecode_kernels.ops.step_torch import decodes_greedily
 
     model, processor, refusal = tiny
     images, prompts, verdicts, kwargs = batch(processor)
@@ -363,20 +375,28 @@ def test_one_host_read_per_step(tiny, monkeypatch, poison, sampled):
 
     def choose(run, logits):
         reads.clear(), seeds.clear()
-        with _HostReads() as counter:
+        with _HostReads(monkeypatch) as counter:
             tokens = real_choose(run, logits)
-        counts.append((len(reads), counter.count - len(seeds)))
+        monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+        counts.append((len(reads), counter.count - len(seeds) - len(reads)))
         return tokens
 
-    monkeypatch.setattr(decoder_module._Run, "choose", choose)
     params = PARAMS.replace(temperature=0.8, top_p=0.9) if sampled else PARAMS
-    decoder = SafeCoDeDecoder(model, processor, params, steer_steps=2, refusal=refusal, backend=BACKEND)
-    refusal.mask(model.get_output_embeddings().weight.shape[0], "cpu")  # built once per set (checks its ids)
-    decodes_greedily(params)  # decided once per temperature
+    if recipe == "released":  # no corruption guard: a cut prefix takes one more read, once (tested apart)
+        options = dict(recipe=ReleasedRecipe(corruption_guard=False))
+        verdicts = ["unsafe", "safe", "none"]
+    else:
+        options = dict(refusal=refusal)
+    decoder = SafeCoDeDecoder(model, processor, params, steer_steps=2, backend=BACKEND, **options)
+    settings = dict(do_sample=True, temperature=0.8, top_p=0.9) if sampled else dict(do_sample=False)
+    settings.update(max_new_tokens=5, eos_token_id=[], **kwargs)
+    # A first run builds what is built once (the refusal mask, the per-temperature decision).
+    decoder.generate(images, prompts, verdicts, **settings)
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(decoder_module._Run, "choose", choose)
     handle = model.get_output_embeddings().register_forward_hook(PoisonRow(*poison)) if poison else None
-    settings = dict(do_sample=True, temperature=0.8, top_p=0.9) if sampled else {}
     try:
-        result = decoder.generate(images, prompts, verdicts, max_new_tokens=5, eos_token_id=[], **settings, **kwargs)
+        result = decoder.generate(images, prompts, verdicts, **settings)
     finally:
         if handle is not None:
             handle.remove()

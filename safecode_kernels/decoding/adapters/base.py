@@ -150,8 +150,9 @@ class ModelAdapter:
         """``position_ids`` for one new token per row."""
         return next_position[:, None]
 
-    def select_rows(self, indices: torch.Tensor) -> None:
-        """Called whenever the decoder keeps only ``indices`` of the batch rows."""
+    def select_rows(self, indices: torch.Tensor, rows: int) -> None:
+        """Called whenever the decoder keeps only ``indices`` (int64, on the model's device) of
+        its ``rows`` batch rows."""
 
     # ----- forwards ---------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, vision=None, logits: bool = True):

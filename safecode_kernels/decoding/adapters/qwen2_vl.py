@@ -60,9 +60,9 @@ class Qwen2VLAdapter(ModelAdapter):
     def step_positions(self, next_position):
         return next_position[None, :, None].expand(3, -1, 1)
 
-    def select_rows(self, indices):
+    def select_rows(self, indices, rows):
         deltas = self._inner.rope_deltas
-        if deltas is not None and deltas.shape[0] > int(indices.max()):
+        if deltas is not None and deltas.shape[0] == rows:  # set for this batch's rows
             self._inner.rope_deltas = deltas[indices.to(deltas.device)]
 
     def _set_rope_deltas(self, deltas: torch.Tensor) -> None:
