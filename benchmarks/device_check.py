@@ -6,9 +6,13 @@ crash, a hang or a CUDA error in one loses none of the others' results:
   ``gpu``-marked full grid included: passed / failed / skipped counts and the failing tests;
 - ``step``: ``benchmarks/bench_step.py --device cuda`` through its command line: time of
   ``torch`` and ``triton`` per case, their ratio and the share of the card's peak bandwidth;
-- ``decoder``: :class:`SafeCoDeDecoder` on CUDA in bf16 with ``sdpa`` and with ``eager``
-  attention, every family's tiny model and the benchmark-size LLaVA (576 image tokens): each
-  batch against each of its requests alone (token agreement, NaN anywhere, errors);
+- ``decoder``: :class:`SafeCoDeDecoder` on CUDA in bf16. First the blocking host syncs per
+  decoding step (:func:`host_syncs`): the tiny LLaVA under both recipes, greedy and sampled,
+  with the decoder's own reads (``_read_step`` calls), the warnings of
+  ``torch.cuda.set_sync_debug_mode("warn")`` in the step loop and outside it, and where each
+  sync came from; then, with ``sdpa`` and with ``eager`` attention, every family's tiny model
+  and the benchmark-size LLaVA (576 image tokens): each batch against each of its requests
+  alone (token agreement, NaN anywhere, errors);
 - ``e2e``: the end-to-end decoding benchmark (``safecode_kernels.app.benchmarking.decode``) on
   the LLaVA-1.5-7B shape with random bf16 weights and 576 image tokens: naive, two-cache,
   fused and plain (with the decoder without steering and the noised prefill, for the lower
@@ -29,6 +33,7 @@ when Triton is missing. Nothing here asserts a time; the exit status is 0 when e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import glob
@@ -41,6 +46,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("grid", "step", "decoder", "e2e")
@@ -59,6 +65,21 @@ DRY_GRID_TESTS = "unavailable_reason or no_refusal_tokens"
 #: The families and request batches of the decoder part's dry run (M-RoPE and plain positions).
 DRY_FAMILIES = ("llava", "qwen2_vl")
 DRY_PREFIXES = ("mixed",)
+#: The host-sync measurement (:func:`host_syncs`): the family whose tiny model it runs, the
+#: tokens of each answer, the steered steps, the (recipe, sampled) cases and how many distinct
+#: places of syncs the report shows per case (the JSON record keeps them all).
+SYNC_FAMILY = "llava"
+SYNC_TOKENS = 8
+SYNC_STEER_STEPS = 3
+SYNC_CASES = (("paper", False), ("paper", True), ("released", False), ("released", True))
+SYNC_SAMPLING = dict(temperature=0.8, top_p=0.9)
+SYNC_SITES = 6
+#: The decoder's step loop: ``_Run``'s methods a decoding step runs, in order.
+STEP_METHODS = ("choose", "drop_rows", "decode_step")
+#: What ``torch.cuda.set_sync_debug_mode("warn")`` warns (c10/cuda/CUDAFunctions.h).
+_SYNC_WARNING = "synchronizing CUDA operation"
+#: The warnings module's files, whose frames sit between a warning's place and its display.
+_WARNINGS_FILES = ("warnings.py", "_py_warnings.py")
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,6 +361,13 @@ def part_decoder(part: Part) -> str | None:
 
     if not part.dry_run:
         part.save(result=dict(card=torch.cuda.get_device_name()))
+    # First, so that the part's time limit never leaves it out (a few seconds on the GPU).
+    try:
+        syncs = host_syncs(part.device)
+    except Exception as err:  # the batched-against-alone rows below still run
+        syncs = dict(error=f"{type(err).__name__}: {str(err)[:300]}")
+        traceback.print_exc()
+    part.save(result=dict(part.record["result"], host_syncs=syncs))
     rows = []
     families, prefixes = (DRY_FAMILIES, DRY_PREFIXES) if part.dry_run else (BUILDERS, ("shared", "none", "mixed"))
     models = [(family, BUILDERS[family], prefixes) for family in families]
@@ -420,6 +448,192 @@ def _bench_batch(processor):
     images, prompts, verdicts = bench_requests(4)
     system = [system_prompt(processor.tokenizer, 60), None, "Be brief.", None]
     return images, prompts, verdicts, dict(system_prompt=system)
+
+
+def host_syncs(device: str) -> dict:
+    """How often the decoder blocks the host per decoding step on ``device`` (``"cuda"``, or
+    ``"cpu"`` in a dry run): the tiny model of :data:`SYNC_FAMILY` in bf16 with ``sdpa``
+    attention, three requests (unsafe, safe, none; system prompts, so a shared prefix),
+    :data:`SYNC_TOKENS` tokens each (no end-of-sequence token) of which :data:`SYNC_STEER_STEPS`
+    are steered, under each recipe, greedy and sampled (:data:`SYNC_CASES`).
+
+    Each case runs ``generate`` twice with the same seed and counts in the second (the first pays
+    for the one-off work: Triton's compilation, the refusal masks, the allocator's growth):
+    ``steps`` (``_Run.choose`` calls, one per token of the longest answer, more when the
+    released recipe's corruption guard cuts a prefix), ``decoder_reads`` (``_read_step`` calls:
+    the one device-to-host read a step is designed to make; reads a recipe makes by other means
+    show only as syncs) and, on CUDA only, the warnings of
+    ``torch.cuda.set_sync_debug_mode("warn")`` (every blocking copy or synchronization torch
+    makes) by where they were raised: in the step loop (:data:`STEP_METHODS`) or outside it
+    (setup, prefill, the result), with every distinct place that raised them (``sites``).
+    Elsewhere the sync counts are ``None`` and ``cuda_syncs_reason`` says why.
+
+    Returns a dict: the settings and ``cases``, one dict per case (``error`` where it failed).
+    """
+    import copy
+
+    import torch
+
+    from safecode_kernels.decoding import SafeCoDeDecoder
+    from safecode_kernels.refusal import RefusalVocabulary
+    from safecode_kernels.testing.tiny_models import BUILDERS, PARAMS, batch, refusal_ids
+
+    model, processor = BUILDERS[SYNC_FAMILY]()
+    # A copy: the builders hand out one cached instance, which other callers expect in fp32.
+    model = copy.deepcopy(model).to(device, torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    images, prompts, verdicts, kwargs = batch(processor, "shared")
+    on_cuda = torch.device(device).type == "cuda"
+    record = dict(
+        model=f"{SYNC_FAMILY} (tiny), bf16, sdpa",
+        device=torch.cuda.get_device_name(device) if on_cuda else device,
+        requests=len(images),
+        tokens=SYNC_TOKENS,
+        steer_steps=SYNC_STEER_STEPS,
+        cuda_syncs_reason=None if on_cuda else "no CUDA device",
+        cases=[],
+    )
+    for recipe, sampled in SYNC_CASES:
+        case = dict(recipe=recipe, sampling="sampled" if sampled else "greedy")
+        try:
+            # The paper's recipe with the tiny vocabulary's refusal tokens; the released one with
+            # its own phrases' ids.
+            refusal = RefusalVocabulary(refusal_ids(processor.tokenizer)) if recipe == "paper" else None
+            decoder = SafeCoDeDecoder(
+                model, processor, PARAMS, steer_steps=SYNC_STEER_STEPS, refusal=refusal, recipe=recipe
+            )
+            settings = dict(kwargs, max_new_tokens=SYNC_TOKENS, eos_token_id=[], do_sample=sampled)
+            settings.update(SYNC_SAMPLING if sampled else {})
+            call = functools.partial(decoder.generate, images, prompts, verdicts, **settings)
+            call()
+            case.update(_count_syncs(call, _sync_debug_warn if on_cuda else None))
+        except Exception as err:  # recorded; the other cases go on
+            case["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            traceback.print_exc()
+        record["cases"].append(case)
+    return record
+
+
+def _count_syncs(call, sync_debug) -> dict:
+    """Run ``call`` (a ``generate``) once, counting the steps, the decoder's reads and the sync
+    warnings, each tagged with the step-loop method running when it came (``"outside"``: none).
+    ``sync_debug``: a context manager factory that makes torch warn on every sync for its block
+    (:func:`_sync_debug_warn`), or ``None`` where syncs cannot be counted (their counts are then
+    ``None``). ``_read_step`` and the ``_Run`` methods are wrapped for the call only."""
+    from safecode_kernels.decoding import decoder as decoder_module
+
+    run_class, real_read = decoder_module._Run, decoder_module._read_step
+    methods = {name: vars(run_class)[name] for name in STEP_METHODS}
+    where = ["outside"]  # the innermost step-loop method running
+    calls = dict.fromkeys(STEP_METHODS, 0)
+    reads: dict[str, int] = {}
+    syncs: list[tuple[str, str, str]] = []  # (where, site, stack)
+    other_warnings = []
+
+    def read_step(values):
+        reads[where[-1]] = reads.get(where[-1], 0) + 1
+        return real_read(values)
+
+    def tagged(name, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            where.append(name)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                where.pop()
+
+        return wrapper
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # torch raises its warning from the innermost Python frame that called the op.
+        if _SYNC_WARNING in str(message):
+            syncs.append((where[-1], f"{_short_path(filename)}:{lineno}", _warning_stack()))
+        else:
+            other_warnings.append(f"{category.__name__}: {str(message).splitlines()[0][:200]}")
+
+    decoder_module._read_step = read_step
+    try:
+        for name, method in methods.items():
+            setattr(run_class, name, tagged(name, method))
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")  # every sync, not once per place
+            warnings.showwarning = show  # catch_warnings restores it
+            with sync_debug() if sync_debug is not None else contextlib.nullcontext():
+                result = call()
+    finally:
+        decoder_module._read_step = real_read
+        for name, method in methods.items():
+            setattr(run_class, name, method)
+
+    steps = calls["choose"]
+    case = dict(
+        steps=steps,
+        decode_steps=calls["decode_step"],
+        tokens=sum(len(tokens) for tokens in result.sequences),
+        decoder_reads=sum(reads.values()),
+        decoder_reads_by_place=reads,
+        reads_per_step=round(sum(n for w, n in reads.items() if w != "outside") / steps, 3) if steps else None,
+        other_warnings=sorted(set(other_warnings))[:5],
+    )
+    if sync_debug is None:
+        return dict(case, cuda_syncs=None, cuda_syncs_by_place=None, cuda_syncs_per_step=None, sites=[])
+    by_place = {name: sum(w == name for w, _, _ in syncs) for name in (*STEP_METHODS, "outside")}
+    in_steps = len(syncs) - by_place["outside"]
+    sites: dict[str, dict] = {}  # by first appearance
+    for w, site, stack in syncs:
+        entry = sites.setdefault(site, dict(site=site, count=0, where={}, stack=stack))
+        entry["count"] += 1
+        entry["where"][w] = entry["where"].get(w, 0) + 1
+    return dict(
+        case,
+        cuda_syncs=len(syncs),
+        cuda_syncs_by_place=by_place,
+        cuda_syncs_per_step=round(in_steps / steps, 3) if steps else None,
+        sites=list(sites.values()),
+    )
+
+
+@contextlib.contextmanager
+def _sync_debug_warn():
+    """``torch.cuda.set_sync_debug_mode("warn")`` for the block; the previous mode after it."""
+    import torch
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def _warning_stack(depth: int = 4) -> str:
+    """The Python stack where the warning being shown was raised, innermost first: its place
+    and then up to ``depth`` frames of this package (the decoder's path to it), as
+    ``file:line function`` joined by `` < ``; this script's and the warnings module's frames left out."""
+    here = os.path.abspath(__file__)
+    frames = [
+        f
+        for f in reversed(traceback.extract_stack())
+        if os.path.abspath(f.filename) != here and os.path.basename(f.filename) not in _WARNINGS_FILES
+    ]
+    if not frames:
+        return ""
+    package = os.path.join(REPO, "safecode_kernels") + os.sep
+    ours = [f for f in frames[1:] if os.path.abspath(f.filename).startswith(package)][:depth]
+    return " < ".join(f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in [frames[0], *ours])
+
+
+def _short_path(path: str) -> str:
+    """``path`` from the repository, or from the installed packages' folder, else as is."""
+    full = os.path.abspath(path)
+    if full.startswith(REPO + os.sep):
+        return os.path.relpath(full, REPO)
+    for marker in ("site-packages", "dist-packages"):
+        if f"{os.sep}{marker}{os.sep}" in full:
+            return full.split(f"{os.sep}{marker}{os.sep}", 1)[1]
+    return path
 
 
 # ----- (d) the end-to-end benchmark on the LLaVA-1.5-7B shape ----------------------------------
@@ -589,7 +803,9 @@ def _md_step(r: dict) -> list[str]:
 
 
 def _md_decoder(r: dict) -> list[str]:
-    lines = ["Batched answers (8 tokens, greedy, 3 steered) against each request alone, bf16.", ""]
+    lines = _md_host_syncs(r["host_syncs"]) if "host_syncs" in r else []
+    lines += ["### Batched against alone", ""]
+    lines += ["Batched answers (8 tokens, greedy, 3 steered) against each request alone, bf16.", ""]
     lines += ["| model | attention | requests | token agreement | identical answers | NaN | error |"]
     lines += ["|---|---|---:|---:|---:|---|---|"]
     for row in r.get("rows", []):
@@ -600,6 +816,46 @@ def _md_decoder(r: dict) -> list[str]:
             f"{'yes' if row.get('nan') else 'no'} | {row.get('error', '')[:120]} |"
         )
     return lines
+
+
+def _md_host_syncs(s: dict) -> list[str]:
+    lines = ["### Host syncs per decoding step", ""]
+    if "error" in s:
+        return lines + [f"Not measured: {s['error']}", ""]
+    lines += [
+        f"{s['model']} on {s['device']}: {s['requests']} requests (unsafe, safe, none), {s['tokens']} tokens "
+        f"each, {s['steer_steps']} steered; each case runs twice and is counted in the second. Steps: "
+        "`_Run.choose` calls; decoder reads: `_read_step` calls (the one device-to-host read a step is "
+        'designed to make); CUDA syncs: warnings of `torch.cuda.set_sync_debug_mode("warn")`, in the step '
+        "loop (`choose` / `drop_rows` / `decode_step`) and outside it (setup, prefill, result); "
+        "syncs / step: the step loop's syncs over the steps.",
+        "",
+    ]
+    if s.get("cuda_syncs_reason"):
+        lines += [f"CUDA syncs not measured: {s['cuda_syncs_reason']}.", ""]
+    lines += ["| recipe | sampling | steps | decoder reads | reads / step | CUDA syncs | "]
+    lines[-1] += "choose / drop_rows / decode_step | outside steps | syncs / step | error |"
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in s.get("cases", []):
+        places = c.get("cuda_syncs_by_place")
+        split = " / ".join(str(places[name]) for name in STEP_METHODS) if places else "-"
+        lines.append(
+            f"| {c['recipe']} | {c['sampling']} | {c.get('steps', '-')} | {c.get('decoder_reads', '-')} | "
+            f"{_num(c.get('reads_per_step'), 2)} | {'-' if c.get('cuda_syncs') is None else c['cuda_syncs']} | "
+            f"{split} | {places['outside'] if places else '-'} | {_num(c.get('cuda_syncs_per_step'), 2)} | "
+            f"{c.get('error', '')[:120]} |"
+        )
+    cases = [c for c in s.get("cases", []) if c.get("sites")]
+    if cases:
+        lines += ["", f"Where they came from: per case, the first {SYNC_SITES} places, innermost frame first.", ""]
+    for c in cases:
+        for site in c["sites"][:SYNC_SITES]:
+            where = ", ".join(f"{n} in {w}" for w, n in site["where"].items())
+            case = f"{c['recipe']}, {c['sampling']}"
+            lines.append(f"- {case}: `{site['site']}` x{site['count']} ({where}): {site['stack']}")
+        if len(c["sites"]) > SYNC_SITES:
+            lines.append(f"- {c['recipe']}, {c['sampling']}: {len(c['sites']) - SYNC_SITES} more (device_check.json)")
+    return lines + [""]
 
 
 def _md_e2e(r: dict) -> list[str]:
