@@ -133,8 +133,7 @@ class SelfJudge:
                 texts[start : start + self.batch_size],
                 ["none"] * len(chunk),
                 max_new_tokens=max_new_tokens,
-                noised_images=chunk,  # no noised branch is run
-            )
+            )  # steer_steps=0: no noised view is drawn or encoded
             for text, error in zip(result.texts, result.errors):
                 if error is not None:  # a cut-off answer must not be read as a caption or verdict
                     raise JudgeError(f"self judge: the model's answer ended early: {error}")

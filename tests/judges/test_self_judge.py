@@ -23,14 +23,13 @@ class ScriptedDecoder:
         self.errors = errors  # what ``errors`` of every result holds (default: no error)
         self.calls = []
 
-    def generate(self, images, prompts, verdicts, max_new_tokens, noised_images):
+    def generate(self, images, prompts, verdicts, max_new_tokens):
         self.calls.append(
             dict(
                 images=images,
                 prompts=prompts,
                 verdicts=verdicts,
                 max_new_tokens=max_new_tokens,
-                noised_images=noised_images,
             )
         )
         replies = self.replies["caption" if prompts[0] == CAPTION_PROMPT else "verdict"]
@@ -110,6 +109,25 @@ def test_real_model(tiny_llava):
             IMAGES[:1], PROMPTS[:1]
         )
     assert judge.judge([], []) == []
+
+
+@pytest.mark.parametrize("flow, passes", [("one-call", 2), ("released", 1)])
+def test_each_image_is_encoded_once_per_pass(tiny_llava, monkeypatch, flow, passes):
+    """No noised view is drawn or encoded: the processor sees each image once per pass that
+    shows it (the released flow's verdict pass is text-only)."""
+    model, processor = tiny_llava
+    encoded = []
+    real_call = type(processor).__call__
+
+    def call(self, *args, images=None, **kwargs):
+        if images is not None:
+            encoded.extend(images)
+        return real_call(self, *args, images=images, **kwargs)
+
+    monkeypatch.setattr(type(processor), "__call__", call)
+    SelfJudge(model, processor, flow=flow, caption_tokens=2, verdict_tokens=2).judge(IMAGES[:2], PROMPTS[:2])
+    assert len(encoded) == 2 * passes
+    assert [image.tobytes() for image in encoded[:2]] == [image.convert("RGB").tobytes() for image in IMAGES[:2]]
 
 
 @pytest.mark.parametrize(
