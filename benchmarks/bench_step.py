@@ -24,6 +24,12 @@ Two ways to run it:
                                                          # and a ratio table at the end
     python benchmarks/bench_step.py [--quick] [--device cuda] [--threads N] [--json out.json]
                                                          # a markdown table
+    python benchmarks/bench_step.py --device cuda --dry-run
+                                                         # the GPU code path on the CPU
+
+``--dry-run`` runs what ``--device cuda`` runs (the ``triton`` op and its ``kernel`` column next
+to ``torch``) on CPU tensors, the kernels in Triton's interpreter, for a few tiny cases timed
+on the host: it checks that the GPU benchmark runs end to end; its times mean nothing.
 
 Both backends use torch's thread count (``--threads``, or ``SAFECODE_BENCH_THREADS`` under
 pytest). On a machine shared with other work, OpenMP threads that wait for a busy core can
@@ -77,6 +83,7 @@ MODES = {
     "sample": sk.SteeringParams(temperature=0.7, top_k=50, top_p=0.9),
 }
 NUM_REFUSAL = 64
+#: ``--dry-run``'s cases: small enough for Triton's interpreter, two vocabulary blocks.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,8 @@ class Case:
 
 CASES = [Case(b, v, d, m) for b in BATCHES for v in VOCABS for d in DTYPES for m in MODES]
 QUICK_CASES = [c for c in CASES if c.batch in (1, 16)]
+#: ``--dry-run``'s cases: small enough for Triton's interpreter, two vocabulary blocks.
+DRY_RUN_CASES = [Case(b, 2600, "fp32", m) for b in (1, 2) for m in MODES]
 
 
 FIXED_COST_VOCAB = 7  # the fixed cost: a step that reads almost nothing
@@ -309,17 +318,26 @@ def main(argv=None) -> int:
         help=f"batch sizes to run (default {' '.join(map(str, BATCHES))}; with --quick 1 16)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: its code path on CPU tensors (Triton's interpreter, tiny cases); times mean nothing",
+    )
     args = parser.parse_args(argv)
     if args.batches is not None and any(b < 1 for b in args.batches):
         parser.error(f"--batches must be >= 1, got {args.batches}")
+    if args.dry_run and args.device != "cuda":
+        parser.error("--dry-run runs the --device cuda code path: add --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when Triton is first imported (below)
+    elif args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 1
 
     naive, fast = BACKENDS[args.device]
-    reason = backend_status()[fast]
+    reason = None if args.dry_run else backend_status()[fast]
     if reason is not None:
         print(f"the {fast} backend is unavailable: {reason}", file=sys.stderr)
         return 1
@@ -327,29 +345,33 @@ def main(argv=None) -> int:
     if args.batches is not None:
         cases = [Case(b, v, d, m) for b in args.batches for v in VOCABS for d in DTYPES for m in MODES]
     min_time, min_reps, max_reps = (0.3, 3, 200) if args.quick else (1.0, 5, 1000)
+    device = args.device  # where the tensors live
+    if args.dry_run:
+        cases, device, min_time, min_reps, max_reps = DRY_RUN_CASES, "cpu", 0.0, 1, 1
 
-    machine = machine_description(args.device)
-    peak = peak_gbps(args.device) or read_bandwidth(128 if args.quick else 512)
-    cuda = args.device == "cuda"
+    machine = machine_description(device) + (", dry run: Triton's interpreter" if args.dry_run else "")
+    peak = peak_gbps(device) or read_bandwidth(16 if args.dry_run else 128 if args.quick else 512)
+    cuda = args.device == "cuda"  # the GPU code path (its tensors are on the CPU in a dry run)
+    on_gpu = device == "cuda"
 
     def timed(fn) -> float:
-        return time_gpu(fn) if cuda else time_call(fn, min_time, min_reps, max_reps)
+        return time_gpu(fn) if on_gpu else time_call(fn, min_time, min_reps, max_reps)
 
     fixed: dict[tuple, float] = {}  # the fixed cost of each (batch, dtype, mode)
     rows = []
     for case in cases:
         seconds = {}
         for backend in (naive, fast):
-            seconds[backend] = timed(step_fn(case, backend, args.device))
+            seconds[backend] = timed(step_fn(case, backend, device))
         key = (case.batch, case.dtype, case.mode)
         if key not in fixed:
             small = Case(case.batch, FIXED_COST_VOCAB, case.dtype, case.mode)
-            fn = step_fn(small, fast, args.device)
+            fn = step_fn(small, fast, device)
             # The least of 5 medians of 200 calls: a call of microseconds fits in the gaps of
             # other work on the machine, which only ever adds time (timeit's advice).
-            fixed[key] = time_gpu(fn) if cuda else min(time_call(fn, 0.0, 200, 200) for _ in range(5))
-        floor = min(timed(fn) for fn in floor_fns(case, args.device))
-        kernel = timed(kernel_fn(case, args.device)) if cuda else None
+            fixed[key] = timed(fn) if cuda else min(time_call(fn, 0.0, 200, 200) for _ in range(5))
+        floor = min(timed(fn) for fn in floor_fns(case, device))
+        kernel = timed(kernel_fn(case, device)) if cuda else None
         # On a GPU the share of the card's peak is the kernels' alone (the op's time adds the
         # host's input checks and the status read); on the CPU the op's.
         fast_gbps = case.input_bytes / (kernel if kernel is not None else seconds[fast]) / 1e9
@@ -369,7 +391,7 @@ def main(argv=None) -> int:
                 floor_ratio=seconds[fast] / floor,
                 kernel_ms=None if kernel is None else kernel * 1e3,
                 fast_gbps=fast_gbps,
-                fast_peak_share=fast_gbps / peak if args.device == "cuda" else None,
+                fast_peak_share=fast_gbps / peak if on_gpu else None,
                 torch_gbps=case.input_bytes / seconds[naive] / 1e9,
             )
         )
@@ -383,7 +405,9 @@ def main(argv=None) -> int:
             make_inputs.cache_clear()
 
     print(f"Machine: {machine}")
-    reference = "the card's peak" if args.device == "cuda" else "torch summing a large buffer reads"
+    if args.dry_run:
+        print("Dry run: the GPU code path on CPU tensors in Triton's interpreter. These times mean nothing.")
+    reference = "the card's peak" if on_gpu else "torch summing a large buffer reads"
     print(
         f"Median time per step; ratio = torch / {fast} from the same run. Fixed cost: the {fast} op at "
         f"V = {FIXED_COST_VOCAB}. Read floor: a max-reduction over both input rows, same run. GB/s = bytes "
@@ -394,7 +418,14 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"machine": machine, "device": args.device, "peak_gbps": peak, "quick": args.quick, "results": rows},
+                {
+                    "machine": machine,
+                    "device": args.device,
+                    "dry_run": args.dry_run,
+                    "peak_gbps": peak,
+                    "quick": args.quick,
+                    "results": rows,
+                },
                 f,
                 indent=2,
             )

@@ -47,6 +47,25 @@ def test_kernel_timing_has_no_host_sync(mode):
     assert counter.counts[SYNC] >= 1  # the counter does see the op's sync
 
 
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+def test_dry_run_takes_the_gpu_path(tmp_path, capsys):
+    """``--device cuda --dry-run`` times the Triton op and its kernel launches (in the
+    interpreter) next to torch, and says its times mean nothing; without ``--device cuda`` it is
+    a usage error."""
+    import json
+
+    out = tmp_path / "step.json"
+    assert bench_step.main(["--device", "cuda", "--dry-run", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["dry_run"] is True and data["device"] == "cuda"
+    assert [r["case"] for r in data["results"]] == [c.name for c in bench_step.DRY_RUN_CASES]
+    assert all(r["fast_backend"] == "triton" and r["kernel_ms"] > 0 for r in data["results"])
+    assert all(r["fast_peak_share"] is None for r in data["results"])  # no card, no share of its peak
+    assert "These times mean nothing" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_step.main(["--dry-run"])
+
+
 def test_floor_and_fixed_cost_cases():
     case = bench_step.Case(1, 64, "bf16", "greedy")
     assert len(bench_step.floor_fns(case)) == 1  # numpy has no bfloat16: torch's reduction only

@@ -62,6 +62,9 @@ def test_step_benchmark_rows(dry_run):
     step = dry_run[2]["parts"]["step"]["result"]
     assert step["exit_status"] == 0 and step["rows"]
     assert all(row["ratio"] > 0 and row["torch_ms"] > 0 for row in step["rows"])
+    # The dry run takes the GPU path: the Triton op and its launches alone (the kernel column).
+    assert "--device cuda" in step["command"] and "--dry-run" in step["command"]
+    assert all(row["fast_backend"] == "triton" and row["kernel_ms"] > 0 for row in step["rows"])
 
 
 def test_decoder_batched_against_alone(dry_run):
