@@ -243,6 +243,12 @@ def load_model(model_name: str, dtype: str, device: str):
     # With accelerate installed the weights load straight onto an accelerator; without it
     # (transformers needs it for device_map) they load on the CPU and are moved below.
     placement = {"device_map": device} if device != "cpu" and importlib.util.find_spec("accelerate") else {}
+    if device != "cpu" and not placement:
+        print(
+            f"note: loading {model_name} into CPU memory first, then onto {device}; "
+            "`pip install accelerate` loads it straight onto the device",
+            file=sys.stderr,
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             model_name, dtype=torch_dtype, **placement, **hub_options(model_name)

@@ -360,3 +360,20 @@ def test_model_text_is_shown_without_control_characters():
     assert cli.shown("ring\x07 back\x08 \x1b[2J") == "ring\\x07 back\\x08 \\x1b[2J"
     assert cli.shown("line one\nline two") == "line one\n          line two"
     assert cli.shown("tab\there") == "tab\\there"
+
+
+def test_load_without_accelerate_says_where_weights_go(saved, monkeypatch, capsys):
+    """Without accelerate the weights load into CPU memory and are moved; a note says so and
+    how to load them straight onto the device."""
+    import importlib.util
+
+    from safecode_kernels.app.cli import load_model
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a)
+    )
+    model, _ = load_model(str(saved / "llava"), "float32", "meta")
+    assert next(model.parameters()).device.type == "meta"
+    err = capsys.readouterr().err
+    assert "into CPU memory first, then onto meta" in err and "pip install accelerate" in err
