@@ -189,8 +189,9 @@ class SafeCoDeDecoder:
         ``text_before_image``: the user's text before the image in the chat template (the
         released code's order for LLaVA-NeXT); the default puts the image first.
         ``chat_template=False`` uses each prompt as is (it must then contain the processor's
-        image placeholder). ``generator`` drives the sampling (default: seeded from the
-        decoder's ``seed``).
+        image placeholder). ``generator`` drives the sampling (default: a CPU generator
+        seeded from the decoder's ``seed``); keep it on the CPU with CUDA models too: each
+        sampled step draws a kernel seed from it, which on a CUDA generator is a device read.
         """
         released = self._released
         if do_sample is None:

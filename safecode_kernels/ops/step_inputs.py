@@ -244,7 +244,8 @@ def seed_from(generator) -> int:
     """A 62-bit seed from ``None`` (torch's default generator), an int or a ``torch.Generator``.
 
     Drawing from a generator advances it, so successive steps get different streams while
-    the same generator state reproduces the same tokens.
+    the same generator state reproduces the same tokens. A CUDA generator draws on its device
+    and the seed is read back (a host sync); a CPU generator reads nothing from a device.
     """
     if generator is None:
         return int(torch.randint(0, 2**62, (1,)).item())
