@@ -183,6 +183,8 @@ class SafeCoDeDecoder:
         ``temperature`` / ``top_p`` ``None``: 1.0 under the paper's recipe, the released code's
         per-verdict values under the released one.
         ``noised_images``: the noised views to use instead of drawing them (one per request).
+        ``return_logits``: keep every step's logits rows, copied to the host as they are made
+        (a device read per row and step: for inspection, not for serving).
         ``system_prompt`` (one for all, or one per request): with ``system_prompt_role="system"``
         a system message before the image; with ``"user"`` it opens the user's turn, before the
         request (where the released code puts its first-person instruction).
