@@ -161,11 +161,15 @@ def load_image(path: str):
 
 
 def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a path: it cannot be a hub id (``owner/name``), or its
+    first part is a folder here (``models/llava`` with a ``models/`` folder: a mistyped path,
+    which the hub would otherwise be asked for, with retries when offline)."""
     return (
         name.startswith(("/", "./", "../", "~", ".\\"))
         or name in (".", "..")
         or os.sep + os.sep in name
         or name.count("/") > 1
+        or ("/" in name and os.path.isdir(name.split("/")[0]))
     )
 
 

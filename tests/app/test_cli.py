@@ -280,6 +280,20 @@ def test_generate_input_errors(capsys, saved, tmp_path):
         assert out == ""
 
 
+def test_mistyped_relative_model_folder(tmp_path, monkeypatch, capsys):
+    """``models/llavaa`` beside a ``models/`` folder is a mistyped path, not a hub id: it fails at
+    once (exit 2), asking the hub nothing; ``owner/name`` without such a folder stays a hub id."""
+    from safecode_kernels.app.cli import resolve_model
+    from safecode_kernels.testing.tiny import random_image
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    random_image(1, 16).save(tmp_path / "x.png")
+    code, out, err = run(capsys, "generate", "--model", "models/llavaa", "--image", "x.png", "--prompt", "hi")
+    assert code == 2 and "model folder not found: models/llavaa" in err
+    assert resolve_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+
+
 def test_usage_errors(capsys):
     code, out, err = run(capsys, "generate", "--model", "x")
     assert code == 2 and "required" in err
