@@ -9,11 +9,17 @@ preparation (some versions run the vision tower there) and go to the loop direct
 
 The loop (:func:`_decode`) runs both branches as one batch with a KV cache: rows ``0..B-1``
 hold the real images, rows ``B..2B-1`` the noised ones, prefilled together; each of the first
-``steer_steps`` tokens comes from :func:`~safecode_kernels.safecode_step` on the paired rows,
-then the noised rows leave the cache and decoding goes on with the real rows alone. Forwards,
-positions (1-D or M-RoPE) and vision inputs go through the package's model adapters, so the
-models :class:`~safecode_kernels.SafeCoDeDecoder` supports work here too, with the same
-tokens under greedy decoding.
+``steer_steps`` tokens comes from the logits :func:`~safecode_kernels.safecode_step` modulates
+on the paired rows, then the noised rows leave the cache and decoding goes on with the real rows
+alone. Forwards, positions (1-D or M-RoPE) and vision inputs go through the package's model
+adapters, so the models :class:`~safecode_kernels.SafeCoDeDecoder` supports work here too, with
+the same tokens under greedy decoding.
+
+Like the decoder, the loop reads the device once per step (:func:`_read_step`): the step op is
+launched without reading its row status words (``ops/step_pending.py``), sampling draws as
+``torch.multinomial`` does without its host-side check, and the status words, the check's
+outcome, the rows still running (the stop test) and, for a streamer, the tokens come back in
+one copy. The model's own forward may read more (transformers' attention-mask helpers do).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..decoding.adapters import ModelAdapter, get_adapter
+from ..decoding.host_to_device import to_device
 from ..decoding.kv_cache import check_window, new_cache, set_capacity
 from ..decoding.requests import resolve_refusal
 from ..decoding.small_batch import small_batch_linear
-from ..ops.step import safecode_step
+from ..ops.step_pending import finish_step, launch_step
 from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..refusal import RefusalVocabulary, _text_tokenizer
@@ -249,9 +256,15 @@ def _decode(
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_length - prompt_len)], dim=1)
     logits = adapter.forward(ids, mask[:, :prompt_len], positions, cache, vision=vision)
 
-    banned = torch.tensor(adapter.placeholder_ids, dtype=torch.int64, device=input_ids.device)
-    verdicts = torch.tensor([int(v) for v in s.verdicts], dtype=torch.int8, device=input_ids.device)
+    # Built once, queued without a wait; the step op takes the verdicts as valid int8 codes
+    # (parse_verdicts made them) without checking them on every step.
+    banned = to_device(list(adapter.placeholder_ids), torch.int64, input_ids.device)
+    verdicts = to_device([int(v) for v in s.verdicts], torch.int8, input_ids.device)
+    if width == 2:  # the refusal mask (its ids checked against the vocabulary) is built here, not in a step
+        s.refusal.mask(logits.shape[-1], input_ids.device)
     pad = config._pad_token_tensor
+    if pad is not None:
+        pad = pad.to(input_ids.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     all_scores, all_logits = [], []
     step = 0
@@ -262,26 +275,41 @@ def _decode(
         # A generated placeholder would be taken for an image slot: -inf in the real row, and 0
         # in the noised one keeps the contrast -inf (not NaN).
         real.index_fill_(1, banned, float("-inf"))
+        pending = None
         if step < s.steer_steps:
             noised = logits[batch:].to(dtype=torch.float32, device=input_ids.device).index_fill(1, banned, 0.0)
-            real = safecode_step(
-                real, noised, verdicts, s.refusal, s.params, backend=s.backend, return_logits=True
-            ).logits
-        scores = logits_processor(input_ids, real)
+            # Its row status words stay on the device: they come back with the step's read.
+            pending = launch_step(real, noised, verdicts, s.refusal, s.params, None, s.backend, True, False)
+            real = pending.logits
+        choice = _choose(real, None, input_ids, unfinished, logits_processor, stopping_criteria, config, pad)
+        words, bad_draw, running, streamed = _read_step(
+            [
+                None if pending is None else pending.status,
+                choice.bad_draw,
+                choice.unfinished,
+                choice.tokens if streamer is not None else None,
+            ]
+        )
+        if words and any(words):  # rare: the step op's error, or rows the Triton merge left undecided
+            _, real, _ = finish_step(pending, words)  # raises the error safecode_step raises
+            # The recomputed rows' tokens, with the same noise (the same draw), read again.
+            choice = _choose(
+                real, choice.noise, input_ids, unfinished, logits_processor, stopping_criteria, config, pad
+            )
+            bad_draw, running, streamed = _read_step(
+                [choice.bad_draw, choice.unfinished, choice.tokens if streamer is not None else None]
+            )
+        if bad_draw and bad_draw[0]:  # torch.multinomial's errors
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        if bad_draw and bad_draw[1]:
+            raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
+        tokens, input_ids, unfinished = choice.tokens, choice.input_ids, choice.unfinished
         if dict_output and config.output_scores:
-            all_scores.append(scores)
-        if config.do_sample:
-            tokens = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
-        else:
-            tokens = scores.argmax(-1)
-        if pad is not None:  # finished rows go on with padding, as in generate
-            tokens = torch.where(unfinished, tokens, pad.to(tokens.device))
-        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
-        if streamer is not None:
-            streamer.put(tokens.cpu())
-        unfinished &= ~stopping_criteria(input_ids, scores).to(unfinished.device)
+            all_scores.append(choice.scores)
+        if streamer is not None:  # streamers take CPU tokens: these are the values read
+            streamer.put(torch.tensor(streamed, dtype=tokens.dtype))
         step += 1
-        if not unfinished.any() or input_ids.shape[1] >= max_length:
+        if not any(running) or input_ids.shape[1] >= max_length:
             break
         if width == 2 and step == s.steer_steps:  # steering is over: drop the noised rows
             keep = torch.arange(batch, device=device)
@@ -290,6 +318,7 @@ def _decode(
             adapter.select_rows(keep, 2 * batch)
             mask, next_position, width = mask[:batch], next_position[:batch], 1
         # Steered steps run 2B rows: one weight read serves both branches (see small_batch.py).
+        # The tokens feed the forward from the device (no host round trip).
         with small_batch_linear(model, enabled=width == 2):
             logits = adapter.forward(
                 tokens.to(device).repeat(width)[:, None],
@@ -310,3 +339,60 @@ def _decode(
         scores=tuple(all_scores) if config.output_scores else None,
         logits=tuple(all_logits) if config.output_logits else None,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    """A step's choice, all on the device: ``scores`` ``[B, V]`` (what the logits processors
+    made), ``tokens`` ``[B]`` int64 (padding in finished rows), ``input_ids`` with them
+    appended, ``unfinished`` ``[B]`` bool after the stopping criteria, and for a sampled step
+    the ``noise`` ``[B, V]`` it drew with and ``bad_draw`` ``[2]`` bool, torch.multinomial's
+    checks (a probability is inf, NaN or < 0; a row sums to 0); else ``None`` for both."""
+
+    scores: torch.Tensor
+    tokens: torch.Tensor
+    input_ids: torch.Tensor
+    unfinished: torch.Tensor
+    noise: torch.Tensor | None
+    bad_draw: torch.Tensor | None
+
+
+def _choose(real, noise, input_ids, unfinished, logits_processor, stopping_criteria, config, pad) -> _Choice:
+    """The tokens ``generate``'s sampler picks from ``real`` (the step's real, or modulated,
+    logits ``[B, V]`` fp32), without reading the device: greedy, the argmax; sampled, what
+    ``torch.multinomial(probs, 1)`` draws, ``argmax(probs / q)`` with ``q ~ Exp(1)`` from the
+    device's default generator (the same draw; ``noise`` reuses a ``q`` already drawn),
+    without its check of ``probs`` on the host (returned instead, for the step's one read)."""
+    scores = logits_processor(input_ids, real)
+    bad_draw = None
+    if config.do_sample:
+        probs = scores.softmax(-1)
+        if noise is None:
+            noise = torch.empty_like(probs).exponential_(1)
+        tokens = (probs / noise).argmax(-1)
+        # max is NaN where any value is: NaN < inf is False, as in multinomial's check.
+        bad_draw = torch.stack([~((probs.max() < float("inf")) & (probs.min() >= 0)), (probs.sum(-1) == 0).any()])
+    else:
+        tokens = scores.argmax(-1)
+    if pad is not None:  # finished rows go on with padding, as in generate
+        tokens = torch.where(unfinished, tokens, pad)
+    input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+    unfinished = unfinished & ~stopping_criteria(input_ids, scores).to(unfinished.device)
+    return _Choice(scores, tokens, input_ids, unfinished, noise, bad_draw)
+
+
+def _read_step(parts: list) -> list:
+    """The step's one blocking device-to-host read (tests count the calls): each 1-D integer or
+    bool tensor of ``parts`` as a list of Python ints, ``None`` left as ``None``."""
+    tensors = [part for part in parts if part is not None]
+    device = tensors[0].device
+    # int64 holds every token id, status word and flag exactly.
+    values = torch.cat([t.reshape(-1).to(device=device, dtype=torch.int64) for t in tensors]).tolist()
+    out, start = [], 0
+    for part in parts:
+        if part is None:
+            out.append(None)
+        else:
+            out.append(values[start : start + part.numel()])
+            start += part.numel()
+    return out

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
-from transformers.generation import BaseStreamer, StoppingCriteria, StoppingCriteriaList
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.generation import (
+    BaseStreamer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 import safecode_kernels as sk
 from safecode_kernels.hf import CUSTOM_GENERATE_DIR
@@ -105,17 +113,20 @@ def test_noised_pixel_values_instead_of_noised_inputs(llava):
     torch.testing.assert_close(got, want)
 
 
+class Recorder(BaseStreamer):
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.values, self.ended = [], 0
+
+    def put(self, value):
+        self.values.append(value)
+
+    def end(self):
+        self.ended += 1
+
+
 def test_streamer_receives_the_prompt_then_every_token(llava):
-    class Recorder(BaseStreamer):
-        def __init__(self):
-            self.values, self.ended = [], 0
-
-        def put(self, value):
-            self.values.append(value)
-
-        def end(self):
-            self.ended += 1
-
     streamer = Recorder()
     out = hub_generate(llava, streamer=streamer)
     prompt_len = llava[2]["input_ids"].shape[1]
@@ -246,3 +257,221 @@ def test_noised_rows_reserve_only_the_steered_steps(llava, monkeypatch):
     position = kv_bytes_per_position(model.config, model.dtype) * len(PROMPTS)
     assert sizes["two_branch"] == 2 * position * (prompt_len + STEPS)
     assert sizes["after_drop"] == position * (prompt_len + NEW)
+
+
+# A host read of a value shows as exactly one of these: ``_local_scalar_dense`` normally,
+# ``is_nonzero`` / ``item`` under inference mode (which skips their decomposition).
+_READ_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what reads a tensor's value on the host: ``bool(t)``, ``int(t)``, ``t.item()`` (as
+    dispatched ops), and what reads the device on CUDA but shows no such op on the CPU:
+    ``t.tolist()`` and ``t.cpu()`` (one each, by wrappers) and ``torch.multinomial`` (two: its
+    check of the probabilities reads twice inside the kernel)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        real_tolist, real_cpu, real_multinomial = torch.Tensor.tolist, torch.Tensor.cpu, torch.multinomial
+
+        def tolist(tensor):
+            self.count += 1
+            return real_tolist(tensor)
+
+        def cpu(tensor, *args, **kwargs):
+            self.count += 1
+            return real_cpu(tensor, *args, **kwargs)
+
+        def multinomial(*args, **kwargs):
+            self.count += 2
+            return real_multinomial(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+        monkeypatch.setattr(torch, "multinomial", multinomial)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _READ_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stop", ["length", "eos", "criterion"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamer"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_one_host_read_per_step(llava, monkeypatch, sampled, streamed, stop):
+    """Every step of the loop, steered (the first three) or plain, greedy or sampled, reads the
+    device once: the step op's status words, torch.multinomial's checks, the rows still running
+    (the stop test) and, for a streamer, the tokens, in one copy. Counted on the CPU, where
+    every read of a tensor's value shows, from the end of one forward to the start of the next.
+    The forwards' own reads are the model's (transformers' attention-mask helpers read the mask
+    on every forward, as in its own generate): counted apart, not asserted."""
+    from safecode_kernels.hf import generation
+
+    model, processor, inputs, *_ = llava
+    prompt_len = inputs["input_ids"].shape[1]
+
+    class Stop(StoppingCriteria):  # row 0 stops after two new tokens (then pads), both after five
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids.shape[1] - prompt_len
+            return torch.tensor([new >= 2, new >= 5])
+
+    settings = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9) if sampled else {}
+    if stop != "eos":
+        settings["eos_token_id"] = []  # no stop at EOS: every step runs
+    if stop == "criterion":
+        settings["stopping_criteria"] = StoppingCriteriaList([Stop()])
+    # The refusal set's mask is built once per set and device (a first run builds it).
+    refusal = sk.RefusalVocabulary.from_tokenizer(processor.tokenizer)
+    hub_generate(llava, refusal=refusal, **settings)
+
+    counter = HostReads(monkeypatch)
+    marks = []  # the count at every forward's start and end, and at the loop's end
+    made, decode = generation.get_adapter, generation._decode
+
+    def marked_adapter(model, processor):
+        adapter = made(model, processor)
+        forward = adapter.forward
+
+        def marked_forward(*args, **kwargs):
+            marks.append(counter.count)
+            out = forward(*args, **kwargs)
+            marks.append(counter.count)
+            return out
+
+        adapter.forward = marked_forward
+        return adapter
+
+    def marked_decode(*args, **kwargs):
+        out = decode(*args, **kwargs)
+        marks.append(counter.count)
+        return out
+
+    monkeypatch.setattr(generation, "get_adapter", marked_adapter)
+    monkeypatch.setattr(generation, "_decode", marked_decode)
+    streamer = Recorder() if streamed else None
+    torch.manual_seed(0)
+    with counter:
+        out = hub_generate(llava, refusal=refusal, streamer=streamer, **settings)
+    new = out.shape[1] - prompt_len
+    steps = [end - start for start, end in zip(marks[1::2], marks[2::2])]
+    assert new == (5 if stop == "criterion" else NEW) and steps == [1] * new
+    if stop == "criterion":
+        assert out[0, prompt_len + 2 :].tolist() == [model.generation_config.pad_token_id] * 3
+    if streamed:
+        torch.testing.assert_close(torch.stack(streamer.values[1:], dim=1), out[:, prompt_len:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampling_draws_what_generate_draws(llava, seed):
+    """Plain sampled generation (no steered step) draws the tokens ``model.generate`` draws
+    with torch.multinomial from the same seed: the loop's draw without the host check is the
+    same draw."""
+    model, _, inputs, *_ = llava
+    settings = dict(do_sample=True, temperature=0.7, top_k=20, max_new_tokens=NEW)
+    torch.manual_seed(seed)
+    got = safecode_hf_generate(model, **inputs, verdicts=VERDICTS, steer_steps=0, backend=BACKEND, **settings)
+    torch.manual_seed(seed)
+    want = model.generate(**inputs, **settings)
+    torch.testing.assert_close(got, want)
+
+
+def test_choose_draws_what_multinomial_draws():
+    """``_choose``'s sampled tokens equal ``torch.multinomial(probs, 1)``'s from the same
+    generator state, which both leave alike; greedy takes the argmax; the noise it returns
+    draws the same tokens again."""
+    from transformers import GenerationConfig
+
+    from safecode_kernels.hf.generation import _choose
+
+    scores = torch.randn(64, 500) * torch.linspace(0.1, 20, 64)[:, None]  # from flat to peaked rows
+    ids, unfinished, processors, criteria = (
+        torch.zeros(64, 3, dtype=torch.int64),
+        torch.ones(64, dtype=torch.bool),
+        LogitsProcessorList(),
+        StoppingCriteriaList(),
+    )
+    torch.manual_seed(7)
+    want = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+    after_want = torch.rand(4)
+    torch.manual_seed(7)
+    choice = _choose(scores, None, ids, unfinished, processors, criteria, GenerationConfig(do_sample=True), None)
+    assert torch.equal(choice.tokens, want) and torch.equal(torch.rand(4), after_want)
+    assert choice.bad_draw.tolist() == [False, False] and choice.unfinished.all()
+    torch.testing.assert_close(choice.input_ids, torch.cat([ids, want[:, None]], dim=1))
+    again = _choose(scores, choice.noise, ids, unfinished, processors, criteria, GenerationConfig(do_sample=True), None)
+    assert torch.equal(again.tokens, want)
+    greedy = _choose(scores, None, ids, unfinished, processors, criteria, GenerationConfig(do_sample=False), None)
+    assert torch.equal(greedy.tokens, scores.argmax(-1)) and greedy.noise is None and greedy.bad_draw is None
+
+
+@pytest.mark.parametrize("steered", [False, True], ids=["plain", "steered"])
+def test_a_bad_distribution_raises_what_multinomial_raises(llava, steered):
+    """A sampled step whose probabilities hold NaN raises torch.multinomial's own error."""
+
+    class NaNRow(LogitsProcessor):  # at the fifth step (plain) or the second (steered)
+        calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == (2 if steered else 5):
+                scores = scores.clone()
+                scores[1, 4] = float("nan")
+            return scores
+
+    probs = torch.zeros(2, 8)
+    probs[1, 4] = float("nan")
+    with pytest.raises(RuntimeError) as reference:
+        torch.multinomial(probs, 1)
+    with pytest.raises(RuntimeError, match=re.escape(str(reference.value))):
+        hub_generate(llava, do_sample=True, logits_processor=LogitsProcessorList([NaNRow()]))
+
+
+def test_nan_logits_in_a_steered_step_raise_the_step_error(llava):
+    """NaN in the noised branch's logits raises the StepError ``safecode_step`` raises."""
+    model, calls = llava[0], []
+
+    def poison(module, args, output):  # the first decoding step's noised row 0
+        calls.append(1)
+        if len(calls) == 2:
+            output = output.clone()
+            output[2, -1, 7] = float("nan")
+        return output
+
+    handle = model.get_output_embeddings().register_forward_hook(poison)
+    try:
+        with pytest.raises(sk.StepError, match=r"logits_noised row 0 contains NaN"):
+            hub_generate(llava)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_rows_the_step_left_undecided_are_recomputed(llava, monkeypatch, sampled):
+    """A steered row whose status word says the Triton merge could not decide it exactly has
+    its logits recomputed by the reference, and its token chosen again (with the same noise
+    when sampled): the answer is the one a plain run gives."""
+    from safecode_kernels.hf import generation
+    from safecode_kernels.ops.codes import FALLBACK_FLAG
+
+    settings = dict(do_sample=True, temperature=0.7, top_k=20) if sampled else {}
+    settings.update(return_dict_in_generate=True, output_scores=True)
+    torch.manual_seed(0)
+    want = hub_generate(llava, **settings)
+    launch, launched = generation.launch_step, []
+
+    def undecided_row_1(*args):
+        pending = launch(*args)
+        pending.logits = pending.logits.clone()
+        pending.logits[1] = 0.0  # wrong, as an undecided row's may be
+        pending.status = torch.tensor([0, FALLBACK_FLAG], dtype=torch.int32)
+        launched.append(pending)
+        return pending
+
+    monkeypatch.setattr(generation, "launch_step", undecided_row_1)
+    torch.manual_seed(0)
+    got = hub_generate(llava, **settings)
+    assert len(launched) == STEPS
+    torch.testing.assert_close(got.sequences, want.sequences)
+    torch.testing.assert_close(got.scores, want.scores)
