@@ -292,7 +292,8 @@ def _decode(
         )
         if words and any(words):  # rare: the step op's error, or rows the Triton merge left undecided
             _, real, _ = finish_step(pending, words)  # raises the error safecode_step raises
-            # The recomputed rows' tokens, with the same noise (the same draw), read again.
+            # The recomputed rows' tokens, with the same noise (the same draw), read again; the
+            # logits processors and stopping criteria run again on the corrected logits.
             choice = _choose(
                 real, choice.noise, input_ids, unfinished, logits_processor, stopping_criteria, config, pad
             )
