@@ -121,6 +121,8 @@ class SafeCoDeDecoder:
         self.model = model
         self.processor = processor
         self.adapter = get_adapter(model, processor)
+        if processor is None:
+            raise TypeError("processor must be the model's processor (AutoProcessor.from_pretrained(...)), got None")
         self.params = params if params is not None else SteeringParams()
         self.steer_steps = steer_steps
         self.noise_std = noise_std

@@ -122,3 +122,12 @@ def test_no_end_of_turn_token_outside_the_vocabulary(tiny, family):
     assert all(processor.tokenizer.convert_ids_to_tokens(i) in adapter.end_of_turn_tokens for i in ids)
     if family == "instructblip":  # Vicuna: the EOS </s> ends the turn
         assert ids == frozenset()
+
+
+def test_a_tokenizer_is_not_a_processor():
+    """The model's tokenizer (or image processor) given as the processor fails at once, naming
+    what is missing, instead of deep inside the first generate."""
+    model, processor = tiny_qwen2_vl()
+    for wrong, missing in ((processor.tokenizer, "image_processor"), (processor.image_processor, "tokenizer")):
+        with pytest.raises(TypeError, match=f"processor must be the model's processor .*{missing}"):
+            get_adapter(model, wrong)
