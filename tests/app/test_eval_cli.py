@@ -199,6 +199,9 @@ def test_bad_image_then_score_and_report(capsys, saved, tmp_path):
         assert code == 0, err
         report = json.loads((tmp_path / method / "report.json").read_text())
         assert (report["n"], report["errors"], report["methods"]) == (3, 1, [method])
+        # How the answers were made, from run.json: the fixed verdict, the recipe.
+        verdicts, recipe = ("fixed: unsafe", "paper") if method == "safecode" else (None, None)
+        assert report["generation"] == dict(model=str(saved / "llava"), method=method, recipe=recipe, verdicts=verdicts)
         scores = store.read_lines(tmp_path / method / "scores.jsonl")
         assert sorted(s["id"] for s in scores) == ["s0", "s1", "s3"]
         assert report["metrics"]["refusal_rate"] == pytest.approx(sum(s["label"] for s in scores) / 3)
@@ -207,6 +210,7 @@ def test_bad_image_then_score_and_report(capsys, saved, tmp_path):
     assert code == 0, err
     header = out.splitlines()[0]
     assert header == "| metric | safecode | base |" and "| refusal_rate |" in out and "| errors | 1 | 1 |" in out
+    assert "| recipe | paper | – |" in out and "| verdicts | fixed: unsafe | – |" in out
 
 
 def test_score_with_a_judge_server(capsys, saved, tmp_path):

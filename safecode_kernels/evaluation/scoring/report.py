@@ -4,7 +4,8 @@
 methods in the run), ``scorer`` (``"llm"`` or ``"refusal-strings"``), ``judge`` (the judge's model
 name, or ``None``), ``generations`` (lines read), ``n`` (samples scored, unparsed included),
 ``unparsed`` (ids whose judge answer named no label), ``errors`` (generations that failed, not
-scored), ``label_counts`` and ``metrics`` (see :mod:`.metrics`).
+scored), ``label_counts``, ``metrics`` (see :mod:`.metrics`) and ``generation`` (how the answers
+were made, from the run's ``run.json``: see :func:`generation_summary`; ``None`` without one).
 """
 
 from __future__ import annotations
@@ -50,6 +51,42 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return lines
 
 
+def generation_summary(config: Mapping | None) -> dict | None:
+    """How a run's answers were made, from its ``run.json`` (``config``): ``model``, ``method``
+    (``safecode``, ``base`` or ``vcd``), ``recipe`` (``paper`` or ``released``; ``None`` for
+    methods without one) and ``verdicts`` (where SafeCoDe's verdicts came from: ``"fixed:
+    unsafe"``, ``"judge: self (one-call)"``, ``"judge: openai gpt-4o-mini (released)"``, the
+    judge's name for a Python judge; ``None`` for methods without verdicts). ``None`` when there
+    is no ``run.json``."""
+    if config is None:
+        return None
+    method = config.get("method")
+    summary = {"model": config.get("model"), "method": method, "recipe": None, "verdicts": None}
+    if method == "safecode":
+        summary["recipe"] = config.get("recipe")
+        verdict, judge = config.get("verdict"), config.get("judge")
+        if verdict not in (None, "auto"):
+            summary["verdicts"] = f"fixed: {verdict}"
+        elif isinstance(judge, Mapping):
+            name = " ".join(str(part) for part in (judge.get("kind"), judge.get("model")) if part)
+            summary["verdicts"] = f"judge: {name}" + (f" ({judge['flow']})" if judge.get("flow") else "")
+        elif judge:
+            summary["verdicts"] = f"judge: {judge}"
+    return summary
+
+
+def _generation_line(generation: Mapping | None) -> str:
+    if not generation:
+        return "Generation: unknown (no run.json)."
+    parts = [f"method `{generation.get('method')}`"]
+    if generation.get("recipe"):
+        parts.append(f"recipe `{generation['recipe']}`")
+    if generation.get("verdicts"):
+        parts.append(f"verdicts {generation['verdicts']}")
+    model = generation.get("model")
+    return f"Generation: {', '.join(parts)}" + (f"; model `{model}`." if model else ".")
+
+
 def render_markdown(report: Mapping, max_ids: int = 50) -> str:
     """``report.md``'s text: a summary line, the metrics table, and the unparsed ids (the first
     ``max_ids``; ``report.json`` lists them all)."""
@@ -60,6 +97,8 @@ def render_markdown(report: Mapping, max_ids: int = 50) -> str:
         "",
         f"Scorer: {report['scorer']}{judge}. Methods: {methods}. Scored: {report['n']}; "
         f"unparsed: {len(report['unparsed'])}; generation errors: {report['errors']}.",
+        "",
+        _generation_line(report.get("generation")),
         "",
     ]
     lines += _table(["metric", "value"], ([k, _fmt(v)] for k, v in flatten_metrics(report["metrics"]).items()))
@@ -136,8 +175,9 @@ def _column_names(dirs: list[Path]) -> list[str]:
 def compare(dirs) -> str:
     """A markdown table of several scored runs side by side (e.g. base vs SafeCoDe).
 
-    One column per run, named by its folder; rows ``benchmark``, ``scorer``, ``n``, ``unparsed``,
-    ``errors``, then one per metric (nested ones flattened as ``attack_rate_by_kind.SD``), in order of
+    One column per run, named by its folder; rows ``benchmark``, ``method``, ``recipe``,
+    ``verdicts`` (see :func:`generation_summary`), ``scorer``, ``n``, ``unparsed``, ``errors``,
+    then one per metric (nested ones flattened as ``attack_rate_by_kind.SD``), in order of
     first appearance; a metric a run lacks shows ``–``. Reads each ``DIR/report.json``; raises
     ``FileNotFoundError`` naming a missing one, ``ValueError`` for no runs.
     """
@@ -147,8 +187,10 @@ def compare(dirs) -> str:
     reports = [read_report(d) for d in dirs]
     flats = [flatten_metrics(r["metrics"]) for r in reports]
     keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    generations = [r.get("generation") or {} for r in reports]
     rows = [
         ["benchmark"] + [r["benchmark"] for r in reports],
+        *([name] + [_fmt(g.get(name)) for g in generations] for name in ("method", "recipe", "verdicts")),
         ["scorer"] + [r["scorer"] for r in reports],
         ["n"] + [str(r["n"]) for r in reports],
         ["unparsed"] + [str(len(r["unparsed"])) for r in reports],
@@ -164,6 +206,7 @@ __all__ = [
     "REPORT_PNG",
     "compare",
     "flatten_metrics",
+    "generation_summary",
     "plot_metrics",
     "read_report",
     "render_markdown",

@@ -30,9 +30,10 @@ from pathlib import Path
 from safecode_kernels.judges import image_data_url
 
 from .. import store
+from ..run_config import read_config
 from .metrics import compute_metrics, label_counts
 from .refusal_strings import refusal_label
-from .report import write_report
+from .report import generation_summary, write_report
 from .rubrics import canonical_benchmark, load_template, question_of, rubric_for
 
 GENERATIONS, SCORES = "generations.jsonl", "scores.jsonl"
@@ -293,6 +294,7 @@ def score(
         "errors": len(generations) - len(scoreable),
         "label_counts": label_counts(labels.values()),
         "metrics": compute_metrics(benchmark, scored, labels, scorer),
+        "generation": generation_summary(read_config(directory)),
     }
     write_report(directory, report)
     return report

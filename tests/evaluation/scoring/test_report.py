@@ -10,6 +10,7 @@ import pytest
 from safecode_kernels.evaluation.scoring.report import (
     compare,
     flatten_metrics,
+    generation_summary,
     read_report,
     render_markdown,
     write_report,
@@ -65,9 +66,52 @@ def test_markdown_truncates_long_unparsed_lists():
     assert "`4`" in md and "`5`" not in md and "and 55 more" in md
 
 
+#: What run.json records (the fields generation_summary reads), per kind of run.
+RUNS = {
+    "base": {"model": "m", "method": "base", "recipe": "paper", "verdict": "auto", "judge": None},
+    "safecode": {
+        "model": "m",
+        "method": "safecode",
+        "recipe": "released",
+        "verdict": "auto",
+        "judge": {"kind": "self", "flow": "one-call", "on_unparseable": "safe"},
+    },
+    "fixed": {"model": "/models/llava", "method": "safecode", "recipe": "paper", "verdict": "unsafe", "judge": None},
+    "openai": {
+        "model": "m",
+        "method": "safecode",
+        "recipe": "paper",
+        "verdict": "auto",
+        "judge": {"kind": "openai", "url": None, "model": "gpt-4o-mini", "flow": "released"},
+    },
+    "python-judge": {"model": "m", "method": "safecode", "recipe": "paper", "verdict": "auto", "judge": "MyJudge"},
+}
+
+
+@pytest.mark.parametrize(
+    "run, verdicts",
+    [
+        ("base", None),
+        ("safecode", "judge: self (one-call)"),
+        ("fixed", "fixed: unsafe"),
+        ("openai", "judge: openai gpt-4o-mini (released)"),
+        ("python-judge", "judge: MyJudge"),
+    ],
+)
+def test_generation_summary(run, verdicts):
+    summary = generation_summary(RUNS[run])
+    assert summary["verdicts"] == verdicts and summary["method"] == RUNS[run]["method"]
+    assert summary["recipe"] == (None if run == "base" else RUNS[run]["recipe"])
+    assert generation_summary(None) is None
+    line = render_markdown({**report_of(run, 0.5, 0.5), "generation": summary})
+    assert f"Generation: method `{RUNS[run]['method']}`" in line and f"model `{RUNS[run]['model']}`" in line
+    assert "Generation: unknown (no run.json)." in render_markdown(report_of(run, 0.5, 0.5))
+
+
 def test_compare(tmp_path):
     base, safecode = tmp_path / "base", tmp_path / "safecode"
     for d, r in ((base, report_of("base", 0.5, 0.75)), (safecode, report_of("safecode", 0.125, None))):
+        r["generation"] = generation_summary(RUNS[d.name])
         d.mkdir()
         (d / "report.json").write_text(json.dumps(r))
     safecode_report = json.loads((safecode / "report.json").read_text())
@@ -77,6 +121,9 @@ def test_compare(tmp_path):
         "| metric | base | safecode |",
         "|---|---|---|",
         "| benchmark | mm-safetybench | mm-safetybench |",
+        "| method | base | safecode |",
+        "| recipe | – | released |",
+        "| verdicts | – | judge: self (one-call) |",
         "| scorer | llm | llm |",
         "| n | 9 | 9 |",
         "| unparsed | 0 | 0 |",
