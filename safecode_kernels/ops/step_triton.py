@@ -33,7 +33,8 @@ How exact it is, against :mod:`.step_torch`:
   block sends enough of them to fill ``TOP_P_LANES`` lanes per row), then Gumbel-max over
   the kept set. It is exact whenever the candidates reach far enough
   down the ranking, which the merge checks; a row whose nucleus reaches further (a very
-  flat distribution) or whose top-k exceeds the candidates is flagged, and the launcher
+  flat distribution), whose top-k exceeds the candidates, or whose suppressed sensitive
+  candidate leaves its top-k place to a token no block sent is flagged, and the launcher
   recomputes it with the torch reference (same distribution; those rows cost a second
   pass). The top-p boundary is a radix search for the lowest key whose mass above is below
   ``top_p`` (no sort; sums in another order than the reference's cumsum): it can differ

@@ -111,10 +111,12 @@ def _rank_key(z, idx, idx_bits):
 
 @triton.jit
 def _kth_largest_key(key, k):
-    """The k-th largest of distinct int64 keys (>= 0; -1 = absent) by radix select: one
-    count per bit, from the highest bit where the keys differ, stopping as soon as exactly k
-    keys are >= the prefix (no sort). ``key >= result`` then selects the k largest keys;
-    the result is 0 (select every present key) when fewer than k are present."""
+    """A threshold selecting the k largest of distinct int64 keys (>= 0; -1 = absent) by
+    radix select: one count per bit, from the highest bit where the keys differ, stopping as
+    soon as exactly k keys are >= the prefix (no sort). ``key >= result`` then selects the k
+    largest keys; the result is > 0 when at least k keys are present and 0 (select every
+    present key) when fewer are. The prefix can lie below the k-th key itself
+    (:func:`_smallest_selected` gives that)."""
     present = key >= 0
     n_present = tl.sum(present.to(tl.int32), axis=0)
     hi = tl.max(key, axis=0)
@@ -135,7 +137,17 @@ def _kth_largest_key(key, k):
         take = trial_count >= k
         prefix = tl.where(take, trial, prefix)
         count = tl.where(take, trial_count, count)
-    return tl.where(n_present >= k, prefix, 0)
+    # With exactly k keys the prefix may be 0 (keys sharing no leading bit), which would read
+    # as "fewer than k": the smallest key selects the same ones.
+    return tl.where(n_present > k, prefix, tl.where(n_present == k, lo, 0))
+
+
+@triton.jit
+def _smallest_selected(key, threshold):
+    """The smallest key ``>= threshold`` (a :func:`_kth_largest_key` result): the k-th largest
+    key itself, or 0 when the threshold is 0 (fewer than k keys)."""
+    smallest = tl.min(tl.where(key >= threshold, key, 0x7FFFFFFFFFFFFFFF), axis=0)
+    return tl.where(threshold > 0, smallest, 0)
 
 
 @triton.jit
@@ -429,7 +441,7 @@ def _step_block(
         tl.store(cand_count_ptr + part, tl.minimum(n_live, k_cand))
         # A block that kept only some of its live tokens reports the key of its last kept
         # one: every token it left out ranks below, which tells the merge how far the union
-        # of the candidates is exact.
+        # of the candidates is exact. A block that sent all its live tokens has no tail (-1).
         last = tl.min(tl.where(chosen, key, 0x7FFFFFFFFFFFFFFF), axis=0)
         tl.store(tail_ptr + part, tl.where(n_live > k_cand, last, -1))
         pending = chosen & is_ref & _lanes_equal(sens, SENS_TOP_K, offs)
@@ -604,7 +616,10 @@ def step_merge_kernel(
     cand_ref = tl.load(refmask_ptr + xidx, mask=is_cand, other=0) != 0
     pending = is_cand & cand_ref & _lanes_equal(sens, SENS_TOP_K, lane)
 
-    # Every token ranking at or above t_star is among the candidates (see step_block_kernel).
+    # Every token ranking at or above t_star is among the candidates (see step_block_kernel):
+    # a row is decided when the last token it keeps ranks at or above t_star (-1: no block
+    # left a live token out). Compared with that token's key, never with the radix prefix
+    # that selects it, which can lie below t_star (a row that one block decides alone).
     t_star = tl.max(tl.load(tail_ptr + parts, mask=blocks < NB * cands, other=-1), axis=0)
     fallback = tl.zeros((), dtype=tl.int32)
 
@@ -614,7 +629,7 @@ def step_merge_kernel(
     kth = tl.full((), 0x7FFFFFFFFFFFFFFF, dtype=tl.int64)
     if sens == SENS_TOP_K:
         kth = _kth_largest_key(key, k_sens)
-        fallback |= (kth < t_star).to(tl.int32)
+        fallback |= (_smallest_selected(key, kth) < t_star).to(tl.int32)
     target = pending & (key >= kth) & (key >= 0)
     xzb = tl.where(target, xz + _row_bias(verdict_ptr, row, bias_unsafe, bias_safe), xz)
     if write_logits != 0:
@@ -685,7 +700,7 @@ def step_merge_kernel(
         key = tl.where(allowed, _rank_key(xzb, xidx, idx_bits), -1)
         if topk != 0:
             kth = _kth_largest_key(key, top_k)
-            fallback |= (kth < t_star).to(tl.int32)
+            fallback |= (_smallest_selected(key, kth) < t_star).to(tl.int32)
             allowed = allowed & (key >= kth)
             key = tl.where(allowed, key, -1)
         # The row's max is among the allowed tokens (the top token always is), or in a block.

@@ -19,7 +19,9 @@ import torch
 import safecode_kernels as sk
 from safecode_kernels import SteeringParams, StepError
 from safecode_kernels.ops import step_triton
+from safecode_kernels.ops.codes import FALLBACK_FLAG, STATUS_MASK
 from safecode_kernels.ops.step_inputs import prepare_step_inputs
+from safecode_kernels.ops.step_pending import launch_step
 from safecode_kernels.ops.step_torch import top_k_mask
 
 HAS_CUDA = torch.cuda.is_available()
@@ -42,7 +44,9 @@ def block(monkeypatch):
 
 @pytest.fixture
 def fallback_rows(monkeypatch):
-    """A list that collects the rows recomputed by the exact fallback path."""
+    """A list that collects the rows recomputed by the exact fallback path. A test whose
+    candidates can decide every row asserts it stays empty: a row recomputed by the reference
+    matches it whatever the merge got wrong."""
     rows = []
     original = step_triton._fallback_rows
 
@@ -80,6 +84,13 @@ def make_refusal(vocab, count, seed):
 def verdicts(batch):
     """Mixed verdicts: unsafe, safe, none, unsafe, ..."""
     return torch.tensor([(1, -1, 0)[i % 3] for i in range(batch)], dtype=torch.int8, device=DEVICE)
+
+
+def status_words(real, noised, verdict, refusal, params, generator=None):
+    """The merge's raw per-row status words (``RowStatus | FALLBACK_FLAG``), before any row
+    is recomputed."""
+    pending = launch_step(real, noised, verdict, refusal, params, generator, "triton", True, True)
+    return pending.status.tolist()
 
 
 def both(real, noised, verdict, refusal, params, generator=None):
@@ -172,15 +183,16 @@ GREEDY_CASES = [
 
 
 @pytest.mark.parametrize("dtype, batch, vocab, block_size, params, logits_options", GREEDY_CASES)
-def test_greedy_matches_reference(block, dtype, batch, vocab, block_size, params, logits_options):
+def test_greedy_matches_reference(block, fallback_rows, dtype, batch, vocab, block_size, params, logits_options):
     block(block_size)
     refusal = make_refusal(vocab, min(vocab // 2, 24), seed=vocab)
     real, noised = make_logits(batch, vocab, dtype, seed=batch * vocab, refusal=refusal, **logits_options)
     assert_same(*both(real, noised, verdicts(batch), refusal, SteeringParams(**params)))
+    assert not fallback_rows  # every block sends k candidates or more: the merge decides
 
 
 @pytest.mark.parametrize("k", [1, 20, 90])
-def test_sensitive_set_is_torch_topk(block, k):
+def test_sensitive_set_is_torch_topk(block, fallback_rows, k):
     """With distinct values, the refusal tokens that get the bias are exactly those in
     ``torch.topk(z, k)`` (every even id is a refusal token, 8 blocks of 128)."""
     block(128)
@@ -197,6 +209,7 @@ def test_sensitive_set_is_torch_topk(block, k):
     is_refusal = torch.zeros(vocab, dtype=torch.bool, device=DEVICE)
     is_refusal[refusal] = True
     assert torch.equal(got != z, in_topk & is_refusal)
+    assert not fallback_rows
 
 
 def test_large_k_beyond_the_candidates_falls_back_exactly(block, monkeypatch, fallback_rows):
@@ -213,23 +226,102 @@ def test_large_k_beyond_the_candidates_falls_back_exactly(block, monkeypatch, fa
     assert fallback_rows  # the test would prove nothing otherwise
 
 
-def test_strided_rows_and_optional_outputs(block):
+# Plans whose rows one block decides alone: a single block, k = 1 over several blocks (the
+# row's best is some block's only candidate), or a tiny last block. The merge must decide them
+# (its radix prefix for the k-th candidate can lie below that block's last candidate; the
+# decision compares the candidate itself). Sampling with top-k uses unsafe / no verdicts: a
+# safe row's suppressed candidate can leave its top-k place to a token no block sent.
+DECIDED_CASES = [
+    pytest.param(64, 0, SteeringParams(), (1, -1, 0), id="V64-one-block-greedy-k20"),
+    pytest.param(64, 0, SteeringParams(temperature=0.8), (1, -1, 0), id="V64-one-block-gumbel-k20"),
+    pytest.param(64, 0, SteeringParams(temperature=0.8, top_k=50), (1, 0, 1), id="V64-one-block-top-k50"),
+    pytest.param(
+        64, 0, SteeringParams(temperature=0.7, top_k=40, top_p=0.8), (1, 0, 1), id="V64-one-block-top-k-top-p"
+    ),
+    pytest.param(200, 64, SteeringParams(sensitive_top_k=1), (1, -1, 0), id="V200-4-blocks-greedy-k1"),
+    pytest.param(200, 64, SteeringParams(temperature=0.9, top_k=1), (1, 0, 1), id="V200-4-blocks-top-k1"),
+    pytest.param(130, 64, SteeringParams(temperature=0.8, top_k=30), (1, 0, 1), id="V130-3-blocks-last-of-2"),
+]
+
+
+@pytest.mark.parametrize("vocab, block_size, params, verdict", DECIDED_CASES)
+def test_rows_the_candidates_decide_are_decided_by_the_merge(block, fallback_rows, vocab, block_size, params, verdict):
+    """No FALLBACK_FLAG in the merge's status words, and its result is the reference's."""
+    block(block_size)
+    refusal = make_refusal(vocab, 24, seed=vocab)
+    real, noised = make_logits(3, vocab, torch.float32, seed=vocab + 1, refusal=refusal)
+    verdict = torch.tensor(verdict, dtype=torch.int8, device=DEVICE)
+    assert status_words(real, noised, verdict, refusal, params, generator=3) == [0, 0, 0]
+    got, want = both(real, noised, verdict, refusal, params, generator=3)
+    assert not fallback_rows
+    if params.temperature == 0:
+        assert_same(got, want)
+    else:
+        assert torch.equal(got.logits, want.logits)
+        probs = reference_probs(want.logits, params)
+        assert bool((probs.gather(1, got.tokens[:, None]) > 0).all())
+        if params.top_k == 1:
+            assert torch.equal(got.tokens, want.tokens)  # one token kept
+
+
+def test_top_k_beyond_the_candidates_falls_back_exactly(block, monkeypatch, fallback_rows):
+    """A sampling top-k larger than the candidates (16 per block): the merge flags every row
+    (it cannot see the k-th token) and the reference recomputes it."""
+    block(128)
+    monkeypatch.setattr(step_triton, "MAX_MERGE_LANES", 8 * 16 + 24)  # 16 candidates per block
+    vocab, batch = 1000, 3
+    refusal = make_refusal(vocab, 24, seed=7)
+    real, noised = make_logits(batch, vocab, torch.float32, seed=8, refusal=refusal)
+    params = SteeringParams(temperature=0.9, top_k=200)
+    assert step_triton._plan(prepare_step_inputs(real, noised, verdicts(batch), refusal, params, None)).k_cand == 16
+    words = status_words(real, noised, verdicts(batch), refusal, params, generator=4)
+    assert [w & FALLBACK_FLAG for w in words] == [FALLBACK_FLAG] * batch
+    assert [w & STATUS_MASK for w in words] == [0] * batch
+    got, want = both(real, noised, verdicts(batch), refusal, params, generator=4)
+    assert sorted(fallback_rows) == list(range(batch))
+    assert torch.equal(got.logits, want.logits)
+    for g, w in zip(got.refusal_mass, want.refusal_mass):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert bool((reference_probs(want.logits, params).gather(1, got.tokens[:, None]) > 0).all())
+
+
+def test_suppressed_candidate_falls_back_exactly(block, fallback_rows):
+    """A safe row whose best token is a refusal token in the sensitive top-3, suppressed: the
+    top-3 it samples from then holds the 4th token, which no block sent (one block of 16,
+    3 candidates). The merge flags the row; the reference recomputes it."""
+    block(16)
+    real = torch.linspace(5.0, 0.0, 16, device=DEVICE).repeat(2, 1)  # token i ranks i-th
+    noised = torch.zeros_like(real)
+    refusal = torch.tensor([0], device=DEVICE)
+    verdict = torch.tensor([-1, 1], dtype=torch.int8, device=DEVICE)  # safe: suppressed; unsafe: boosted
+    params = SteeringParams(temperature=1.0, top_k=3, sensitive_top_k=3, suppress=50.0)
+    assert step_triton._plan(prepare_step_inputs(real, noised, verdict, refusal, params, None)).k_cand == 3
+    assert status_words(real, noised, verdict, refusal, params, generator=5) == [FALLBACK_FLAG, 0]
+    got, want = both(real, noised, verdict, refusal, params, generator=5)
+    assert fallback_rows == [0]
+    assert torch.equal(got.logits, want.logits)
+    assert got.tokens[0].item() in (1, 2, 3) and got.tokens[1].item() in (0, 1, 2)
+
+
+def test_strided_rows_and_optional_outputs(block, fallback_rows):
     block(256)
     refusal = make_refusal(1000, 10, seed=1)
     real, noised = make_logits(6, 1000, torch.float16, seed=2, refusal=refusal)
     real, noised = real[::2], noised[1::2]  # row strides of 2 rows
     assert_same(*both(real, noised, verdicts(3), refusal, SteeringParams()))
+    assert not fallback_rows
     out = sk.safecode_step(real, noised, verdicts(3), refusal, SteeringParams(), backend="triton")
     assert out.logits is None and out.refusal_mass is None
     assert out.tokens.dtype == torch.int64 and out.tokens.device == real.device
 
 
-def test_no_refusal_tokens(block):
+def test_no_refusal_tokens(block, fallback_rows):
     block(256)
     real, noised = make_logits(3, 1000, torch.float32, seed=3)
     empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
     got, want = both(real, noised, verdicts(3), empty, SteeringParams())
     assert_same(got, want)
+    assert not fallback_rows
     assert torch.equal(got.refusal_mass[0], torch.zeros(3, device=DEVICE))
 
 
@@ -355,15 +447,18 @@ def test_sampled_tokens_stay_in_the_kept_set(block, monkeypatch, fallback_rows):
     assert fallback_rows  # some nuclei were wider than the candidates
 
 
-def test_same_seed_same_tokens():
+def test_same_seed_same_tokens(fallback_rows):
     refusal = make_refusal(300, 10, seed=4)
     real, noised = make_logits(6, 300, torch.float16, seed=4, refusal=refusal)
     real, noised = real / 8, noised / 8  # flat, so that different seeds give different tokens
+    # Unsafe and no verdicts: a safe row's suppressed candidate can hand its top-k place to a
+    # token no block sent, and such a row would be the reference's draw, not the kernels'.
+    unsafe_or_none = torch.tensor([1, 0, 1, 0, 1, 0], dtype=torch.int8, device=DEVICE)
     for params in (SteeringParams(temperature=1.0, scope="all"), SteeringParams(temperature=1.0, top_k=50, top_p=0.9)):
 
         def run(generator, params=params):
             return sk.safecode_step(
-                real, noised, verdicts(6), refusal, params, generator=generator, backend="triton"
+                real, noised, unsafe_or_none, refusal, params, generator=generator, backend="triton"
             ).tokens
 
         first = run(2024)
@@ -371,6 +466,7 @@ def test_same_seed_same_tokens():
         assert not torch.equal(first, run(2025))
     # A torch.Generator in the same state gives the same seed, hence the same tokens.
     assert torch.equal(run(torch.Generator().manual_seed(7)), run(torch.Generator().manual_seed(7)))
+    assert not fallback_rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,12 +552,13 @@ def _grid():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("index, batch, vocab, dtype, k, scope, plausibility", _grid())
-def test_gpu_greedy_grid(index, batch, vocab, dtype, k, scope, plausibility):
+def test_gpu_greedy_grid(fallback_rows, index, batch, vocab, dtype, k, scope, plausibility):
     k = {"1": 1, "20": 20, "V": vocab, "V+5": vocab + 5}[k]
     refusal = make_refusal(vocab, min(vocab // 2, 64), seed=vocab)
     real, noised = make_logits(batch, vocab, dtype, seed=index, refusal=refusal, banned=0.01 * (index % 3 == 0))
     params = SteeringParams(sensitive_top_k=k, scope=scope, plausibility=plausibility)
     assert_same(*both(real, noised, verdicts(batch), refusal, params))
+    assert not fallback_rows  # k <= the candidates of every block: the merge decides
 
 
 @pytest.mark.gpu
