@@ -404,6 +404,11 @@ def check_decoder_args(*, steer_steps=None, noise_std=None, max_new_tokens=None,
         raise option_error(err) from None
 
 
+#: The paper recipe's options that the released recipe does not use (its alpha for safe
+#: verdicts is its own: alpha * safe_alpha_factor).
+PAPER_ONLY = ("alpha_safe", "sensitive_top_k", "boost", "suppress")
+
+
 def _steering_params(args):
     """The options' ``SteeringParams``. The sampling options are checked here as well, whether
     or not the run samples (the decoder takes them as ``generate``'s arguments: :func:`_sampling`)."""
@@ -411,14 +416,19 @@ def _steering_params(args):
 
     fields = dict(
         alpha=args.alpha,
-        sensitive_top_k=args.sensitive_top_k,
-        boost=args.boost,
-        suppress=args.suppress,
         temperature=0.0 if args.temperature is None else args.temperature,
         top_p=args.top_p,
     )
-    if args.alpha_safe is not None:
-        fields["alpha_safe"] = args.alpha_safe
+    # Unset (None): the paper recipe's defaults; set with the released recipe: an error.
+    given = {name: getattr(args, name) for name in PAPER_ONLY if getattr(args, name) is not None}
+    if given and args.recipe == "released":
+        options = ", ".join(OPTIONS[name] for name in given)
+        raise CLIError(
+            f"{options} {'does' if len(given) == 1 else 'do'} not apply with --recipe released "
+            "(it scales refusal probabilities and forces a refusal phrase instead): leave "
+            f"{'it' if len(given) == 1 else 'them'} out, or use --recipe paper"
+        )
+    fields.update(given)
     try:
         return SteeringParams(**fields).replace(temperature=0.0, top_p=1.0)
     except (TypeError, ValueError) as err:
@@ -729,13 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--sensitive-top-k",
         type=int,
-        default=20,
+        default=None,
         help="size of the sensitive set, the top-k of the contrast whose refusal tokens get the bias "
         "(default 20; 0: an empty set, so no refusal bias, the contrast alone)",
     )
-    gen.add_argument("--boost", type=float, default=1.0, help="refusal logit bias for unsafe (default 1)")
+    gen.add_argument("--boost", type=float, default=None, help="refusal logit bias for unsafe (default 1)")
     gen.add_argument(
-        "--suppress", type=float, default=1.0, help="refusal logit penalty for safe (default 1; inf bans them)"
+        "--suppress", type=float, default=None, help="refusal logit penalty for safe (default 1; inf bans them)"
     )
     gen.add_argument(
         "--noise-std", type=float, default=0.1, help="noise of the noised image, in [0, 1] pixel units (default 0.1)"
@@ -745,8 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="paper",
         choices=["paper", "released"],
         help="paper: SafeCoDe as the paper describes it (default); released: as the authors' released "
-        "code decodes (forced refusal phrase, scaled refusal probabilities; --sensitive-top-k, "
-        "--boost, --suppress do not apply)",
+        "code decodes (forced refusal phrase, scaled refusal probabilities; --alpha-safe, "
+        "--sensitive-top-k, --boost, --suppress do not apply)",
     )
     gen.add_argument(
         "--max-new-tokens",

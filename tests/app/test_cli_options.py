@@ -81,6 +81,13 @@ REJECTED = [
     (["--max-new-tokens-unsafe", "0"], "--max-new-tokens-unsafe must be >= 1"),
     (["--judge-timeout", "0", "--judge", "openai"], "--judge-timeout must be"),
     (["--judge-retries", "-1"], "--judge-retries must be >= 0"),
+    # The paper recipe's options, given with the released recipe (which would ignore them).
+    (["--recipe", "released", "--boost", "2"], "--boost does not apply with --recipe released"),
+    (
+        ["--recipe", "released", "--sensitive-top-k", "20", "--alpha-safe", "0.1"],
+        "--alpha-safe, --sensitive-top-k do not apply with --recipe released",
+    ),
+    (["--recipe", "released", "--suppress", "1"], "--suppress does not apply with --recipe released"),
 ]
 
 
