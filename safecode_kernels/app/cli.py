@@ -308,7 +308,7 @@ def make_judge(args, model=None, processor=None):
             model, processor, on_unparseable=args.on_unparseable, backend=args.backend, flow=args.judge_flow
         )
     try:
-        return OpenAIJudge(
+        judge = OpenAIJudge(
             args.judge_url,
             args.judge_model,
             api_key_env=args.judge_key_env,
@@ -319,6 +319,10 @@ def make_judge(args, model=None, processor=None):
         )
     except ValueError as err:
         raise CLIError(f"--judge openai: {err}") from None
+    problem = judge.missing_key()
+    if problem is not None:  # bad input, found before the model loads or any request is sent
+        raise CLIError(f"--judge openai: {problem}")
+    return judge
 
 
 def _check_generate_args(args):

@@ -502,6 +502,8 @@ def _cmd_score(args) -> int:
             )
         except ValueError as err:
             raise CLIError(f"--judge-url/--judge-model: {err}") from None
+        if client.missing_key():  # bad input, found before any request
+            raise CLIError(f"--judge-key-env: {client.missing_key()}")
     try:
         report = score(
             args.dir,

@@ -147,6 +147,13 @@ class ChatClient:
         self._lock = threading.Lock()
         self._attempts = threading.local()  # HTTP requests made by this thread's current call
 
+    def missing_key(self) -> str | None:
+        """Why no request can succeed for want of a key (the OpenAI API with the environment
+        variable ``api_key_env`` unset or empty), or ``None``; other servers may need none."""
+        if not os.environ.get(self.api_key_env) and self._host.endswith("api.openai.com"):
+            return f"{self.url} needs an API key: set the environment variable {self.api_key_env}"
+        return None
+
     def __repr__(self) -> str:
         return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
@@ -195,8 +202,9 @@ class ChatClient:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or "messages" not in body:
             raise ValueError("body must be a dict with 'model' (a str) and 'messages'")
         key = os.environ.get(self.api_key_env) or None
-        if key is None and self._host.endswith("api.openai.com"):
-            raise JudgeError(f"{self.url} needs an API key: set the environment variable {self.api_key_env}")
+        problem = self.missing_key()
+        if problem is not None:
+            raise JudgeError(problem)
         where = f"{self.name} at {self.url}" + (f" ({context})" if context else "")
         while True:
             request = self._adapted(body)

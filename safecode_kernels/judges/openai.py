@@ -185,6 +185,11 @@ class OpenAIJudge:
         flow = f", flow={self.flow!r}" if self.flow != "one-call" else ""
         return f"OpenAIJudge(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}{flow})"
 
+    def missing_key(self) -> str | None:
+        """Why no request can succeed for want of an API key, or ``None`` (see
+        :meth:`ChatClient.missing_key <safecode_kernels.judges.ChatClient.missing_key>`)."""
+        return self._client.missing_key()
+
     def close(self) -> None:
         """Close the pooled HTTP connections (a later :meth:`judge` opens new ones)."""
         self._client.close()

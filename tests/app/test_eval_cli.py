@@ -318,8 +318,10 @@ def test_eval_with_the_openai_judge(capsys, saved, tmp_path):
     assert "rerunning the same command resumes" in err
 
 
-def test_input_errors(capsys, saved, tmp_path):
+def test_input_errors(capsys, saved, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # the judge is the OpenAI API
     cases = [
         (["--benchmark", "mossbench", "--data", tmp_path / "empty"], "information.json: file not found"),
         (["--benchmark", "mossbench"], "--benchmark mossbench needs --data"),
@@ -354,6 +356,11 @@ def test_input_errors(capsys, saved, tmp_path):
             ["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--device", "cuda"],
             "--device cuda with --ray needs --gpus-per-worker",
         ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--judge", "openai"]
+            + ["--judge-key-env", "NO_SUCH_KEY"],
+            "needs an API key: set the environment variable NO_SUCH_KEY",
+        ),
     ]
     for argv, match in cases:
         full = ["eval", "--model", saved / "llava", "--out", tmp_path / "out", *FAST, *argv]
@@ -368,6 +375,9 @@ def test_input_errors(capsys, saved, tmp_path):
     assert code == 2 and "run folder not found" in err
     code, out, err = run(capsys, "score", tmp_path / "empty", "--scorer", "refusal-strings")
     assert code == 2 and "generations.jsonl not found" in err
+    # The OpenAI API without a key: bad input, said before any request (not "the judge failed").
+    code, out, err = run(capsys, "score", tmp_path / "empty", "--judge-key-env", "NO_SUCH_KEY")
+    assert code == 2 and "needs an API key: set the environment variable NO_SUCH_KEY" in err
 
 
 def test_eval_ray_without_the_extra_names_it(capsys, saved, tmp_path, monkeypatch):
