@@ -83,7 +83,6 @@ MODES = {
     "sample": sk.SteeringParams(temperature=0.7, top_k=50, top_p=0.9),
 }
 NUM_REFUSAL = 64
-#: ``--dry-run``'s cases: small enough for Triton's interpreter, two vocabulary blocks.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,13 +330,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dry_run:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("--dry-run: Triton was imported without TRITON_INTERPRET=1 in this process", file=sys.stderr)
+            return 1
         os.environ["TRITON_INTERPRET"] = "1"  # read when Triton is first imported (below)
     elif args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 1
 
     naive, fast = BACKENDS[args.device]
-    reason = None if args.dry_run else backend_status()[fast]
+    if args.dry_run:  # no CUDA device, on purpose: Triton need only import (it interprets)
+        import importlib.util
+
+        reason = None if importlib.util.find_spec("triton") else "Triton is not installed"
+    else:
+        reason = backend_status()[fast]
     if reason is not None:
         print(f"the {fast} backend is unavailable: {reason}", file=sys.stderr)
         return 1

@@ -186,7 +186,10 @@ def resolve_model(name: str) -> str:
     if os.path.exists(path):
         raise CLIError(f"--model must be a model folder (or a hub id), got a file: {name}")
     if _looks_like_path(name):
-        raise CLIError(f"model folder not found: {name}")
+        hint = ""
+        if name.count("/") == 1 and not name.startswith(("/", "./", "../", "~")):
+            hint = f" (read as a path because ./{name.split('/')[0]} is a folder here; for the hub id, run elsewhere)"
+        raise CLIError(f"model folder not found: {name}{hint}")
     return name
 
 

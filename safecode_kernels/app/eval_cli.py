@@ -502,8 +502,9 @@ def _cmd_score(args) -> int:
             )
         except ValueError as err:
             raise CLIError(f"--judge-url/--judge-model: {err}") from None
-        if client.missing_key():  # bad input, found before any request
-            raise CLIError(f"--judge-key-env: {client.missing_key()}")
+        problem = client.missing_key()
+        if problem is not None:  # bad input, found before any request
+            raise CLIError(f"--judge-key-env: {problem}")
     try:
         report = score(
             args.dir,

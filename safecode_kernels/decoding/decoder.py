@@ -25,7 +25,7 @@ from ..ops.step_pending import finish_step
 from ..params import SteeringParams
 from ..recipes import ReleasedRecipe, resolve_recipe
 from ..validation import check_int
-from .adapters import get_adapter
+from .adapters import check_processor, get_adapter
 from .host_to_device import to_device
 from .kv_cache import (
     cache_nbytes,
@@ -121,8 +121,7 @@ class SafeCoDeDecoder:
         self.model = model
         self.processor = processor
         self.adapter = get_adapter(model, processor)
-        if processor is None:
-            raise TypeError("processor must be the model's processor (AutoProcessor.from_pretrained(...)), got None")
+        check_processor(processor)  # get_adapter lets None through (the generate path needs none)
         self.params = params if params is not None else SteeringParams()
         self.steer_steps = steer_steps
         self.noise_std = noise_std
@@ -739,7 +738,7 @@ class _Launched:
     them, read in one copy (:meth:`read`)."""
 
     def __init__(self, device: torch.device, vocab: int):
-        self.device = device  # the logits': every part is read from there (a CPU part is copied there first)
+        self.device = device  # the logits': every part lives there and is read from there in one copy
         # float32 holds every token id below 2**24, status word, flag and fp32 mass exactly.
         self.dtype = torch.float32 if vocab <= 2**24 else torch.float64
         self.steered = None  # (positions in active, SteeredTokens, real rows, noised rows)

@@ -95,6 +95,9 @@ class ReleasedSteering:
             else:  # safe, and unsafe with fewer than two steps (the released code's safe path)
                 path = SAFE
             self.states.append(_State(path, steering=path != NONE))
+        self._by_paths: dict = {}  # (paths, device) -> the per-row tensors of _path_tensors
+        self._tables: dict = {}  # device -> the phrase table there
+        self._device_generator: torch.Generator | None = None  # see _generator
         self._plain = {}
         for verdict_safe in (True, False):
             if self.greedy:
@@ -197,7 +200,7 @@ class ReleasedSteering:
         """Per row of ``paths``: the contrast's alpha and the refusal tokens' factor ``[R]``
         fp32 and whether the row is forced ``[R]`` bool, on ``device``, built once per set of
         paths, queued without a host sync (see ``host_to_device.py``)."""
-        cache = self.__dict__.setdefault("_by_paths", {})
+        cache = self._by_paths
         key = (paths, device)
         if key not in cache:
             recipe = self.recipe
@@ -214,7 +217,7 @@ class ReleasedSteering:
         return cache[key]
 
     def _table_on(self, device) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_tables", {})
+        cache = self._tables
         if device not in cache:
             cache[device] = self.phrases.table.to(device)
         return cache[device]
@@ -223,8 +226,12 @@ class ReleasedSteering:
         """The device's token per row ``[R]`` int64: the argmax of ``p`` (first steps, greedy
         runs; forced rows take theirs on the host), else a draw from ``p`` sharpened by the
         path's temperature. A draw is ``argmax(w / q)`` with ``q ~ Exp(1)``, what
-        ``torch.multinomial(w, 1)`` computes after a check of ``w`` that reads it on the host;
-        with the same generator it draws the same token as the released code's call."""
+        ``torch.multinomial(w, 1)`` computes after a check of ``w`` that reads it on the host:
+        with a generator on the logits' device it draws the same token as the released code's
+        call. One draw per row, in row order, as the released code draws per request (a
+        ``[R, V]`` draw would take other numbers from the stream). With a CPU generator and
+        CUDA logits the draws come from a CUDA generator seeded from it (see :meth:`_generator`),
+        so a seeded run samples other tokens on a GPU than on the CPU."""
         tokens = p.argmax(-1)
         recipe = self.recipe
         for k, (path, is_first) in enumerate(zip(paths, first)):
@@ -237,12 +244,13 @@ class ReleasedSteering:
         return tokens
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        """The run's generator where it lives on ``device``; else a generator on ``device``
-        seeded from it for each draw (so restoring the run's generator replays the draws)."""
+        """The run's generator where it lives on ``device`` (``cuda`` without an index counts
+        as any CUDA device); else a generator on ``device`` seeded from it for each draw, on
+        the host (so restoring the run's generator replays the draws)."""
         generator = self.setup.generator
-        if generator.device == device:
+        if generator.device.type == device.type and generator.device.index in (None, device.index):
             return generator
-        on_device = self.__dict__.get("_device_generator")
+        on_device = self._device_generator
         if on_device is None or on_device.device != device:
             on_device = self._device_generator = torch.Generator(device=device)
         return on_device.manual_seed(seed_from(generator))

@@ -290,7 +290,7 @@ def test_mistyped_relative_model_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     random_image(1, 16).save(tmp_path / "x.png")
     code, out, err = run(capsys, "generate", "--model", "models/llavaa", "--image", "x.png", "--prompt", "hi")
-    assert code == 2 and "model folder not found: models/llavaa" in err
+    assert code == 2 and "model folder not found: models/llavaa (read as a path because ./models is a folder" in err
     assert resolve_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
 
 

@@ -226,3 +226,43 @@ def test_corruption_guard(scripted, marker):
     )
     assert_matches(unguarded, reference)
     assert unguarded.sequences[0][:STEER] == reference[0].steered
+
+
+def test_a_generator_on_the_logits_device_draws_directly():
+    """A generator on the logits' device type draws itself (``cuda`` without an index counts as
+    any CUDA device, as ``torch.Generator("cuda")`` reports); one elsewhere seeds a generator
+    on the logits' device from it, on the host."""
+    import types
+
+    from safecode_kernels.decoding.released import ReleasedSteering
+
+    for where in ("cuda", "cuda:0"):
+        steering = object.__new__(ReleasedSteering)
+        generator = types.SimpleNamespace(device=torch.device(where))
+        steering.setup, steering._device_generator = types.SimpleNamespace(generator=generator), None
+        assert steering._generator(torch.device("cuda", 0)) is generator
+    steering.setup.generator = torch.Generator().manual_seed(5)
+    assert steering._generator(torch.device("cpu")) is steering.setup.generator
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generator_spellings_sample_alike(tiny):
+    """``Generator("cuda")`` and ``Generator("cuda:0")`` with one seed give the same sampled answer."""
+    import copy
+
+    model, processor, _ = tiny
+    model = copy.deepcopy(model).to("cuda")  # the fixture's model is shared
+    images, prompts, _, kwargs = batch(processor)
+    decoder = SafeCoDeDecoder(model, processor, steer_steps=STEER, recipe=RECIPE, backend=BACKEND)
+    answers = [
+        decoder.generate(
+            images,
+            prompts,
+            VERDICTS,
+            do_sample=True,
+            generator=torch.Generator(where).manual_seed(1),
+            **kwargs,
+        ).sequences
+        for where in ("cuda", "cuda:0")
+    ]
+    assert answers[0] == answers[1]

@@ -248,6 +248,7 @@ def score(
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
     template = load_template(judge_template) if judge_template is not None else None
+    run_config = read_config(directory)  # for the report; a broken run.json fails before any request
 
     benchmark, generations = load_generations(directory)
     scoreable = [g for g in generations if not failed(g)]
@@ -294,7 +295,7 @@ def score(
         "errors": len(generations) - len(scoreable),
         "label_counts": label_counts(labels.values()),
         "metrics": compute_metrics(benchmark, scored, labels, scorer),
-        "generation": generation_summary(read_config(directory)),
+        "generation": generation_summary(run_config),
     }
     write_report(directory, report)
     return report
