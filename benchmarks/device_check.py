@@ -3,7 +3,8 @@
 crash, a hang or a CUDA error in one loses none of the others' results:
 
 - ``grid``: the Triton step tests (``tests/ops/test_step_triton*.py``) on CUDA tensors, their
-  ``gpu``-marked full grid included: passed / failed / skipped counts and the failing tests;
+  ``gpu``-marked full grid included, then the other tests that need CUDA (``GPU_TESTS``):
+  passed / failed / skipped counts and the failing tests;
 - ``step``: ``benchmarks/bench_step.py --device cuda`` through its command line: time of
   ``torch`` and ``triton`` per case, their ratio and the share of the card's peak bandwidth;
 - ``decoder``: :class:`SafeCoDeDecoder` on CUDA in bf16. First the blocking host syncs per
@@ -60,6 +61,14 @@ DRY_TOTAL = 390
 STEP_BATCHES = (1, 16, 64, 256)
 STEP_VOCABS = (32000, 152064)
 STEP_DTYPES = ("bf16", "fp32")
+#: The tests beyond the Triton files that need CUDA (skipped on a CPU machine, so never run in
+#: CI), or whose cases take the GPU's backends there: the grid part runs them after the Triton files.
+GPU_TESTS = (
+    "tests/ops/test_step_temperature.py",
+    "tests/test_verdict.py",
+    "tests/decoding/test_host_to_device.py",
+    "tests/decoding/test_released.py::test_cuda_generator_spellings_sample_alike",
+)
 #: The Triton tests the dry run runs in the interpreter (a few seconds' worth).
 DRY_GRID_TESTS = "unavailable_reason or no_refusal_tokens"
 #: The families and request batches of the decoder part's dry run (M-RoPE and plain positions).
@@ -274,6 +283,7 @@ _OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPA
 
 def part_grid(part: Part) -> str | None:
     files = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "tests/ops/test_step_triton*.py")))
+    files += list(GPU_TESTS)  # after the Triton files: a part cut short by its time limit keeps those
     cmd = [sys.executable, "-m", "pytest", *files, "-v", "-rfEs", "-p", "no:cacheprovider"]
     if part.dry_run:  # a few tests in the interpreter (tests/conftest.py switches it on without a GPU)
         cmd += ["-k", DRY_GRID_TESTS]

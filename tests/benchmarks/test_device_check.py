@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -53,7 +54,14 @@ def test_every_part_runs(dry_run):
 
 def test_the_triton_tests_ran_or_say_why_not(dry_run):
     grid = dry_run[2]["parts"]["grid"]["result"]
-    assert grid["files"] == ["tests/ops/test_step_triton.py"] or "tests/ops/test_step_triton.py" in grid["files"]
+    assert "tests/ops/test_step_triton.py" in grid["files"]
+    # The other CUDA-only tests come after the Triton files, and each of them exists.
+    device_check = load_script("device_check")
+    assert grid["files"][-len(device_check.GPU_TESTS) :] == list(device_check.GPU_TESTS)
+    for test in device_check.GPU_TESTS:
+        path, _, name = test.partition("::")
+        assert os.path.isfile(os.path.join(device_check.REPO, path)), test
+        assert not name or f"def {name}(" in open(os.path.join(device_check.REPO, path)).read(), test
     assert grid["finished"] and not grid["failing"]
     assert grid["counts"].get("passed", 0) > 0 or grid["skip_reasons"]
 
