@@ -64,3 +64,20 @@ def test_quick_start_unchanged_and_cpu_torch_explained():
 def test_sensitive_top_k_zero_is_documented():
     assert "`K = 0` is an empty set: no refusal bias" in README
     assert "0: an empty set, so no refusal bias" in README
+
+
+def test_trying_the_commands_without_downloads(tmp_path, monkeypatch, capsys):
+    """The README's recipe for a model folder without downloads writes one that ``generate``
+    answers from, exactly as its commands are written."""
+    import shlex
+
+    from safecode_kernels.app import cli
+
+    text = README[README.index("**Trying the commands without downloading anything.**") :]
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL).group(1)
+    code = re.search(r'python -c "(.*?)"\n', block, re.DOTALL).group(1)
+    command = next(line for line in block.splitlines() if line.startswith("safecode-kernels generate"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README tiny-model recipe", "exec"), {})
+    assert cli.main(shlex.split(command)[1:] + ["--no-progress"]) == 0
+    assert "answer:" in capsys.readouterr().out
