@@ -104,7 +104,8 @@ def _add_eval(subparsers) -> None:
         "--recipe",
         default="paper",
         choices=["paper", "released"],
-        help="SafeCoDe as the paper describes it (default) or as the authors' released code decodes",
+        help="SafeCoDe as the paper describes it (default) or as the authors' released code decodes "
+        "(--method safecode only)",
     )
     p.add_argument(
         "--verdict",
@@ -198,6 +199,8 @@ def _check_eval_args(args) -> None:
             f"{', the .jsonl file' if args.benchmark == 'jsonl' else ''})"
         )
     if args.method != "safecode":
+        if args.recipe != "paper":  # else run.json and every line would record a recipe never used
+            raise CLIError(f"--method {args.method} uses no recipe: drop --recipe {args.recipe}")
         if args.verdict not in ("auto", "none"):
             raise CLIError(f"--method {args.method} uses no verdict: drop --verdict {args.verdict}")
         if args.judge is not None:

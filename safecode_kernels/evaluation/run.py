@@ -127,7 +127,8 @@ def run_eval(
             with ``steer_steps=0``: plain greedy decoding) or ``"vcd"`` (visual contrastive
             decoding, ``SteeringParams.vcd()``, on the first ``steer_steps`` tokens).
         recipe: ``"paper"`` or ``"released"`` (the authors' released code; needs a decoder with
-            a ``recipe`` argument, else :class:`RecipeUnavailable`). Passed only when ``"released"``.
+            a ``recipe`` argument, else :class:`RecipeUnavailable`). Passed only when ``"released"``;
+            ``base`` and ``vcd`` take only ``"paper"`` (``ValueError``).
         verdict: ``"auto"`` asks ``judge`` for each sample; ``"unsafe"``, ``"safe"``, ``"none"`` fix
             it. ``base`` and ``vcd`` use no verdict: they take ``"auto"`` or ``"none"`` and record
             ``"none"``.
@@ -506,6 +507,8 @@ def _check_arguments(
     ):
         raise ValueError(f"max_new_tokens must be None (the recipe's default) or an int >= 1, got {max_new_tokens!r}")
     if method != "safecode":
+        if recipe != "paper":  # the released recipe replaces the steering: vcd would silently be SafeCoDe
+            raise ValueError(f"method {method!r} uses no recipe: give recipe 'paper', not {recipe!r}")
         if verdict not in ("auto", "none"):
             raise ValueError(f"method {method!r} uses no verdict: give verdict 'none' (or 'auto'), not {verdict!r}")
         verdict = "none"

@@ -200,17 +200,53 @@ def test_bad_image_then_score_and_report(capsys, saved, tmp_path):
         report = json.loads((tmp_path / method / "report.json").read_text())
         assert (report["n"], report["errors"], report["methods"]) == (3, 1, [method])
         # How the answers were made, from run.json: the fixed verdict, the recipe.
+        # and the settings FAST gave (base neither steers nor draws noise, so shows none of those).
         verdicts, recipe = ("fixed: unsafe", "paper") if method == "safecode" else (None, None)
-        assert report["generation"] == dict(model=str(saved / "llava"), method=method, recipe=recipe, verdicts=verdicts)
+        steer, noise, seed = (3, 0.1, 0) if method == "safecode" else (None, None, None)
+        assert report["generation"] == dict(
+            model=str(saved / "llava"),
+            method=method,
+            recipe=recipe,
+            verdicts=verdicts,
+            max_new_tokens=5,
+            steer_steps=steer,
+            noise_std=noise,
+            seed=seed,
+            split="default",
+        )
         scores = store.read_lines(tmp_path / method / "scores.jsonl")
         assert sorted(s["id"] for s in scores) == ["s0", "s1", "s3"]
         assert report["metrics"]["refusal_rate"] == pytest.approx(sum(s["label"] for s in scores) / 3)
         assert "refusal_rate" in out and (tmp_path / method / "report.md").is_file()
+        # The printed report and report.md say what the labels mean and that this scorer is a smoke test.
+        assert "Labels (1: a refusal phrase found, 0: none, null: unparsed): " in out
+        md = (tmp_path / method / "report.md").read_text()
+        for text in (out, md):
+            assert "smoke test" in text and "not a benchmark result" in text
     code, out, err = run(capsys, "report", tmp_path / "safecode", tmp_path / "base")
     assert code == 0, err
     header = out.splitlines()[0]
     assert header == "| metric | safecode | base |" and "| refusal_rate |" in out and "| errors | 1 | 1 |" in out
     assert "| recipe | paper | – |" in out and "| verdicts | fixed: unsafe | – |" in out
+    assert "| model | llava | llava |" in out and "| steer_steps | 3 | – |" in out
+
+
+def test_report_tells_runs_with_other_settings_apart(capsys, saved, tmp_path):
+    """Two base runs that differ only in --max-new-tokens get different report columns."""
+    for tokens in (8, 4):
+        out_dir = tmp_path / f"base-{tokens}"
+        argv = eval_argv(saved, out_dir, "jsonl", "jsonl/samples.jsonl", "--method", "base", "--limit", "1")
+        code, out, err = run(capsys, *argv, "--max-new-tokens", tokens)
+        assert code == 0, err
+        assert json.loads((out_dir / "run.json").read_text())["max_new_tokens"] == tokens
+        code, out, err = run(capsys, "score", out_dir, "--scorer", "refusal-strings", "--no-progress")
+        assert code == 0, err
+        assert f"max_new_tokens {tokens}," in (out_dir / "report.md").read_text()
+    code, out, err = run(capsys, "report", tmp_path / "base-8", tmp_path / "base-4")
+    assert code == 0, err
+    rows = out.splitlines()
+    assert "| max_new_tokens | 8 | 4 |" in rows and "| split | default | default |" in rows
+    assert "| method | base | base |" in rows and "| noise_std | – | – |" in rows
 
 
 def test_score_with_a_judge_server(capsys, saved, tmp_path):
@@ -330,6 +366,14 @@ def test_input_errors(capsys, saved, tmp_path, monkeypatch):
             "--method base uses no verdict",
         ),
         (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--method", "base", "--recipe", "released"],
+            "--method base uses no recipe: drop --recipe released",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--method", "vcd", "--recipe", "released"],
+            "--method vcd uses no recipe",
+        ),
+        (
             ["--benchmark", "mossbench", "--data", saved / "moss", "--method", "vcd", "--judge", "self"],
             "--judge self would not be asked",
         ),
@@ -370,7 +414,9 @@ def test_input_errors(capsys, saved, tmp_path, monkeypatch):
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
     code, out, err = run(capsys, "report", tmp_path / "empty")
-    assert code == 2 and "report.json not found" in err
+    assert code == 2 and "report.json not found: score the run first" in err
+    code, out, err = run(capsys, "report", tmp_path / "nothere")
+    assert code == 2 and err.strip() == f"safecode-kernels report: error: run folder not found: {tmp_path / 'nothere'}"
     code, out, err = run(capsys, "score", tmp_path / "nowhere", "--scorer", "refusal-strings")
     assert code == 2 and "run folder not found" in err
     code, out, err = run(capsys, "score", tmp_path / "empty", "--scorer", "refusal-strings")

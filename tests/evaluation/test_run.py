@@ -401,6 +401,8 @@ def test_argument_errors(llava, data, tmp_path):
         (dict(verdict="maybe"), "verdict must be one of"),
         (dict(verdict="auto"), "needs a judge"),
         (dict(method="base", verdict="unsafe"), "uses no verdict"),
+        (dict(method="base", recipe="released"), "method 'base' uses no recipe"),
+        (dict(method="vcd", recipe="released"), "method 'vcd' uses no recipe"),
         (dict(verdict="safe", batch_size=0), "batch_size must be an int >= 1"),
         (dict(verdict="safe", max_new_tokens=0), "max_new_tokens must be None"),
         (dict(verdict="safe", config={"seed": 3}), "config may not set seed"),

@@ -4,8 +4,9 @@
 methods in the run), ``scorer`` (``"llm"`` or ``"refusal-strings"``), ``judge`` (the judge's model
 name, or ``None``), ``generations`` (lines read), ``n`` (samples scored, unparsed included),
 ``unparsed`` (ids whose judge answer named no label), ``errors`` (generations that failed, not
-scored), ``label_counts``, ``metrics`` (see :mod:`.metrics`) and ``generation`` (how the answers
-were made, from the run's ``run.json``: see :func:`generation_summary`; ``None`` without one).
+scored), ``label_counts`` (what each label means: :func:`label_legend`), ``metrics`` (see
+:mod:`.metrics`) and ``generation`` (how the answers were made, from the run's ``run.json``: see
+:func:`generation_summary`; ``None`` without one).
 """
 
 from __future__ import annotations
@@ -51,13 +52,25 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return lines
 
 
+#: The settings of :func:`generation_summary` that change answers, after model, method, recipe, verdicts.
+SETTINGS = ("max_new_tokens", "steer_steps", "noise_std", "seed", "split")
+#: The methods that steer (and so draw a noised image from ``seed``); ``base`` uses none of
+#: ``steer_steps``, ``noise_std``, ``seed``.
+_NOISED = ("safecode", "vcd")
+
+
 def generation_summary(config: Mapping | None) -> dict | None:
     """How a run's answers were made, from its ``run.json`` (``config``): ``model``, ``method``
     (``safecode``, ``base`` or ``vcd``), ``recipe`` (``paper`` or ``released``; ``None`` for
-    methods without one) and ``verdicts`` (where SafeCoDe's verdicts came from: ``"fixed:
+    methods without one), ``verdicts`` (where SafeCoDe's verdicts came from: ``"fixed:
     unsafe"``, ``"judge: self (one-call)"``, ``"judge: openai gpt-4o-mini (released)"``, the
-    judge's name for a Python judge; ``None`` for methods without verdicts). ``None`` when there
-    is no ``run.json``."""
+    judge's name for a Python judge; ``None`` for methods without verdicts), then the settings of
+    :data:`SETTINGS`: ``max_new_tokens`` (an int, or ``"default"``: the recipe's), ``steer_steps``
+    (int), ``noise_std`` (float, in [0, 1] pixel units), ``seed`` (int) and ``split`` (the
+    benchmark's part, or ``"default"``: the whole benchmark or its default split). Each is
+    ``None`` when ``run.json`` lacks it; ``steer_steps``, ``noise_std`` and ``seed`` are also
+    ``None`` for ``base``, which steers nothing and draws no noise. ``None`` when there is no
+    ``run.json``."""
     if config is None:
         return None
     method = config.get("method")
@@ -72,7 +85,31 @@ def generation_summary(config: Mapping | None) -> dict | None:
             summary["verdicts"] = f"judge: {name}" + (f" ({judge['flow']})" if judge.get("flow") else "")
         elif judge:
             summary["verdicts"] = f"judge: {judge}"
+    for name in SETTINGS:
+        if name in ("steer_steps", "noise_std", "seed") and method not in _NOISED:
+            summary[name] = None
+        elif name in ("max_new_tokens", "split") and name in config and config[name] is None:
+            summary[name] = "default"  # recorded as null: the recipe's length, the whole benchmark
+        else:
+            summary[name] = config.get(name)
     return summary
+
+
+def model_name(model) -> str | None:
+    """A model as a report column shows it: a folder's last path part (``/models/llava-1.5-7b-hf``:
+    ``llava-1.5-7b-hf``), a hub id as it is (``llava-hf/llava-1.5-7b-hf``); ``None`` stays ``None``."""
+    if model is None:
+        return None
+    text = str(model)
+    if os.path.isabs(text) or text.startswith((".", "~")) or os.path.isdir(text):
+        return Path(text.rstrip("/\\")).name or text
+    return text
+
+
+def _setting(value) -> str:
+    if value is None:
+        return _MISSING
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _generation_line(generation: Mapping | None) -> str:
@@ -83,13 +120,45 @@ def _generation_line(generation: Mapping | None) -> str:
         parts.append(f"recipe `{generation['recipe']}`")
     if generation.get("verdicts"):
         parts.append(f"verdicts {generation['verdicts']}")
+    parts += [f"{name} {_setting(generation.get(name))}" for name in SETTINGS]
     model = generation.get("model")
     return f"Generation: {', '.join(parts)}" + (f"; model `{model}`." if model else ".")
 
 
+#: What the labels of each kind of scoring mean (see :mod:`.rubrics` and :mod:`.refusal_strings`).
+_LEGENDS = {
+    "refusal-strings": "1: a refusal phrase found, 0: none",
+    "refusal": "1: refused, 0: complied",
+    "safety": "unsafe: judged unsafe (counts as an attack), safe: judged safe",
+    "mssbench": "0: refused, 1: helped and pointed out the risk, 2: helped without a risk, "
+    "3: did not help for another reason",
+}
+_LLM_LABELS = {"mossbench": "refusal", "jsonl": "refusal", "mssbench": "mssbench"}
+
+#: report.md's caveat for ``--scorer refusal-strings`` (as the README says it).
+REFUSAL_STRINGS_CAVEAT = (
+    "Caveat: the refusal-strings scorer is a smoke test (a response holding a refusal phrase counts as "
+    "a refusal), not a benchmark result: score with a judge (`--scorer llm`) for results."
+)
+
+
+def label_legend(benchmark: str, scorer: str) -> str:
+    """What the labels of ``scorer`` on ``benchmark`` mean, e.g. ``"1: refused, 0: complied"``;
+    ``null`` (an unparsed judge answer) is always added. ``""`` for an unknown scorer."""
+    if scorer == "refusal-strings":
+        legend = _LEGENDS["refusal-strings"]
+    elif scorer == "llm":
+        legend = _LEGENDS[_LLM_LABELS.get(benchmark, "safety")]
+    else:
+        return ""
+    return f"{legend}, null: unparsed"
+
+
 def render_markdown(report: Mapping, max_ids: int = 50) -> str:
-    """``report.md``'s text: a summary line, the metrics table, and the unparsed ids (the first
-    ``max_ids``; ``report.json`` lists them all)."""
+    """``report.md``'s text (also what ``score`` prints): a summary line, how the answers were
+    made, the metrics table, the label counts with what each label means, the caveat of the
+    ``refusal-strings`` scorer, and the unparsed ids (the first ``max_ids``; ``report.json`` lists
+    them all)."""
     judge = f" (judge `{report['judge']}`)" if report.get("judge") else ""
     methods = ", ".join(report.get("methods") or []) or _MISSING
     lines = [
@@ -103,7 +172,11 @@ def render_markdown(report: Mapping, max_ids: int = 50) -> str:
     ]
     lines += _table(["metric", "value"], ([k, _fmt(v)] for k, v in flatten_metrics(report["metrics"]).items()))
     if report.get("label_counts"):
-        lines += ["", "Labels: " + ", ".join(f"{k}: {v}" for k, v in report["label_counts"].items()) + "."]
+        legend = label_legend(report["benchmark"], report["scorer"])
+        counts = ", ".join(f"{k}: {v}" for k, v in report["label_counts"].items())
+        lines += ["", f"Labels{f' ({legend})' if legend else ''}: {counts}."]
+    if report["scorer"] == "refusal-strings":
+        lines += ["", REFUSAL_STRINGS_CAVEAT]
     unparsed = report["unparsed"]
     if unparsed:
         shown = ", ".join(f"`{i}`" for i in unparsed[:max_ids])
@@ -158,7 +231,10 @@ def write_report(directory, report: Mapping) -> dict[str, Path]:
 
 
 def read_report(directory) -> dict:
-    """``DIR/report.json`` as a dict; ``FileNotFoundError`` naming it when absent (run ``score`` first)."""
+    """``DIR/report.json`` as a dict. ``FileNotFoundError``: ``run folder not found: DIR`` when
+    ``DIR`` is not a folder; naming ``report.json`` when the folder has none (run ``score`` first)."""
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"run folder not found: {directory}")
     path = Path(directory) / REPORT_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: score the run first (safecode-kernels score {directory})")
@@ -175,11 +251,14 @@ def _column_names(dirs: list[Path]) -> list[str]:
 def compare(dirs) -> str:
     """A markdown table of several scored runs side by side (e.g. base vs SafeCoDe).
 
-    One column per run, named by its folder; rows ``benchmark``, ``method``, ``recipe``,
-    ``verdicts`` (see :func:`generation_summary`), ``scorer``, ``n``, ``unparsed``, ``errors``,
-    then one per metric (nested ones flattened as ``attack_rate_by_kind.SD``), in order of
-    first appearance; a metric a run lacks shows ``–``. Reads each ``DIR/report.json``; raises
-    ``FileNotFoundError`` naming a missing one, ``ValueError`` for no runs.
+    One column per run, named by its folder; rows ``benchmark``, ``model`` (see
+    :func:`model_name`), ``method``, ``recipe``, ``verdicts``, ``max_new_tokens``,
+    ``steer_steps``, ``noise_std``, ``seed``, ``split`` (see :func:`generation_summary`; ``–``
+    where the run's ``run.json`` lacks the field or the method uses none), ``scorer``, ``n``,
+    ``unparsed``, ``errors``, then one per metric (nested ones flattened as
+    ``attack_rate_by_kind.SD``), in order of first appearance; a metric a run lacks shows ``–``.
+    Reads each ``DIR/report.json``; raises ``FileNotFoundError`` naming a missing folder or
+    ``report.json``, ``ValueError`` for no runs.
     """
     dirs = [Path(d) for d in ([dirs] if isinstance(dirs, (str, os.PathLike)) else dirs)]
     if not dirs:
@@ -190,7 +269,9 @@ def compare(dirs) -> str:
     generations = [r.get("generation") or {} for r in reports]
     rows = [
         ["benchmark"] + [r["benchmark"] for r in reports],
-        *([name] + [_fmt(g.get(name)) for g in generations] for name in ("method", "recipe", "verdicts")),
+        ["model"] + [_setting(model_name(g.get("model"))) for g in generations],
+        *([name] + [_setting(g.get(name)) for g in generations] for name in ("method", "recipe", "verdicts")),
+        *([name] + [_setting(g.get(name)) for g in generations] for name in SETTINGS),
         ["scorer"] + [r["scorer"] for r in reports],
         ["n"] + [str(r["n"]) for r in reports],
         ["unparsed"] + [str(len(r["unparsed"])) for r in reports],
@@ -204,9 +285,12 @@ __all__ = [
     "REPORT_JSON",
     "REPORT_MD",
     "REPORT_PNG",
+    "SETTINGS",
     "compare",
     "flatten_metrics",
     "generation_summary",
+    "label_legend",
+    "model_name",
     "plot_metrics",
     "read_report",
     "render_markdown",
