@@ -12,9 +12,9 @@ Subcommands:
 
 Exit status: 0 success; 1 a failure while running (model loading, decoding, the demo's
 decoders disagreeing); 2 bad input (arguments, including every value the Python API would
-reject, a missing or unreadable image, a model folder that does not exist, an unsupported
-architecture); 3 the judge failed (unreachable server,
-HTTP error, malformed answer).
+reject and a backend that cannot run here, a missing or unreadable image, a model folder that
+does not exist or a bare name that is no hub id ``owner/name``, an unsupported architecture);
+3 the judge failed (unreachable server, HTTP error, malformed answer).
 """
 
 from __future__ import annotations
@@ -174,7 +174,10 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model(name: str) -> str:
-    """A local folder (checked), or a hub id passed on as is."""
+    """A local folder (checked), or a hub id (``owner/name``) passed on as is. Raises
+    :class:`CLIError` (exit 2) for a folder without ``config.json``, a file, or a name that is
+    neither a folder here nor shaped as a hub id (a bare ``nope`` would cost the hub's retries
+    offline)."""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -190,6 +193,8 @@ def resolve_model(name: str) -> str:
         if name.count("/") == 1 and not name.startswith(("/", "./", "../", "~")):
             hint = f" (read as a path because ./{name.split('/')[0]} is a folder here; for the hub id, run elsewhere)"
         raise CLIError(f"model folder not found: {name}{hint}")
+    if "/" not in name:  # every supported family's hub id is owner/name: asking the hub is futile
+        raise CLIError(f"model folder not found: {name} (no such folder here; a hub model id is written owner/name)")
     return name
 
 
@@ -291,6 +296,29 @@ def resolve_device(name: str, local: bool = True) -> str:
     return name
 
 
+def check_backend(backend: str, device: str | None = None) -> None:
+    """``--backend`` checked before the model loads: a backend named explicitly must run here
+    (``backend_status``), and on ``device`` when given (the C++ backend takes CPU tensors only;
+    Triton CUDA tensors, or CPU tensors in its interpreter). ``auto`` always runs. Raises
+    :class:`CLIError` (exit 2) with the reason."""
+    if backend == "auto":
+        return
+    from ..ops import dispatch
+
+    reason = dispatch.backend_status().get(backend)
+    if reason is None and device is not None:
+        import torch
+
+        if backend == "cpu" and torch.device(device).type != "cpu":
+            reason = f"it takes CPU tensors, and the model runs on {device}"
+        elif backend == "triton":
+            from ..ops import step_triton
+
+            reason = step_triton.unavailable_reason(device)
+    if reason is not None:
+        raise CLIError(f"--backend {backend} cannot run here: {reason} (--backend auto picks one that can)")
+
+
 def _finite(value: float):
     """JSON has no NaN: a refusal mass that was not computed (a forced token) is null."""
     return None if value != value else value
@@ -355,6 +383,7 @@ def _check_generate_args(args):
         max_new_tokens_unsafe=args.max_new_tokens_unsafe,
     )
     check_judge_args(args)
+    check_backend(args.backend)
     params = _steering_params(args)
     _recipe(args)  # the released recipe checks its alpha
     return params
@@ -424,7 +453,7 @@ def _steering_params(args):
     fields = dict(
         alpha=args.alpha,
         temperature=0.0 if args.temperature is None else args.temperature,
-        top_p=args.top_p,
+        top_p=1.0 if args.top_p is None else args.top_p,
     )
     # Unset (None): the paper recipe's defaults; set with the released recipe: an error.
     given = {name: getattr(args, name) for name in PAPER_ONLY if getattr(args, name) is not None}
@@ -456,13 +485,71 @@ def _recipe(args):
 
 def _sampling(args) -> dict:
     """``generate``'s sampling arguments: ``--temperature`` unset leaves them to the recipe
-    (greedy for the paper's, the released code's per-verdict values for the released one)."""
+    (greedy for the paper's, the released code's per-verdict values for the released one;
+    ``--top-p`` given replaces the recipe's top-p)."""
     if args.temperature is None:
-        return dict(
-            do_sample=None if args.recipe == "released" else False,
-            top_p=args.top_p if args.top_p != 1.0 or args.recipe == "paper" else None,
-        )
-    return dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p)
+        return dict(do_sample=None if args.recipe == "released" else False, top_p=args.top_p)
+    top_p = 1.0 if args.top_p is None else args.top_p
+    return dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=top_p)
+
+
+def is_greedy(args) -> bool:
+    """Whether every step takes the most probable token: ``--temperature 0``, or unset under
+    the paper recipe (the released recipe samples by default)."""
+    return args.temperature == 0 or (args.temperature is None and args.recipe == "paper")
+
+
+def released_sampling(args, verdict: str) -> dict:
+    """The sampling the released recipe used for a request with ``verdict``: ``temperature``
+    and ``top_p`` of the unsteered steps (the recipe's per-verdict continuation values unless
+    ``--temperature`` / ``--top-p`` replace them; greedy: ``0.0`` and ``None``), and
+    ``steered_temperature``, that of the steered steps after the first (a safe verdict's path
+    with two or more steered steps; ``None`` where no steered step samples: an unsafe verdict
+    forces a refusal phrase, ``none`` is not steered)."""
+    recipe = _recipe(args)
+    if is_greedy(args):
+        return {"temperature": 0.0, "top_p": None, "steered_temperature": None}
+    temperature, top_p = recipe.continuation_safe if verdict == "safe" else recipe.continuation_other
+    if args.temperature is not None:  # as _sampling: the caller's temperature, top-p 1 unless given
+        temperature, top_p = args.temperature, 1.0
+    if args.top_p is not None:
+        top_p = args.top_p
+    steered = recipe.safe_temperature if verdict == "safe" and args.steer_steps >= 2 else None
+    return {"temperature": temperature, "top_p": top_p, "steered_temperature": steered}
+
+
+def settings_record(args, params, verdict: str, device: str) -> dict:
+    """The ``settings`` object of ``generate --json``: the options that applied. The paper
+    recipe lists its steering parameters; the released recipe its alpha and the sampling it
+    used for this verdict (:func:`released_sampling`), not the paper's parameters."""
+    record = {"recipe": args.recipe, "steer_steps": args.steer_steps, "alpha": params.alpha}
+    if args.recipe == "paper":
+        record.update({name: getattr(params, name) for name in PAPER_ONLY})
+        sampling = {"temperature": args.temperature}
+    else:
+        sampling = released_sampling(args, verdict)
+    record.update(noise_std=args.noise_std, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    return {**record, **sampling, "device": device, "backend": args.backend}
+
+
+def settings_line(args, params, verdict: str) -> str:
+    """The text output's ``settings:`` line: the recipe, its alpha, and how the answer was sampled."""
+    if args.recipe == "paper":
+        alpha = f"alpha {params.alpha:g} (safe verdicts {params.alpha_safe:g})"
+        if is_greedy(args):
+            how = "greedy"
+        else:
+            how = f"sampled at temperature {args.temperature:g}, top-p {1.0 if args.top_p is None else args.top_p:g}"
+        return f"settings: paper recipe, {alpha}, {how}"
+    sampling = released_sampling(args, verdict)
+    if sampling["top_p"] is None:
+        how = "greedy (--temperature 0)"
+    else:
+        source = "the recipe's" if args.temperature is None and args.top_p is None else "given"
+        how = f"sampled at temperature {sampling['temperature']:g}, top-p {sampling['top_p']:g} ({source})"
+        if sampling["steered_temperature"] is not None:
+            how += f"; steered steps after the first at temperature {sampling['steered_temperature']:g}"
+    return f"settings: released recipe, alpha {params.alpha:g}, {how}"
 
 
 def judge_record(kind: str, judgement) -> dict:
@@ -484,6 +571,8 @@ def _cmd_generate(args) -> int:
     from ..ops.step_inputs import StepError
 
     params = _check_generate_args(args)
+    if args.top_p is not None and is_greedy(args):  # accepted (checked above), but nothing samples
+        print("note: --top-p applies to sampling (--temperature > 0); this run is greedy", file=sys.stderr)
     if args.no_progress or not sys.stderr.isatty():  # bars only on a terminal, never in a log file
         from transformers.utils import logging as hf_logging
 
@@ -492,6 +581,7 @@ def _cmd_generate(args) -> int:
     model_name = resolve_model(args.model)
     check_architecture(model_name)
     device = resolve_device(args.device)
+    check_backend(args.backend, device)
 
     stages = ["load model", "judge", "generate"]
     if args.judge != "self":
@@ -574,21 +664,7 @@ def _cmd_generate(args) -> int:
             "error": result.errors[0],
             "tokens": result.sequences[0],
             "steering": steering,
-            "settings": {
-                "recipe": args.recipe,
-                "steer_steps": args.steer_steps,
-                "alpha": params.alpha,
-                "alpha_safe": params.alpha_safe,
-                "sensitive_top_k": params.sensitive_top_k,
-                "boost": params.boost,
-                "suppress": params.suppress,
-                "noise_std": args.noise_std,
-                "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature,
-                "device": device,
-                "backend": args.backend,
-            },
+            "settings": settings_record(args, params, verdict, device),
             "timing": timing,
         }
         print(json.dumps(out, indent=2, ensure_ascii=False))
@@ -610,15 +686,21 @@ def _cmd_generate(args) -> int:
         print(f"caption:  {shown(judgement.caption)}")
     if judgement.raw_answer and args.judge != "fixed":
         print(f"judge:    {judgement.raw_answer!r}")
+    print(settings_line(args, params, verdict))
+    if verdict == "none":
+        print(f"steering: none: the answer was not steered (verdict none; {args.recipe} recipe)")
+    elif not args.steer_steps:
+        print(f"steering: none: the answer was not steered (--steer-steps 0; {args.recipe} recipe)")
     phrases = [s["phrase"] for s in steering if s["phrase"]]
     if phrases:
         print(f"steering: forced the refusal phrase {phrases[0]!r} (released recipe)")
     if args.recipe == "paper" and params.sensitive_top_k == 0 and args.steer_steps:
         print("steering: --sensitive-top-k 0 makes the sensitive set empty: no refusal bias, the contrast alone")
-    masses = [s for s in steering if s["refusal_mass_before"] is not None]
+    # Under verdict none the paper recipe still records its steps (unchanged masses): not steering.
+    masses = [s for s in steering if s["refusal_mass_before"] is not None and verdict != "none"]
     if masses:
         per_step = ", ".join(f"{s['refusal_mass_before']:.3f}->{s['refusal_mass_after']:.3f}" for s in masses)
-        print(f"steering: refusal mass per steered step (before->after): {per_step}")
+        print(f"steering: refusal mass per steered step ({args.recipe} recipe, before->after): {per_step}")
     print(f"answer:   {shown(result.texts[0])}")
     return _ended_early(result.errors[0])
 
@@ -784,7 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=">= 0; 0: greedy; > 0: sampling (default: greedy; the released code's values with --recipe released)",
     )
     gen.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1], used with --temperature > 0 (default 1)"
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling, in (0, 1], used when sampling (default 1; the released code's values with "
+        "--recipe released)",
     )
     gen.add_argument(
         "--system-prompt", default=None, help="an instruction: a system message before the image (default: none)"
@@ -835,6 +921,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of ``command`` (``parser`` itself when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -842,8 +936,8 @@ def main(argv=None) -> int:
         args, extra = parser.parse_known_args(argv)
         if args.command == "bench":
             args.bench_args = extra
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        elif extra:  # the subcommand's usage error: its prog, and its --help
+            subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # --help, --version, or a usage error (already printed)
         return int(exit_.code or 0)
     if args.command is None:

@@ -283,3 +283,101 @@ def test_bench_counts_and_backend_are_checked_before_any_model_is_built(capsys, 
     code, _, err = run(capsys, "bench", "--tiny", *option)
     assert code == 2, err
     assert option[0] in err
+
+
+def test_a_bare_model_name_fails_at_once(capsys, tmp_path, monkeypatch):
+    """``--model nope`` is no folder here and no hub id (those are ``owner/name``): exit 2 at
+    once, before anything asks the hub (offline, its retries took half a minute)."""
+    import transformers
+
+    from safecode_kernels.testing.tiny import random_image
+
+    monkeypatch.chdir(tmp_path)
+    random_image(1, 16).save(tmp_path / "x.png")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("asked the hub"))
+    code, out, err = run(capsys, "generate", "--model", "nope", "--image", "x.png", "--prompt", "hi")
+    assert code == 2 and out == ""
+    assert err == (
+        "safecode-kernels generate: error: model folder not found: nope "
+        "(no such folder here; a hub model id is written owner/name)\n"
+    )
+    (tmp_path / "nope").mkdir()  # a folder of that name is read as the folder
+    with pytest.raises(cli.CLIError, match="model folder nope has no config.json"):
+        cli.resolve_model("nope")
+    assert cli.resolve_model("some-org/some-model") == "some-org/some-model"
+
+
+UNAVAILABLE = {"cpu": "the C++ extension safecode_kernels._C is not built", "triton": "no CUDA device"}
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_a_backend_that_cannot_run_here_is_bad_input(capsys, saved_llava, monkeypatch, backend):
+    """``--backend triton`` without CUDA (and no interpreter), ``--backend cpu`` without the C++
+    extension: exit 2 with the reason ``backend_status`` gives, before the model loads (it
+    used to load it and fail with a RuntimeError, exit 1). The status is set here: the test
+    suite itself runs Triton in its interpreter, where the backend does run."""
+    from safecode_kernels.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "backend_status", lambda: {"torch": None, **UNAVAILABLE})
+    monkeypatch.setattr(cli, "load_model", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli, "load_image", lambda *a: pytest.fail("the image was read first"))
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "safe", "--backend", backend))
+    assert code == 2 and out == ""
+    assert err == (
+        f"safecode-kernels generate: error: --backend {backend} cannot run here: {UNAVAILABLE[backend]} "
+        "(--backend auto picks one that can)\n"
+    )
+
+
+def test_a_usable_backend_runs(capsys, saved_llava, monkeypatch):
+    """Where ``backend_status`` says a backend runs, the check lets it through (both on the CPU
+    here: the C++ extension, and Triton in its interpreter as this test suite sets it up)."""
+    from safecode_kernels.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "backend_status", lambda: {"torch": None, "cpu": None, "triton": None})
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "unsafe", "--backend", "cpu", "--json"))
+    assert code == 0, err
+    assert json.loads(out)["settings"]["backend"] == "cpu"
+    cli.check_backend("auto", "cpu")
+    with pytest.raises(cli.CLIError, match="--backend cpu cannot run here: it takes CPU tensors, and the model runs"):
+        cli.check_backend("cpu", "cuda")
+
+
+@pytest.mark.parametrize(
+    "argv, extra",
+    [
+        (["generate", "--model", "m", "--image", "i.png", "--prompt", "hi", "--temprature", "1"], "--temprature 1"),
+        (["info", "--jsn"], "--jsn"),
+        (["score", "run", "--scorre", "x"], "--scorre x"),
+        (["demo", "extra"], "extra"),
+    ],
+)
+def test_a_mistyped_option_is_the_subcommands_error(capsys, argv, extra):
+    """An unknown option is reported by its subcommand, pointing at that subcommand's help (as
+    a missing required argument is), not at the top-level command's."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err == (
+        f"safecode-kernels {argv[0]}: error: unrecognized arguments: {extra}\n"
+        f"(`safecode-kernels {argv[0]} --help` lists the options)\n"
+    )
+    code, out, err = run(capsys, "--no-such-option")
+    assert code == 2 and err.startswith("safecode-kernels: error: unrecognized arguments: --no-such-option\n")
+
+
+@pytest.mark.parametrize(
+    "extra, greedy",
+    [
+        (["--top-p", "0.5"], True),  # the paper recipe's default is greedy
+        (["--top-p", "0.5", "--temperature", "0"], True),
+        (["--top-p", "0.5", "--recipe", "released", "--temperature", "0"], True),
+        (["--top-p", "0.5", "--temperature", "0.7"], False),
+        (["--top-p", "0.5", "--recipe", "released"], False),  # the released recipe samples
+        ([], False),  # no --top-p given: nothing to note
+    ],
+)
+def test_top_p_on_a_greedy_run_is_noted(capsys, saved_llava, extra, greedy):
+    code, out, err = run(capsys, *generate_argv(saved_llava, "--verdict", "safe", *extra))
+    assert code == 0, err
+    note = "note: --top-p applies to sampling (--temperature > 0); this run is greedy\n"
+    assert (note in err) is greedy, err

@@ -387,6 +387,10 @@ def test_input_errors(capsys, saved, tmp_path, monkeypatch):
             ["--benchmark", "mossbench", "--data", saved / "moss", "--model", tmp_path / "nope"],
             "model folder not found",
         ),
+        (  # a bare name is neither a folder here nor a hub id (owner/name): no hub retries
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--model", "nope"],
+            "model folder not found: nope (no such folder here; a hub model id is written owner/name)",
+        ),
         (
             ["--benchmark", "mossbench", "--data", saved / "moss", "--workers", "2"],
             "--workers sizes the Ray workers: it goes with --ray",
