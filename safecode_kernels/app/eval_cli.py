@@ -29,6 +29,7 @@ from .cli import (
     CLIError,
     _first_line,
     check_architecture,
+    check_backend,
     check_decoder_args,
     check_judge_args,
     choice,
@@ -289,6 +290,7 @@ def _cmd_eval(args) -> int:
         device = auto if args.device == "auto" else resolve_device(args.device, local=False)
     else:
         device = resolve_device(args.device)
+        check_backend(args.backend, device)  # Ray workers check theirs where they run
     data = None if args.data is None else (os.path.abspath(args.data) if os.path.exists(args.data) else args.data)
     config = {
         "model": os.path.abspath(model_name) if os.path.isdir(model_name) else model_name,

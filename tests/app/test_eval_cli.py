@@ -358,6 +358,10 @@ def test_input_errors(capsys, saved, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # the judge is the OpenAI API
+    from safecode_kernels.ops import dispatch
+
+    real_status = dispatch.backend_status  # the tests run Triton in its interpreter: say it cannot
+    monkeypatch.setattr(dispatch, "backend_status", lambda: {**real_status(), "triton": "no CUDA device"})
     cases = [
         (["--benchmark", "mossbench", "--data", tmp_path / "empty"], "information.json: file not found"),
         (["--benchmark", "mossbench"], "--benchmark mossbench needs --data"),
@@ -403,6 +407,10 @@ def test_input_errors(capsys, saved, tmp_path, monkeypatch):
         (
             ["--benchmark", "mossbench", "--data", saved / "moss", "--ray", "--device", "cuda"],
             "--device cuda with --ray needs --gpus-per-worker",
+        ),
+        (
+            ["--benchmark", "mossbench", "--data", saved / "moss", "--device", "cpu", "--backend", "triton"],
+            "--backend triton cannot run here",
         ),
         (
             ["--benchmark", "mossbench", "--data", saved / "moss", "--judge", "openai"]
