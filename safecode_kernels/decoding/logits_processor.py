@@ -9,7 +9,7 @@ import torch
 from ..ops.step_pending import PendingStep, finish_step, launch_step
 from ..params import SteeringParams
 from ..refusal import RefusalVocabulary
-from ..verdict import Verdict, parse_verdicts
+from ..verdict import Verdict, as_verdict_tensor, parse_verdicts
 from .host_to_device import to_device
 
 
@@ -228,17 +228,10 @@ def verdict_codes(verdicts) -> list[int]:
     if isinstance(verdicts, (str, bytes, int)):  # a Verdict is an int too
         raise TypeError(f"verdicts must hold one verdict per request (a list or a tensor), got {verdicts!r}")
     if isinstance(verdicts, torch.Tensor):
-        if verdicts.dtype.is_floating_point or verdicts.dtype.is_complex or verdicts.dtype == torch.bool:
-            raise TypeError(f"verdicts must be an integer tensor (int8), got dtype {verdicts.dtype}")
         if verdicts.dim() != 1:
             raise ValueError(f"verdicts must be a 1-D tensor [n], one per request, got shape {list(verdicts.shape)}")
-        codes = verdicts.tolist()
-        for row, code in enumerate(codes):
-            if code not in (1, -1, 0):
-                raise ValueError(
-                    f"unknown verdict value {code} in row {row}: expected +1 (unsafe), -1 (safe) or 0 (none)"
-                )
-        return codes
+        # The step op's own checks (dtype, values), once.
+        return as_verdict_tensor(verdicts, verdicts.shape[0], verdicts.device).tolist()
     if not isinstance(verdicts, Sequence):
         raise TypeError(
             f"verdicts must hold one verdict per request (a list or a tensor), got {type(verdicts).__name__}"
